@@ -1,0 +1,28 @@
+"""Training methods, chosen by `config.method.name`."""
+
+from __future__ import annotations
+
+from csl_jax.methods.base import Method, StepContext
+from csl_jax.methods.supervised import Supervised
+
+
+def _registry():
+    methods = {"supervised": Supervised}
+    try:
+        from csl_jax.methods import semi
+    except ImportError:  # not yet available
+        return methods
+    methods.update(semi.METHODS)
+    return methods
+
+
+def build_method(config, model, num_classes: int) -> Method:
+    """The method named by `config.method.name`, e.g. 'supervised', 'csl', 'unimatch', 'fixmatch'."""
+    registry = _registry()
+    name = config.method.name
+    if name not in registry:
+        raise ValueError(f"config.method.name={name!r} is not a known method; valid: {sorted(registry)}")
+    return registry[name](config, model, num_classes)
+
+
+__all__ = ["Method", "StepContext", "build_method"]

@@ -1,0 +1,93 @@
+"""Shared defaults of every csl_jax config. Config files import `get_base_config()` and override.
+
+Batch sizes are GLOBAL (over all devices and hosts): one GPU and eight GPUs train the same recipe.
+Loss normalisation groups (`loss.group_size`) equal the reference per-GPU batch, so results do not
+depend on the device count either.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """The base config: supervised DeepLabV3+ R101 OS16 on Pascal at crop 321 (overridden below)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # --- model (csl_jax/models, docs/models.md) ---
+    c.model = ml_collections.ConfigDict()
+    c.model.depth = 101
+    c.model.stem = "deep"
+    c.model.output_stride = 16
+    c.model.multi_grid = False
+    c.model.aspp_rates = (6, 12, 18)
+    c.model.maxpool_ceil = False
+    c.model.width = 64
+    c.model.blocks = ml_collections.FieldReference(None, field_type=tuple)
+    c.model.head_width = 256
+    c.model.reduce_width = 48
+    c.model.dtype = "float32"  # compute dtype of convolutions: float32 | bfloat16
+    c.model.remat = False
+    # A converted Flax checkpoint (`python -m csl_jax.models.convert`) or a PyTorch .pth file
+    # (ImageNet deep-stem / torchvision backbone, or a UniMatch/CSL model). '' = random init.
+    c.model.init_from = ""
+    c.model.init_kind = "auto"
+
+    # --- data (csl_jax/data, docs/data.md) ---
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "pascal"
+    c.data.root = "data/tfds"
+    c.data.split = "1464"
+    c.data.crop_size = 321
+    c.data.num_workers = 4
+    c.data.prefetch = 2
+    c.data.cutmix_prob = 0.5
+    c.data.tmp_prob = 0.5
+    c.data.cover_ratio = 0.7
+    c.data.block_size = 32
+    # custom datasets: list files of '<image> [<mask>]' lines relative to data.raw_root
+    c.data.labeled_list = ""
+    c.data.unlabeled_list = ""
+    c.data.val_list = ""
+    c.data.num_classes = 0
+
+    # --- global batch sizes ---
+    c.batch = ml_collections.ConfigDict()
+    c.batch.labeled = 8
+    c.batch.unlabeled = 8
+    c.batch.accum_steps = 1  # gradient accumulation: micro-batches per optimizer step
+
+    # --- losses ---
+    c.loss = ml_collections.ConfigDict()
+    c.loss.labeled = "ce"  # ce | ohem
+    c.loss.group_size = 2  # images per normalisation group (= the reference per-GPU batch)
+    c.loss.ohem_thresh = 0.7
+    c.loss.ohem_min_kept = 200000
+
+    # --- method (csl_jax/methods) ---
+    c.method = ml_collections.ConfigDict()
+    c.method.name = "supervised"
+
+    # --- optimiser: SGD momentum, torch-style weight decay, poly schedule ---
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.lr_multi = 10.0  # lr of everything but the backbone = lr * lr_multi
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.weight_decay = 1e-4
+    c.optim.poly_power = 0.9
+    c.optim.epochs = 80
+    c.optim.total_steps = 0  # > 0 overrides epochs x iterations per epoch
+
+    # --- evaluation (csl_jax/evaluate.py, docs protocol.md §4) ---
+    c.eval = ml_collections.ConfigDict()
+    c.eval.protocol = "whole"  # whole | sliding | sliding_u2pl | sliding_cpcl | center_crop
+    c.eval.every_steps = 0  # 0 = once per epoch
+    c.eval.batch_size = 8  # images (or tiles) per evaluation batch, over all devices
+    c.eval.max_images = 0  # 0 = the whole val set
+    c.eval.num_plot_images = 4
+
+    # --- logging and checkpoints ---
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 2
+    return c

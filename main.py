@@ -1,0 +1,52 @@
+r"""csl_jax entry point: parses flags and hands over to the package.
+
+    python main.py --config=configs/csl_cityscapes.py:1_16 --workdir=runs/city_1_16 \
+        --config.data.root=/data/tfds [--config.optim.lr=0.004 ...]
+    python main.py --config=... --workdir=runs/city_1_16 --mode=eval [--checkpoint=best|latest|PATH]
+    python main.py --config=... --workdir=runs/city_1_16 --mode=predict --input=imgs/ --output=out/
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py (`path.py:arg` variants).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to do.")
+flags.DEFINE_string("checkpoint", "best",
+                    "eval/predict: 'best' or 'latest' checkpoint of --workdir, or a converted variables file.")
+flags.DEFINE_string("input", None, "predict: folder of images to segment.")
+flags.DEFINE_string("output", None, "predict: folder for masks and overlays (default WORKDIR/predictions).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host: SLURM, TPU pods).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    if FLAGS.distributed:
+        jax.distributed.initialize()
+    from csl_jax import run_info
+
+    config = FLAGS.config
+    run_info.prepare(config, FLAGS.workdir, FLAGS.mode)
+    if FLAGS.mode == "train":
+        from csl_jax import train
+
+        train.train_and_evaluate(config, FLAGS.workdir)
+    else:
+        from csl_jax import evaluation_loop
+
+        if FLAGS.mode == "eval":
+            evaluation_loop.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint)
+        else:
+            if not FLAGS.input:
+                raise app.UsageError("--mode=predict needs --input=FOLDER")
+            evaluation_loop.predict(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.input, FLAGS.output)
+
+
+if __name__ == "__main__":
+    app.run(main)
