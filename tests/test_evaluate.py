@@ -1,0 +1,323 @@
+"""Evaluation protocols, confusion matrix and mIoU against NumPy float64 references."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from csl_jax import evaluate as ev
+
+C = 4
+MEAN = np.array([0.485, 0.456, 0.406])
+STD = np.array([0.229, 0.224, 0.225])
+RNG = np.random.default_rng(0)
+VARIABLES = {"A": RNG.normal(size=(3, C)).astype(np.float32)}
+
+
+def fake_apply(variables, x):
+    """Per-pixel logits depending on the pixel, its position in the tile and the tile size."""
+    fake_apply.traces += 1
+    _, h, w, _ = x.shape
+    i = jnp.arange(h, dtype=jnp.float32)[:, None, None]
+    j = jnp.arange(w, dtype=jnp.float32)[None, :, None]
+    c = jnp.arange(C, dtype=jnp.float32)[None, None, :]
+    pos = jnp.sin(0.7 * (c + 1) * i / h + 0.3 * j * (c + 2) / w + 0.1 * h - 0.05 * w)
+    return x @ variables["A"] + 2.0 * pos
+
+
+fake_apply.traces = 0
+
+
+def np_apply(x):
+    """float64 twin of fake_apply for one (h, w, 3) normalised image."""
+    h, w, _ = x.shape
+    i = np.arange(h, dtype=np.float64)[:, None, None]
+    j = np.arange(w, dtype=np.float64)[None, :, None]
+    c = np.arange(C, dtype=np.float64)[None, None, :]
+    pos = np.sin(0.7 * (c + 1) * i / h + 0.3 * j * (c + 2) / w + 0.1 * h - 0.05 * w)
+    return x @ VARIABLES["A"].astype(np.float64) + 2.0 * pos
+
+
+def np_normalize(image):
+    return (image.astype(np.float64) / 255.0 - MEAN) / STD
+
+
+def np_softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def np_unimatch_sliding(x, g):
+    """UniMatch: stride int(2g/3), starts < H, truncated tiles, summed softmax."""
+    h, w, _ = x.shape
+    s = int(2 * g / 3)
+    total = np.zeros((h, w, C))
+    for y in range(0, h, s):
+        for xx in range(0, w, s):
+            tile = x[y : min(y + g, h), xx : min(xx + g, w)]
+            total[y : y + tile.shape[0], xx : xx + tile.shape[1]] += np_softmax(np_apply(tile))
+    return total
+
+
+def np_u2pl_sliding(x, g, average):
+    """U2PL eval.py scale_crop_process, transcribed: centred zero pad, ceil stride, shifted windows."""
+    h, w, _ = x.shape
+    pad_h, pad_w = max(g - h, 0), max(g - w, 0)
+    ph, pw = int(pad_h / 2), int(pad_w / 2)
+    x = np.pad(x, ((ph, pad_h - ph), (pw, pad_w - pw), (0, 0)))
+    nh, nw = x.shape[:2]
+    stride = int(np.ceil(g * 2 / 3))
+    grid_h = int(np.ceil(float(nh - g) / stride) + 1)
+    grid_w = int(np.ceil(float(nw - g) / stride) + 1)
+    pred, count = np.zeros((nh, nw, C)), np.zeros((nh, nw))
+    for a in range(grid_h):
+        for b in range(grid_w):
+            e_h = min(a * stride + g, nh)
+            e_w = min(b * stride + g, nw)
+            s_h, s_w = e_h - g, e_w - g
+            pred[s_h:e_h, s_w:e_w] += np_apply(x[s_h:e_h, s_w:e_w])
+            count[s_h:e_h, s_w:e_w] += 1
+    if average:
+        pred /= count[..., None]
+    return pred[ph : ph + h, pw : pw + w]
+
+
+def np_confusion(labels, preds, c, ignore=255):
+    conf = np.zeros((c, c), np.int64)
+    for t, p in zip(labels.ravel(), preds.ravel()):
+        if t != ignore:
+            conf[t, p] += 1
+    return conf
+
+
+def make_dataset(shapes, seed=1):
+    rng = np.random.default_rng(seed)
+    data = []
+    for k, (h, w) in enumerate(shapes):
+        label = rng.integers(0, C, size=(h, w)).astype(np.uint8)
+        label[rng.random((h, w)) < 0.2] = 255
+        data.append({"id": f"img{k}", "image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "label": label})
+    return data
+
+
+# --- confusion matrix and metrics --------------------------------------------------------------
+
+
+def test_confusion_matrix_matches_numpy_with_ignore():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 6, size=(3, 17, 11)).astype(np.uint8)
+    labels[rng.random(labels.shape) < 0.3] = 255
+    preds = rng.integers(0, 6, size=labels.shape).astype(np.int32)
+    got = np.asarray(jax.jit(ev.confusion_matrix, static_argnums=2)(labels, preds, 6))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np_confusion(labels, preds, 6))
+
+
+def test_segmentation_metrics_vs_hand_computed_and_absent_class_warns(caplog):
+    # class 2 never appears in ground truth nor prediction
+    conf = np.array([[5, 1, 0, 2], [0, 3, 0, 1], [0, 0, 0, 0], [1, 0, 0, 4]], np.int64)
+    with caplog.at_level(logging.WARNING):
+        m = ev.segmentation_metrics(conf, class_names=["a", "b", "c", "d"])
+    iou = [5 / (8 + 6 - 5), 3 / (4 + 4 - 3), 0.0, 4 / (5 + 7 - 4)]
+    np.testing.assert_allclose(m["iou"], iou, rtol=1e-9)
+    assert m["miou"] == pytest.approx(np.mean(iou), rel=1e-9)
+    assert m["pixel_acc"] == pytest.approx(12 / 17)
+    assert m["mean_acc"] == pytest.approx(np.mean([5 / 8, 3 / 4, 4 / 5]))
+    assert any("c" in r.getMessage() and "IoU" in r.getMessage() for r in caplog.records)
+
+
+# --- window geometry -----------------------------------------------------------------------------
+
+
+def test_cityscapes_801_gives_8_tiles_of_4_shapes():
+    assert ev.sliding_stride(801, "sliding") == 534
+    assert ev.sliding_stride(769, "sliding_u2pl") == 513
+    assert ev.sliding_stride(800, "sliding_cpcl") == 534
+    tiles = ev.sliding_tiles(1024, 2048, 801, 534)
+    assert len(tiles) == 8
+    assert {(y1 - y0, x1 - x0) for y0, y1, x0, x1 in tiles} == {(801, 801), (801, 446), (490, 801), (490, 446)}
+
+    seen = []
+
+    def shape_fake(variables, x):  # cheap: only shapes are traced
+        seen.append(x.shape)
+        return jnp.zeros(x.shape[:3] + (19,), jnp.float32)
+
+    evaluator = ev.Evaluator(shape_fake, num_classes=19, protocol="sliding", crop_size=801, batch_size=8)
+    out = jax.eval_shape(lambda x: evaluator.scores(None, x), jax.ShapeDtypeStruct((1, 1024, 2048, 3), jnp.float32))
+    assert out.shape == (1, 1024, 2048, 19)
+    assert sum(s[0] for s in seen) == 8  # 8 tiles, one apply per distinct shape
+    assert sorted(s[1:3] for s in seen) == [(490, 446), (490, 801), (801, 446), (801, 801)]
+
+
+def test_u2pl_tiles_at_cityscapes_size():
+    tiles = ev.shifted_tiles(1024, 2048, 769, 513)
+    # rows: ceil(255/513)+1 = 2 -> starts 0, 255; cols: ceil(1279/513)+1 = 4 -> 0, 513, 1026, 1279
+    assert [t[0] for t in tiles[::4]] == [0, 255]
+    assert [t[2] for t in tiles[:4]] == [0, 513, 1026, 1279]
+    assert all(t[1] - t[0] == 769 and t[3] - t[2] == 769 for t in tiles)
+
+
+# --- sliding-window stitching vs NumPy -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "protocol,shape,g",
+    [
+        ("sliding", (13, 17), 7),  # stride 4: windows do not divide the image
+        ("sliding", (5, 6), 7),  # image smaller than the window
+        ("sliding_u2pl", (13, 17), 7),  # stride 5, shifted border windows
+        ("sliding_u2pl", (5, 9), 7),  # padded in height only
+        ("sliding_cpcl", (11, 4), 6),
+    ],
+)
+def test_sliding_scores_match_numpy(protocol, shape, g):
+    data = make_dataset([shape], seed=3)
+    evaluator = ev.Evaluator(fake_apply, num_classes=C, protocol=protocol, crop_size=g, batch_size=8)
+    x = np_normalize(data[0]["image"])
+    got = np.asarray(jax.jit(evaluator.scores)(VARIABLES, x[None].astype(np.float32)))[0]
+    if protocol == "sliding":
+        want = np_unimatch_sliding(x, g)
+    else:
+        want = np_u2pl_sliding(x, g, average=protocol == "sliding_u2pl")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("protocol", ["sliding", "sliding_u2pl"])
+def test_sliding_evaluate_confusion_matches_numpy(protocol):
+    g = 7
+    data = make_dataset([(13, 17), (13, 17), (5, 6)], seed=4)
+    want = np.zeros((C, C), np.int64)
+    for d in data:
+        x = np_normalize(d["image"])
+        scores = np_unimatch_sliding(x, g) if protocol == "sliding" else np_u2pl_sliding(x, g, True)
+        want += np_confusion(d["label"], scores.argmax(-1), C)
+    res = ev.evaluate(fake_apply, VARIABLES, data, num_classes=C, protocol=protocol, crop_size=g, batch_size=8)
+    np.testing.assert_array_equal(res["confusion"], want)
+    stride = 4 if protocol == "sliding" else 5
+    assert res["protocol"] == {"name": protocol, "window": g, "stride": stride, "num_images": 3}
+
+
+# --- whole image, batching and padding over 8 devices ---------------------------------------------
+
+
+def test_whole_image_different_sizes_and_batch_padding():
+    shapes = [(10, 12), (10, 12), (10, 12), (7, 9), (10, 12), (10, 12)]
+    data = make_dataset(shapes, seed=5)
+    want = np.zeros((C, C), np.int64)
+    for d in data:
+        want += np_confusion(d["label"], np_apply(np_normalize(d["image"])).argmax(-1), C)
+    evaluator = ev.Evaluator(fake_apply, num_classes=C, protocol="whole", batch_size=16)
+    before = fake_apply.traces
+    res = evaluator.evaluate(VARIABLES, data, num_samples=4)
+    np.testing.assert_array_equal(res["confusion"], want)
+    assert fake_apply.traces - before == 2  # one compile per distinct image shape
+    assert res["num_images"] == 6
+    # samples: (image, pred, label) of the first 4 images, in order
+    assert len(res["samples"]) == 4
+    for (image, pred, label), d in zip(res["samples"], data):
+        np.testing.assert_array_equal(image, d["image"])
+        np.testing.assert_array_equal(label, d["label"])
+        np.testing.assert_array_equal(pred, np_apply(np_normalize(d["image"])).argmax(-1))
+    metrics = ev.segmentation_metrics(want)
+    assert res["miou"] == pytest.approx(metrics["miou"])
+    # a second call reuses the compiled programs; max_images truncates
+    res2 = evaluator.evaluate(VARIABLES, data, max_images=3)
+    assert fake_apply.traces - before == 2
+    want3 = sum(np_confusion(d["label"], np_apply(np_normalize(d["image"])).argmax(-1), C) for d in data[:3])
+    np.testing.assert_array_equal(res2["confusion"], want3)
+
+
+def test_predict_yields_whole_image_predictions_in_order():
+    data = make_dataset([(6, 5), (8, 3), (8, 3)], seed=6)
+    evaluator = ev.Evaluator(fake_apply, num_classes=C, protocol="sliding", crop_size=4, batch_size=8)
+    preds = list(evaluator.predict(VARIABLES, (d["image"] for d in data)))
+    for pred, d in zip(preds, data):
+        np.testing.assert_array_equal(pred, np_unimatch_sliding(np_normalize(d["image"]), 4).argmax(-1))
+    assert len(preds) == 3
+
+
+# --- centre crop ---------------------------------------------------------------------------------
+
+
+def test_center_crop_geometry():
+    image = np.arange(9 * 13 * 3, dtype=np.uint8).reshape(9, 13, 3)
+    label = (np.arange(9 * 13) % 7).astype(np.uint8).reshape(9, 13)
+    img, lbl = ev.center_crop(image, label, 6)
+    np.testing.assert_array_equal(img, image[1:7, 3:9])  # start ((9-6)//2, (13-6)//2) = (1, 3)
+    np.testing.assert_array_equal(lbl, label[1:7, 3:9])
+    # 4 x 5 -> pad 2 rows (1 above, 1 below) and 1 column (0 left, 1 right)
+    img, lbl = ev.center_crop(image[:4, :5], label[:4, :5], 6, pad_label=0)
+    np.testing.assert_array_equal(lbl[1:5, 0:5], label[:4, :5])
+    np.testing.assert_array_equal(img[1:5, 0:5], image[:4, :5])
+    assert (lbl[0] == 0).all() and (lbl[5] == 0).all() and (lbl[:, 5] == 0).all()
+    np.testing.assert_array_equal(img[0, 0], [124, 116, 104])  # ImageNet mean x 255, rounded
+
+
+def test_center_crop_evaluate():
+    data = make_dataset([(9, 13), (4, 5)], seed=7)
+    want = np.zeros((C, C), np.int64)
+    for d in data:
+        img, lbl = ev.center_crop(d["image"], d["label"], 6)
+        want += np_confusion(lbl, np_apply(np_normalize(img)).argmax(-1), C)
+    res = ev.evaluate(fake_apply, VARIABLES, data, num_classes=C, protocol="center_crop", crop_size=6, batch_size=8)
+    np.testing.assert_array_equal(res["confusion"], want)
+    assert res["protocol"]["window"] == 6 and res["protocol"]["stride"] is None
+
+
+# --- user errors --------------------------------------------------------------------------------
+
+
+def test_user_errors_are_named():
+    with pytest.raises(ValueError, match="batch_size"):
+        ev.Evaluator(fake_apply, num_classes=C, batch_size=3)
+    with pytest.raises(ValueError, match="crop_size"):
+        ev.Evaluator(fake_apply, num_classes=C, protocol="sliding")
+    with pytest.raises(ValueError, match="protocol"):
+        ev.Evaluator(fake_apply, num_classes=C, protocol="slide")
+    data = make_dataset([(4, 4)])
+    data[0]["label"][0, 0] = 7
+    with pytest.raises(ValueError, match=r"img0.*\[7\]"):
+        ev.evaluate(fake_apply, VARIABLES, data, num_classes=C)
+    assert ev.sliding_stride(712, "sliding") == 474
+
+
+# --- folder prediction (csl_jax/predict.py) ------------------------------------------------------
+
+
+def test_predict_folder(tmp_path):
+    from PIL import Image
+
+    from csl_jax import predict, visualize
+
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    rng = np.random.default_rng(8)
+    images = {"a": rng.integers(0, 256, (6, 5, 3), dtype=np.uint8),
+              "b": rng.integers(0, 256, (4, 7, 3), dtype=np.uint8)}
+    Image.fromarray(images["a"]).save(in_dir / "a.png")
+    Image.fromarray(images["b"]).save(in_dir / "b.BMP")
+    (in_dir / "notes.txt").write_text("not an image")
+    palette = visualize.voc_palette(C)
+    written = predict.predict_folder(fake_apply, VARIABLES, str(in_dir), str(out_dir), palette=palette, num_classes=C)
+    assert written == [str(out_dir / "a_mask.png"), str(out_dir / "b_mask.png")]
+    for name, image in images.items():
+        want = np_apply(np_normalize(image)).argmax(-1)
+        mask = np.asarray(Image.open(out_dir / f"{name}_mask.png"))
+        assert mask.dtype == np.uint8
+        np.testing.assert_array_equal(mask, want)
+        np.testing.assert_array_equal(np.asarray(Image.open(out_dir / f"{name}_color.png")), palette[want])
+        overlay = np.asarray(Image.open(out_dir / f"{name}_overlay.png"))
+        np.testing.assert_array_equal(overlay, np.round(0.5 * image + 0.5 * palette[want]).astype(np.uint8))
+
+    (in_dir / "c.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    with pytest.raises(ValueError, match=r"c\.jpg"):
+        predict.predict_folder(fake_apply, VARIABLES, str(in_dir), str(out_dir), palette=palette, num_classes=C)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        predict.predict_folder(fake_apply, VARIABLES, str(tmp_path / "missing"), str(out_dir), palette=palette,
+                               num_classes=C)
+    with pytest.raises(ValueError, match="center_crop"):
+        predict.predict_folder(fake_apply, VARIABLES, str(in_dir), str(out_dir), palette=palette, num_classes=C,
+                               protocol="center_crop", crop_size=4)
