@@ -1,0 +1,1 @@
+"""Dataset preparation: TFDS builders writing ArrayRecord (`python -m data_prep ...`, docs/data.md)."""

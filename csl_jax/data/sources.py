@@ -1,0 +1,212 @@
+"""Opening prepared data and choosing split ids.
+
+Built-in datasets (`pascal`, `cityscapes`, `camvid`, `synthetic`) are read from the TFDS
+ArrayRecord files written by `data_prep` under `data_cfg.root/<name>/1.0.0/`, by random access.
+A `custom` dataset is read straight from image/mask files named by the user's list files.
+
+Records are returned as `{'id': str, 'image': bytes, 'label': bytes}` (label b'' when the image has
+no mask) and decoded by `decode`.
+"""
+import dataclasses
+import io
+import pathlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from data_prep import splits as shipped
+
+DATASETS = ("pascal", "cityscapes", "camvid", "synthetic", "custom")
+RECORD_VERSION = "1.0.0"
+IGNORE = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """Static description of a dataset: name, number of classes, class names, ignore label."""
+    name: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    ignore_index: int = IGNORE
+
+
+def _name(data_cfg) -> str:
+    name = data_cfg.name
+    if name not in DATASETS:
+        raise ValueError(f"config.data.name={name!r} is not a known dataset; valid: {', '.join(DATASETS)}")
+    return name
+
+
+# ---------------------------------------------------------------------------------------- records
+class RecordSource:
+    """Random-access view of prepared records of one split, restricted to `indices` (record order)."""
+
+    def __init__(self, version_dir: pathlib.Path, split: str, indices: list[int] | None = None):
+        self._source = tfds.builder_from_directory(str(version_dir)).as_data_source(
+            split, decoders={"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()})
+        self._indices = list(range(len(self._source))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self._source[self._indices[i]]
+        return {"id": r["id"].decode(), "image": r["image"], "label": r["label"]}
+
+
+class FileSource:
+    """Random-access view of (id, image path, mask path or None) entries of a custom dataset."""
+
+    def __init__(self, entries: list[tuple[str, pathlib.Path, pathlib.Path | None]]):
+        self._entries = entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, i: int) -> dict:
+        image_id, image, label = self._entries[i]
+        try:
+            return {"id": image_id, "image": image.read_bytes(),
+                    "label": label.read_bytes() if label is not None else b""}
+        except OSError as e:
+            raise FileNotFoundError(f"custom dataset: cannot read {e.filename}: {e.strerror}") from e
+
+
+def decode(record: dict, num_classes: int) -> tuple[Image.Image, np.ndarray | None]:
+    """Decodes a record: image as a PIL RGB image, label (H, W) uint8 or None when absent.
+
+    Raises ValueError naming the record when the label is not a (P or L) index PNG of the image's
+    size with values < num_classes or 255 (checked for custom data; prepared data is pre-validated).
+    """
+    image = Image.open(io.BytesIO(record["image"]))
+    image = image.convert("RGB") if image.mode != "RGB" else image
+    if not record["label"]:
+        return image, None
+    with Image.open(io.BytesIO(record["label"])) as lab:
+        if lab.mode not in ("P", "L"):
+            raise ValueError(f"mask of {record['id']}: mode {lab.mode}, expected palette (P) or "
+                             "grayscale (L) class indices")
+        label = np.asarray(lab)
+    if label.shape != (image.height, image.width):
+        raise ValueError(f"mask of {record['id']}: size {label.shape} differs from the image's "
+                         f"{(image.height, image.width)}")
+    bad = (label >= num_classes) & (label != IGNORE)
+    if bad.any():
+        raise ValueError(f"mask of {record['id']}: values {np.unique(label[bad]).tolist()} are not "
+                         f"classes 0..{num_classes - 1} or 255")
+    return image, label
+
+
+# ------------------------------------------------------------------------------------ prepared data
+def version_dir(data_cfg) -> pathlib.Path:
+    """`root/<name>/1.0.0`, checked to hold prepared data."""
+    name = _name(data_cfg)
+    path = pathlib.Path(data_cfg.root) / name / RECORD_VERSION
+    if not (path / "dataset_info.json").is_file():
+        raise FileNotFoundError(f"no prepared {name} data at {path} (config.data.root={data_cfg.root!r});"
+                                f" run `python -m data_prep {name} --raw RAW_DIR --out {data_cfg.root}`")
+    return path
+
+
+def _metadata(data_cfg) -> dict:
+    return tfds.builder_from_directory(str(version_dir(data_cfg))).info.metadata
+
+
+def dataset_info(data_cfg) -> DatasetInfo:
+    """DatasetInfo of `data_cfg.name` (read from the prepared data, or the config for `custom`)."""
+    if _name(data_cfg) == "custom":
+        n = data_cfg.num_classes
+        names = tuple(data_cfg.get("class_names") or [f"class_{i}" for i in range(n)])
+        if len(names) != n:
+            raise ValueError(f"config.data.class_names has {len(names)} names, num_classes is {n}")
+        return DatasetInfo("custom", n, names)
+    names = tuple(_metadata(data_cfg)["class_names"])
+    return DatasetInfo(data_cfg.name, len(names), names)
+
+
+def _custom_entries(data_cfg, key: str, need_masks: bool):
+    path = data_cfg.get(key)
+    if not path:
+        raise ValueError(f"config.data.{key} (a list file) is required for name='custom'")
+    root = pathlib.Path(data_cfg.root)
+    entries = []
+    for line in shipped.read_list(path):
+        parts = line.split()
+        if need_masks and len(parts) < 2:
+            raise ValueError(f"{path}: line {line!r} has no mask path (expected '<image> <mask>')")
+        entries.append((parts[0], root / parts[0], root / parts[1] if len(parts) > 1 else None))
+    return entries
+
+
+def split_ids(data_cfg) -> tuple[list[str], list[str]]:
+    """(labeled ids, unlabeled ids) of `data_cfg.split`, checked.
+
+    Checks: the split exists (else the error lists the valid ones), labeled and unlabeled are
+    disjoint, their union is the prepared train split (shipped families), every id is prepared.
+    """
+    name = _name(data_cfg)
+    if name == "custom":
+        labeled = [e[0] for e in _custom_entries(data_cfg, "labeled_list", True)]
+        unlabeled = ([e[0] for e in _custom_entries(data_cfg, "unlabeled_list", False)]
+                     if data_cfg.get("unlabeled_list") else [])
+        _check_disjoint(labeled, unlabeled, "custom")
+        return labeled, unlabeled
+    split = data_cfg.split
+    if name == "synthetic":
+        meta = _metadata(data_cfg)
+        if split not in meta["splits"]:
+            raise ValueError(f"unknown synthetic split {split!r}; valid: {', '.join(sorted(meta['splits']))}")
+        labeled, unlabeled = meta["splits"][split]["labeled"], meta["splits"][split]["unlabeled"]
+    else:
+        family = data_cfg.get("family") or name
+        valid = shipped.shipped_splits(family)
+        if split not in valid:
+            raise ValueError(f"unknown split {split!r} for family {family!r}; valid: {', '.join(valid)}")
+        labeled = shipped.shipped_list(f"{family}/{split}/labeled.txt")
+        unlabeled = shipped.shipped_list(f"{family}/{split}/unlabeled.txt")
+        meta = _metadata(data_cfg)
+    _check_disjoint(labeled, unlabeled, f"{name} split {split}")
+    pool = set(meta["ids"]["train"])
+    missing = [i for i in labeled + unlabeled if i not in pool]
+    if missing:
+        raise ValueError(f"{name} split {split}: {len(missing)} ids are not in the prepared train data "
+                         f"at {version_dir(data_cfg)}, e.g. {missing[:5]}")
+    if len(labeled) + len(unlabeled) != len(pool):
+        raise ValueError(f"{name} split {split}: labeled + unlabeled = {len(labeled) + len(unlabeled)} "
+                         f"ids, the prepared train pool has {len(pool)}")
+    return labeled, unlabeled
+
+
+def _check_disjoint(labeled, unlabeled, what):
+    both = set(labeled) & set(unlabeled)
+    if both:
+        raise ValueError(f"{what}: {len(both)} ids are both labeled and unlabeled, e.g. {sorted(both)[:5]}")
+
+
+def _record_source(data_cfg, split: str, ids: list[str] | None):
+    vdir = version_dir(data_cfg)
+    all_ids = _metadata(data_cfg)["ids"]
+    if split not in all_ids:
+        raise ValueError(f"split {split!r} is not prepared in {vdir}; prepared: {', '.join(all_ids)}")
+    if ids is None:
+        return RecordSource(vdir, split)
+    position = {i: k for k, i in enumerate(all_ids[split])}
+    return RecordSource(vdir, split, [position[i] for i in ids])
+
+
+def train_sources(data_cfg) -> tuple[object, object]:
+    """(labeled source, unlabeled source) of the configured split; random access to records."""
+    labeled, unlabeled = split_ids(data_cfg)
+    if data_cfg.name == "custom":
+        by_id = {e[0]: e for e in _custom_entries(data_cfg, "labeled_list", True)}
+        ul = _custom_entries(data_cfg, "unlabeled_list", False) if data_cfg.get("unlabeled_list") else []
+        return FileSource([by_id[i] for i in labeled]), FileSource(ul)
+    return _record_source(data_cfg, "train", labeled), _record_source(data_cfg, "train", unlabeled)
+
+
+def eval_source(data_cfg, split: str = "val"):
+    """Random-access source of a whole evaluation split (`val`, or `test` where prepared)."""
+    if _name(data_cfg) == "custom":
+        return FileSource(_custom_entries(data_cfg, f"{split}_list", True))
+    return _record_source(data_cfg, split, None)

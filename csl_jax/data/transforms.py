@@ -1,0 +1,153 @@
+"""Per-sample augmentation in NumPy/PIL, following UniMatch's `dataset/transform.py` and CSL's TMP view.
+
+Every function takes an explicit `np.random.Generator`, so a sample's augmentation is a pure
+function of the generator's seed. Photometric operations use PIL (torchvision's PIL semantics).
+"""
+import dataclasses
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+
+IGNORE = 255
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
+_SHIFT = (IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    """(..., 3) uint8 RGB -> (..., 3) float32: x/255 minus ImageNet mean, divided by ImageNet std."""
+    return images.astype(np.float32) * _SCALE - _SHIFT
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Shared geometric augmentation of one sample: resized size, crop corner (padded coords), flip."""
+    resized_h: int
+    resized_w: int
+    y: int
+    x: int
+    flip: bool
+
+
+def sample_geometry(rng: np.random.Generator, height: int, width: int, crop: int,
+                    scale_range=(0.5, 2.0)) -> Geometry:
+    """UniMatch's resize/crop/flip draws for an image of size (height, width).
+
+    Long side L -> L' = randint[int(0.5 L), int(2.0 L)] inclusive, short side S -> int(S L'/L + 0.5);
+    after padding to at least `crop`, the crop corner is uniform (inclusive); hflip with p = 0.5.
+    """
+    long_side = max(height, width)
+    new_long = int(rng.integers(int(long_side * scale_range[0]), int(long_side * scale_range[1]) + 1))
+    if height > width:
+        rh, rw = new_long, int(width * new_long / height + 0.5)
+    else:
+        rh, rw = int(height * new_long / width + 0.5), new_long
+    y = int(rng.integers(0, max(rh, crop) - crop + 1))
+    x = int(rng.integers(0, max(rw, crop) - crop + 1))
+    return Geometry(rh, rw, y, x, bool(rng.random() < 0.5))
+
+
+def apply_geometry(image: Image.Image, label: np.ndarray | None, g: Geometry,
+                   crop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Resize (bilinear image, nearest label), pad bottom/right, crop `crop`x`crop`, flip.
+
+    image: PIL RGB; label: (H, W) uint8 or None (output all 255).
+    Returns image (crop, crop, 3) uint8 (padding 0), label (crop, crop) uint8 (padding 255) and
+    valid (crop, crop) bool (False on padding).
+    """
+    box = (g.x, g.y, min(g.x + crop, g.resized_w), min(g.y + crop, g.resized_h))
+    ch, cw = box[3] - box[1], box[2] - box[0]
+    out_image = np.zeros((crop, crop, 3), np.uint8)
+    out_image[:ch, :cw] = np.asarray(image.resize((g.resized_w, g.resized_h), Image.BILINEAR).crop(box))
+    out_label = np.full((crop, crop), IGNORE, np.uint8)
+    if label is not None:
+        resized = Image.fromarray(label).resize((g.resized_w, g.resized_h), Image.NEAREST)
+        out_label[:ch, :cw] = np.asarray(resized.crop(box))
+    valid = np.zeros((crop, crop), bool)
+    valid[:ch, :cw] = True
+    if g.flip:
+        out_image, out_label, valid = out_image[:, ::-1], out_label[:, ::-1], valid[:, ::-1]
+    return np.ascontiguousarray(out_image), np.ascontiguousarray(out_label), np.ascontiguousarray(valid)
+
+
+def _adjust_hue(img: Image.Image, shift: float) -> Image.Image:
+    """torchvision's PIL hue shift: add int(shift*255) mod 256 to the HSV hue byte."""
+    h, s, v = img.convert("HSV").split()
+    hue = (np.asarray(h, np.uint8) + np.uint8(int(shift * 255) % 256)).astype(np.uint8)
+    return Image.merge("HSV", (Image.fromarray(hue, "L"), s, v)).convert("RGB")
+
+
+def color_jitter(img: Image.Image, rng: np.random.Generator, brightness: float, contrast: float,
+                 saturation: float, hue: float) -> Image.Image:
+    """torchvision ColorJitter on a PIL RGB image: factors U[1-x, 1+x], hue U[-hue, hue], random order."""
+    factors = [rng.uniform(1 - brightness, 1 + brightness), rng.uniform(1 - contrast, 1 + contrast),
+               rng.uniform(1 - saturation, 1 + saturation), rng.uniform(-hue, hue)]
+    for op in rng.permutation(4):
+        if op == 0:
+            img = ImageEnhance.Brightness(img).enhance(factors[0])
+        elif op == 1:
+            img = ImageEnhance.Contrast(img).enhance(factors[1])
+        elif op == 2:
+            img = ImageEnhance.Color(img).enhance(factors[2])
+        else:
+            img = _adjust_hue(img, factors[3])
+    return img
+
+
+def _blur(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Gaussian blur with sigma ~ U(0.1, 2.0), applied with p = 0.5 (UniMatch `blur`)."""
+    if rng.random() < 0.5:
+        return img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
+    return img
+
+
+def strong_photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """UniMatch strong colour view of a (H, W, 3) uint8 crop: ColorJitter(0.5, 0.5, 0.5, 0.25) p=0.8,
+    grayscale p=0.2, Gaussian blur p=0.5. Returns (H, W, 3) uint8."""
+    img = Image.fromarray(image)
+    if rng.random() < 0.8:
+        img = color_jitter(img, rng, 0.5, 0.5, 0.5, 0.25)
+    if rng.random() < 0.2:
+        img = img.convert("L").convert("RGB")
+    return np.asarray(_blur(img, rng))
+
+
+def mild_photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """CSL TMP branch (a) colour view of a (H, W, 3) uint8 crop: ColorJitter(0.2, 0.2, 0.2, 0.2)
+    p=0.8 and Gaussian blur p=0.5, no grayscale. Returns (H, W, 3) uint8."""
+    img = Image.fromarray(image)
+    if rng.random() < 0.8:
+        img = color_jitter(img, rng, 0.2, 0.2, 0.2, 0.2)
+    return np.asarray(_blur(img, rng))
+
+
+def cutmix_box(rng: np.random.Generator, crop: int, p: float = 0.5,
+               area=(0.02, 0.4), ratio=(0.3, 1 / 0.3)) -> np.ndarray:
+    """UniMatch `obtain_cutmix_box`: (crop, crop) bool, a box with probability p, else all False.
+
+    Area A = U(area)*crop^2; redraw r ~ U(ratio), w = int(sqrt(A/r)), h = int(sqrt(A r)),
+    x, y ~ randint[0, crop) until x + w <= crop and y + h <= crop; rows [y, y+h), cols [x, x+w).
+    """
+    mask = np.zeros((crop, crop), bool)
+    if rng.random() > p:
+        return mask
+    size = rng.uniform(*area) * crop * crop
+    while True:
+        r = rng.uniform(*ratio)
+        w, h = int(np.sqrt(size / r)), int(np.sqrt(size * r))
+        x, y = int(rng.integers(0, crop)), int(rng.integers(0, crop))
+        if x + w <= crop and y + h <= crop:
+            break
+    mask[y:y + h, x:x + w] = True
+    return mask
+
+
+def block_mask(rng: np.random.Generator, crop: int, block_size: int = 32,
+               cover_ratio: float = 0.7) -> np.ndarray:
+    """CSL TMP block mask, (crop, crop) bool: a G x G grid, G = round(crop/block_size), each cell
+    True with probability cover_ratio, nearest-upsampled (pixel i -> cell floor((i + 0.5) G / crop))."""
+    grid = max(1, round(crop / block_size))
+    cells = rng.random((grid, grid)) < cover_ratio
+    index = np.floor((np.arange(crop) + 0.5) * grid / crop).astype(np.intp)
+    return cells[index[:, None], index[None, :]]

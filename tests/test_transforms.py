@@ -1,0 +1,135 @@
+"""csl_jax.data.transforms: normalisation, geometry and alignment, CutMix boxes, TMP block masks."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from csl_jax.data import transforms
+
+PALETTE = np.array([[0, 0, 0], [250, 10, 10], [10, 250, 10], [10, 10, 250], [200, 200, 20]], np.uint8)
+
+
+def test_normalize_matches_float64():
+    x = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), np.uint8)
+    ref = (x / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    out = transforms.normalize(x)
+    assert out.dtype == np.float32 and out.shape == x.shape
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_geometry_draws_follow_unimatch():
+    rng = np.random.default_rng(1)
+    flips = 0
+    for _ in range(400):
+        h, w = (int(v) for v in rng.integers(20, 120, 2))
+        g = transforms.sample_geometry(rng, h, w, crop=64)
+        long_in, short_in = max(h, w), min(h, w)
+        long_out = max(g.resized_h, g.resized_w) if h != w else g.resized_w
+        assert int(0.5 * long_in) <= long_out <= int(2.0 * long_in)
+        short_out = g.resized_w if h > w else g.resized_h
+        assert short_out == int(np.floor(short_in * long_out / long_in + 0.5))
+        assert 0 <= g.y <= max(g.resized_h, 64) - 64 and 0 <= g.x <= max(g.resized_w, 64) - 64
+        flips += g.flip
+    assert 160 < flips < 240  # p = 0.5, 4 sigma
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_scale_crop_flip_keep_image_and_label_aligned(seed):
+    """Label = function of colour: 16 px blocks of class colours; after the transform every interior
+    pixel's colour must still be the colour of its label, and padding must be black / 255."""
+    rng = np.random.default_rng(seed)
+    h, w, crop = 64, 96, 80
+    cells = rng.integers(0, len(PALETTE), (h // 16, w // 16))
+    label = np.kron(cells, np.ones((16, 16), np.int64)).astype(np.uint8)
+    image = PALETTE[label]
+    g = transforms.sample_geometry(rng, h, w, crop)
+    out, lab, valid = transforms.apply_geometry(Image.fromarray(image), label, g, crop)
+    assert out.shape == (crop, crop, 3) and lab.shape == valid.shape == (crop, crop)
+    # Valid region: the part of the resized image inside the crop, flipped with the rest.
+    vh, vw = min(g.resized_h - g.y, crop), min(g.resized_w - g.x, crop)
+    expect_valid = np.zeros((crop, crop), bool)
+    expect_valid[:vh, :vw] = True
+    if g.flip:
+        expect_valid = expect_valid[:, ::-1]
+    np.testing.assert_array_equal(valid, expect_valid)
+    assert (out[~valid] == 0).all() and (lab[~valid] == 255).all() and (lab[valid] != 255).all()
+    # Interior pixels: the 5x5 label neighbourhood (inside the valid area) is constant.
+    pad = np.pad(np.where(valid, lab, 255).astype(np.int16), 2, constant_values=-1)
+    windows = np.lib.stride_tricks.sliding_window_view(pad, (5, 5))
+    interior = valid & (windows == lab[..., None, None]).all(axis=(-1, -2))
+    assert interior.sum() > 0.2 * valid.sum()
+    diff = np.abs(out[interior].astype(int) - PALETTE[lab[interior]].astype(int))
+    assert diff.max() <= 1
+
+
+def test_unlabeled_geometry_without_mask_is_all_ignore():
+    g = transforms.Geometry(resized_h=30, resized_w=40, y=0, x=0, flip=False)
+    img = Image.fromarray(np.full((15, 20, 3), 7, np.uint8))
+    out, lab, valid = transforms.apply_geometry(img, None, g, 32)
+    assert (lab == 255).all() and valid[:30, :32].all() and not valid[30:].any()
+    assert (out[:30] == 7).all() and (out[30:] == 0).all()
+
+
+def test_cutmix_box_statistics():
+    rng = np.random.default_rng(2)
+    crop, n = 64, 3000
+    areas, ratios, present = [], [], 0
+    for _ in range(n):
+        box = transforms.cutmix_box(rng, crop, p=0.5)
+        if not box.any():
+            continue
+        present += 1
+        rows, cols = np.flatnonzero(box.any(1)), np.flatnonzero(box.any(0))
+        hh, ww = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+        assert box.sum() == hh * ww  # one rectangle, inside the crop by construction of the mask
+        areas.append(hh * ww / crop**2)
+        ratios.append(hh / ww)
+    assert abs(present / n - 0.5) < 4 * np.sqrt(0.25 / n)
+    areas, ratios = np.array(areas), np.array(ratios)
+    # w = int(sqrt(A/r)), h = int(sqrt(A r)): area <= A <= 0.4, and >= (sqrt(A/r)-1)(sqrt(A r)-1).
+    assert areas.max() <= 0.4 and areas.min() >= 0.02 - 2 * np.sqrt(0.02 * 3.4) / crop
+    assert ratios.min() >= 0.25 and ratios.max() <= 1 / 0.25
+    assert areas.mean() < 0.21  # rejection of boxes that do not fit favours small areas (E[A] = 0.21)
+    assert (transforms.cutmix_box(rng, crop, p=0.0) == 0).all()
+
+
+@pytest.mark.parametrize("crop,grid", [(321, 10), (801, 25), (64, 2), (513, 16)])
+def test_block_mask_grid_and_cover_ratio(crop, grid):
+    rng = np.random.default_rng(3)
+    n_masks = 40
+    masks = np.stack([transforms.block_mask(rng, crop, 32, 0.7) for _ in range(n_masks)])
+    cell = np.floor((np.arange(crop, dtype=np.float64) + 0.5) * grid / crop).astype(int)
+    # Each mask is constant on every cell and equals a G x G grid upsampled by the cell map.
+    starts = np.flatnonzero(np.diff(cell, prepend=-1))  # cell is non-decreasing
+    assert len(starts) == grid
+    cells = np.add.reduceat(np.add.reduceat(masks.astype(np.int64), starts, axis=1), starts, axis=2)
+    counts = np.bincount(cell, minlength=grid)
+    frac = cells / np.outer(counts, counts)
+    assert set(np.unique(frac)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(masks, frac[:, cell[:, None], cell[None, :]] == 1)
+    n = n_masks * grid * grid
+    assert abs(frac.mean() - 0.7) < 4 * np.sqrt(0.21 / n)
+
+
+def test_photometric_views_keep_shape_and_change_colours():
+    rng = np.random.default_rng(4)
+    img = np.random.default_rng(5).integers(0, 256, (40, 40, 3), np.uint8)
+    strong = [transforms.strong_photometric(img, rng) for _ in range(50)]
+    mild = [transforms.mild_photometric(img, rng) for _ in range(50)]
+    for out in strong + mild:
+        assert out.shape == img.shape and out.dtype == np.uint8
+    gray = sum(bool((s[..., 0] == s[..., 1]).all() and (s[..., 1] == s[..., 2]).all()) for s in strong)
+    assert 2 <= gray <= 22  # grayscale with p = 0.2 in strong, never in mild
+    assert not any((m[..., 0] == m[..., 1]).all() and (m[..., 1] == m[..., 2]).all() for m in mild)
+    dev_strong = np.mean([np.abs(s.astype(int) - img).mean() for s in strong])
+    dev_mild = np.mean([np.abs(m.astype(int) - img).mean() for m in mild])
+    assert dev_strong > dev_mild > 0
+
+
+def test_hue_shift_matches_colorsys_reference():
+    import colorsys
+    img = np.random.default_rng(6).integers(0, 256, (8, 8, 3), np.uint8)
+    out = np.asarray(transforms._adjust_hue(Image.fromarray(img), 0.25)).astype(int)
+    for (y, x) in [(0, 0), (3, 5), (7, 7)]:
+        hh, s, v = colorsys.rgb_to_hsv(*(img[y, x] / 255.0))
+        ref = np.array(colorsys.hsv_to_rgb((hh + 63 / 255) % 1.0, s, v)) * 255
+        assert np.abs(out[y, x] - ref).max() <= 8  # PIL's HSV is 8-bit per channel
