@@ -6,7 +6,9 @@ r"""csl_jax entry point: parses flags and hands over to the package.
     python main.py --config=... --workdir=runs/city_1_16 --mode=predict --input=imgs/ --output=out/
 """
 
-from absl import app, flags
+import logging as std_logging
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -22,9 +24,17 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (mult
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Keeps orbax's per-save INFO chatter out of the training log (warnings still pass)."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax
 
     if FLAGS.distributed:

@@ -44,11 +44,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.tmp_prob = 0.5
     c.data.cover_ratio = 0.7
     c.data.block_size = 32
-    # custom datasets: list files of '<image> [<mask>]' lines relative to data.raw_root
+    # custom datasets (name='custom'): list files of '<image> [<mask>]' lines, paths relative to data.root
     c.data.labeled_list = ""
     c.data.unlabeled_list = ""
     c.data.val_list = ""
     c.data.num_classes = 0
+    c.data.class_names = ()
 
     # --- global batch sizes ---
     c.batch = ml_collections.ConfigDict()
@@ -90,4 +91,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 2
+    # Stop (with a checkpoint) after this many steps in this invocation, e.g. to fit a cluster job's
+    # time limit; the next invocation resumes. 0 = run to the end of the schedule.
+    c.stop_after_steps = 0
     return c

@@ -47,7 +47,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, mode: str) -> None:
     if config.data.name == "synthetic":
         from data_prep import synthetic
 
-        synthetic.prepare(config.data.root)
+        synthetic.prepare(config.data.root, image_size=tuple(config.data.get("synthetic_image_size", (64, 96))))
     if jax.process_index() != 0:
         return
     os.makedirs(workdir, exist_ok=True)

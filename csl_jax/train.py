@@ -26,7 +26,7 @@ from absl import logging
 from jax.sharding import PartitionSpec as P
 
 from csl_jax import checkpoint, optim, parallel
-from csl_jax.data import pipeline
+from csl_jax import data
 from csl_jax.methods import Method, StepContext, build_method
 from csl_jax.models import build_model
 
@@ -167,11 +167,11 @@ class Streams:
 def make_streams(config: ml_collections.ConfigDict, method: Method) -> Streams:
     """Per-process iterators of every stream the method needs, seeded from `config.seed`."""
     common = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    iterators = {"labeled": iter(pipeline.labeled_iterator(
-        config.data, seed=config.seed, global_batch=config.batch.labeled, **common))}
+    iterators = {"labeled": iter(data.labeled_iterator(
+        config.data, seed=config.seed, global_batch=config.batch.labeled, semi=method.uses_unlabeled, **common))}
     if method.uses_unlabeled:
         for stream in ("unlabeled", "mix"):
-            iterators[stream] = iter(pipeline.unlabeled_iterator(
+            iterators[stream] = iter(data.unlabeled_iterator(
                 config.data, seed=config.seed, global_batch=config.batch.unlabeled, views=method.unlabeled_views,
                 stream="main" if stream == "unlabeled" else "mix", **common))
     return Streams(iterators)
@@ -180,9 +180,9 @@ def make_streams(config: ml_collections.ConfigDict, method: Method) -> Streams:
 def schedule_length(config: ml_collections.ConfigDict, method: Method) -> tuple[int, int]:
     """(iterations per epoch, total steps) as defined by protocol.md §3."""
     if method.uses_unlabeled:
-        per_epoch = pipeline.iterations_per_epoch(config.data, config.batch.unlabeled, semi=True)
+        per_epoch = data.iterations_per_epoch(config.data, config.batch.unlabeled, semi=True)
     else:
-        per_epoch = pipeline.iterations_per_epoch(config.data, config.batch.labeled, semi=False)
+        per_epoch = data.iterations_per_epoch(config.data, config.batch.labeled, semi=False)
     total = config.optim.total_steps or config.optim.epochs * per_epoch
     return per_epoch, total
 
@@ -231,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from csl_jax.metrics_writer import MetricsWriter
 
     mesh = parallel.make_mesh()
-    info = pipeline.dataset_info(config.data)
+    info = data.dataset_info(config.data)
     model = build_model(config.model, info.num_classes, bn_axis_name=parallel.AXIS)
     method = build_method(config, model, info.num_classes)
     group = config.loss.group_size * config.batch.accum_steps
@@ -294,12 +294,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if results["miou"] > best:
                     best = results["miou"]
                     ckpt.save_best(done, variables, best)
-            if done % config.checkpoint_every_steps == 0 or is_last or preemption.requested:
+                timer = time.perf_counter()  # steps/s and data-wait exclude evaluation time
+            stop = preemption.requested or done - start_step == config.stop_after_steps
+            if done % config.checkpoint_every_steps == 0 or is_last or stop:
                 flush(done)
                 ckpt.save(done, state, streams.get_state())
                 last_saved = done
-            if preemption.requested:
-                logging.warning("Preempted at step %d; checkpoint saved, exiting.", done)
+            if stop:
+                logging.warning("Stopping at step %d (%s); checkpoint saved, rerun to resume.", done,
+                                "SIGTERM" if preemption.requested else "config.stop_after_steps")
                 break
     ckpt.close()
     writer.close()
