@@ -1,0 +1,314 @@
+"""PyTorch state dicts -> Flax variables (pure NumPy), and converted-checkpoint files.
+
+Layouts (docs/models.md §9): ImageNet deep-stem backbones ('deep_backbone', no `backbone.`
+prefix, maybe `fc.*`), torchvision ResNets ('torchvision'), UniMatch DeepLabV3Plus checkpoints
+('unimatch': top-level `model`, `module.` prefixes) and CSL Lightning checkpoints ('csl':
+`state_dict` with `model.backbone.*` / `model.decoder.*`).
+
+    from csl_jax.models.convert import from_unimatch
+    model, variables = from_unimatch(state_dict, num_classes=21, depth=101)
+    logits = model.apply(variables, images, train=False)
+
+CLI (needs torch to read the .pth):
+    python -m csl_jax.models.convert SRC.pth OUT_DIR [--kind auto] [--format msgpack|npz]
+writes OUT_DIR/variables.{msgpack,npz} and OUT_DIR/report.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.core import unfreeze
+
+from csl_jax.models.deeplabv3plus import DeepLabV3Plus
+
+KINDS = ("auto", "deep_backbone", "torchvision", "unimatch", "csl", "flax")
+BACKBONE_KINDS = ("deep_backbone", "torchvision")
+Path = Tuple[str, ...]  # (collection, module, ..., leaf)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """A torch tensor (copied: never aliases torch memory) or array-like as float32 NumPy."""
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch
+        return np.array(value.detach().cpu().float().numpy(), dtype=np.float32, copy=True)
+    return np.asarray(value, dtype=np.float32)
+
+
+def _strip_module(sd: Mapping[str, Any]) -> Dict[str, Any]:
+    out = {}
+    for k, v in sd.items():
+        while k.startswith("module."):
+            k = k[len("module."):]
+        out[k] = v
+    return out
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any], kind: str = "auto") -> Tuple[Dict[str, Any], str, list]:
+    """Select the model's flat state dict inside a checkpoint and name its layout.
+
+    Returns (state_dict, kind, ignored) where state_dict has `backbone.`/`head.`/... keys for
+    'unimatch' and 'csl', bare ResNet keys for backbone kinds, and `ignored` lists checkpoint
+    entries outside the model (e.g. other Lightning state).
+    """
+    if kind not in KINDS or kind == "flax":
+        raise ValueError(f"kind must be one of {KINDS[:-1]} for a PyTorch checkpoint, got {kind!r}")
+    ignored = []
+    sd = dict(checkpoint)
+    if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):  # Lightning (CSL)
+        sd = dict(sd["state_dict"])
+    elif "model" in sd and isinstance(sd["model"], Mapping):  # UniMatch {model, optimizer, ...}
+        sd = dict(sd["model"])
+    sd = _strip_module(sd)
+    if kind == "auto":
+        if any(k.startswith("model.backbone.") for k in sd):
+            kind = "csl"
+        elif any(k.startswith("backbone.") for k in sd):
+            kind = "unimatch"
+        elif "conv1.0.weight" in sd:
+            kind = "deep_backbone"
+        elif "conv1.weight" in sd:
+            kind = "torchvision"
+        else:
+            raise ValueError("cannot recognise the checkpoint layout (expected `backbone.*`, "
+                             "`model.backbone.*`, `conv1.0.weight` or `conv1.weight`); first keys: "
+                             f"{sorted(sd)[:8]}")
+    if kind == "csl":
+        ignored = sorted(k for k in sd if not k.startswith("model."))
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+        sd = {(k[len("decoder."):] if k.startswith("decoder.") else k): v for k, v in sd.items()}
+    if kind in BACKBONE_KINDS:
+        ignored = sorted(k for k in sd if k.startswith("fc."))
+        sd = {f"backbone.{k}": v for k, v in sd.items() if not k.startswith("fc.")}
+    return sd, kind, ignored
+
+
+def flax_path(key: str, ndim: int) -> Path:
+    """PyTorch key -> Flax variable path: numeric parts join the previous name with '_'.
+
+    `backbone.layer1.0.conv1.weight` (4-D) -> ('params', 'backbone', 'layer1_0', 'conv1', 'kernel');
+    BN `weight`/`bias`/`running_mean`/`running_var` -> params scale/bias, batch_stats mean/var.
+    """
+    parts = key.split(".")
+    modules = []
+    for p in parts[:-1]:
+        if re.fullmatch(r"\d+", p) and modules:
+            modules[-1] = f"{modules[-1]}_{p}"
+        else:
+            modules.append(p)
+    leaf = parts[-1]
+    if leaf == "weight":
+        return ("params", *modules, "kernel" if ndim == 4 else "scale")
+    if leaf == "bias":
+        return ("params", *modules, "bias")
+    if leaf == "running_mean":
+        return ("batch_stats", *modules, "mean")
+    if leaf == "running_var":
+        return ("batch_stats", *modules, "var")
+    raise ValueError(f"unexpected state-dict key {key!r} (leaf {leaf!r})")
+
+
+def convert_state_dict(state_dict: Mapping[str, Any]) -> Dict[Path, np.ndarray]:
+    """Flat PyTorch state dict -> {Flax path: float32 array}; conv OIHW -> HWIO, drops num_batches_tracked."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        arr = _to_numpy(value)
+        if arr.ndim == 4:
+            arr = arr.transpose(2, 3, 1, 0)
+        out[flax_path(key, arr.ndim)] = arr
+    return out
+
+
+def _flatten_variables(variables: Mapping[str, Any]) -> Dict[Path, Any]:
+    return traverse_util.flatten_dict(unfreeze(variables))
+
+
+def _key_names(paths) -> list:
+    return sorted("/".join(p) for p in paths)
+
+
+def merge_variables(variables: Mapping[str, Any], loaded: Mapping[Path, Any],
+                    allow_missing_outside_backbone: bool) -> Tuple[Dict[str, Any], list]:
+    """Replace leaves of `variables` by `loaded` ({path: array}); returns (variables, left_at_init).
+
+    Raises ValueError listing unknown keys, missing keys (any inside the backbone; outside only
+    when not allowed) and every shape mismatch with both shapes.
+    """
+    target = _flatten_variables(variables)
+    unknown = [p for p in loaded if p not in target]
+    if unknown:
+        raise ValueError(f"{len(unknown)} checkpoint keys have no place in the model: {_key_names(unknown)}")
+    mismatched = [f"{'/'.join(p)}: checkpoint {tuple(v.shape)} vs model {tuple(target[p].shape)}"
+                  for p, v in loaded.items() if tuple(v.shape) != tuple(target[p].shape)]
+    if mismatched:
+        raise ValueError("shape mismatch: " + "; ".join(mismatched))
+    missing = [p for p in target if p not in loaded]
+    fatal = [p for p in missing if p[1] == "backbone" or not allow_missing_outside_backbone]
+    if fatal:
+        raise ValueError(f"{len(fatal)} model variables are missing from the checkpoint: {_key_names(fatal)}")
+    target.update({p: np.asarray(v, dtype=np.float32) for p, v in loaded.items()})
+    return traverse_util.unflatten_dict(target), _key_names(missing)
+
+
+def load_file(path: str) -> Any:
+    """Read a checkpoint: .msgpack/.npz (converted Flax variables) or a PyTorch file (needs torch)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.endswith((".msgpack", ".npz")):
+        return load_variables(path)
+    try:
+        import torch  # test/conversion-only dependency
+    except ImportError as e:
+        raise ImportError(f"reading the PyTorch file {path} needs torch; convert it once with "
+                          "`python -m csl_jax.models.convert` where torch is installed") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or non-checkpoint file
+        raise ValueError(f"cannot read PyTorch checkpoint {path}: {e}") from e
+
+
+def load_pretrained(variables: Mapping[str, Any], source: Union[str, Mapping[str, Any]],
+                    kind: str = "auto") -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Load weights into an existing {'params', 'batch_stats'} tree (config `model.init_from`).
+
+    Args:
+      variables: the model's initialised variables (arrays or ShapeDtypeStructs).
+      source: a path (.pth/.pt, or a converted .msgpack/.npz) or an already loaded checkpoint:
+        a PyTorch state dict / wrapper, or a nested Flax variables dict (kind 'flax').
+      kind: one of KINDS; 'auto' detects it.
+    Returns:
+      (variables with the loaded leaves replaced by float32 NumPy arrays, report) where report = {kind, loaded, ignored,
+      left_at_init}. A backbone-only source leaves the head at init and lists it in the report;
+      a full-model source must cover every variable.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    checkpoint = load_file(source) if isinstance(source, (str, os.PathLike)) else source
+    is_flax = isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("params"), Mapping)
+    if kind == "flax" or (kind == "auto" and is_flax):
+        if not is_flax:
+            raise ValueError("kind 'flax' expects a variables dict with a 'params' entry")
+        loaded = {p: _to_numpy(v) for p, v in _flatten_variables(checkpoint).items()}
+        kind, ignored = "flax", []
+        backbone_only = all(p[1] == "backbone" for p in loaded)
+    else:
+        sd, kind, ignored = unwrap_state_dict(checkpoint, kind)
+        loaded = convert_state_dict(sd)
+        backbone_only = kind in BACKBONE_KINDS
+    merged, left = merge_variables(variables, loaded, allow_missing_outside_backbone=backbone_only)
+    report = {"kind": kind, "loaded": len(loaded), "ignored": ignored, "left_at_init": left}
+    return merged, report
+
+
+def _infer_stem(state_dict: Mapping[str, Any]) -> str:
+    return "torchvision" if "backbone.conv1.weight" in state_dict else "deep"
+
+
+def from_unimatch(state_dict: Mapping[str, Any], num_classes: int = 21, depth: int = 101,
+                  output_stride: int = 16, aspp_rates: Tuple[int, ...] = (6, 12, 18),
+                  **model_kwargs) -> Tuple[DeepLabV3Plus, Dict[str, Any]]:
+    """Build a DeepLabV3Plus and its variables from a UniMatch/CSL checkpoint (or its state dict).
+
+    The stem ('deep' / 'torchvision') is read from the keys; other DeepLabV3Plus fields (width,
+    blocks, multi_grid, maxpool_ceil, dtype, ...) can be passed as keyword arguments.
+    Returns (model, {'params', 'batch_stats'}) of float32 NumPy arrays; every variable must be
+    present. Output stride and ASPP rates do not change the variables, only the model.
+    """
+    sd, kind, _ = unwrap_state_dict(state_dict)
+    if kind not in ("unimatch", "csl"):
+        raise ValueError(f"from_unimatch expects a full DeepLabV3Plus checkpoint, got a {kind!r} "
+                         "backbone file; use load_pretrained to load it into initialised variables")
+    model_kwargs.setdefault("stem", _infer_stem(sd))
+    model = DeepLabV3Plus(num_classes=num_classes, depth=depth, output_stride=output_stride,
+                          aspp_rates=tuple(aspp_rates), **model_kwargs)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                  jnp.zeros((1, 64, 64, 3)), train=False))
+    variables, _ = merge_variables(abstract, convert_state_dict(sd),
+                                   allow_missing_outside_backbone=False)
+    return model, variables
+
+
+def save_variables(path: str, variables: Mapping[str, Any]) -> None:
+    """Write a variables tree to `path` (.msgpack via flax.serialization, or .npz with '/' keys)."""
+    tree = jax.tree.map(np.asarray, unfreeze(variables))
+    if path.endswith(".msgpack"):
+        with open(path, "wb") as f:
+            f.write(flax.serialization.msgpack_serialize(tree))
+    elif path.endswith(".npz"):
+        np.savez(path, **{"/".join(p): v for p, v in traverse_util.flatten_dict(tree).items()})
+    else:
+        raise ValueError(f"variables file must end in .msgpack or .npz, got {path}")
+
+
+def load_variables(path: str) -> Dict[str, Any]:
+    """Read a tree written by save_variables: nested dict of NumPy arrays."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"variables file not found: {path}")
+    try:
+        if path.endswith(".msgpack"):
+            with open(path, "rb") as f:
+                return flax.serialization.msgpack_restore(f.read())
+        if path.endswith(".npz"):
+            with np.load(path) as data:
+                return traverse_util.unflatten_dict({tuple(k.split("/")): data[k] for k in data.files})
+    except Exception as e:
+        raise ValueError(f"cannot read variables file {path} (corrupt or not written by "
+                         f"save_variables): {e}") from e
+    raise ValueError(f"variables file must end in .msgpack or .npz, got {path}")
+
+
+def main(argv: Optional[list] = None) -> Dict[str, Any]:
+    """CLI: convert SRC.pth into OUT_DIR/variables.<format> and OUT_DIR/report.json."""
+    parser = argparse.ArgumentParser(prog="python -m csl_jax.models.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="PyTorch checkpoint (.pth/.pt)")
+    parser.add_argument("out_dir")
+    parser.add_argument("--kind", default="auto", choices=KINDS[:-1])
+    parser.add_argument("--format", default="msgpack", choices=("msgpack", "npz"))
+    parser.add_argument("--num-classes", type=int, default=21, help="full models only")
+    parser.add_argument("--depth", type=int, default=101)
+    parser.add_argument("--width", type=int, default=64, help="base width (64; smaller for test models)")
+    parser.add_argument("--blocks", type=lambda t: tuple(int(b) for b in t.split(",")), default=None,
+                        help="blocks per layer, e.g. 3,4,23,3 (overrides --depth)")
+    args = parser.parse_args(argv)
+
+    checkpoint = load_file(args.src)
+    sd, kind, ignored = unwrap_state_dict(checkpoint, args.kind)
+    if kind in BACKBONE_KINDS:
+        # Backbone files are written as the model's `backbone` subtree; shapes are checked
+        # against a model of the given depth so a wrong file fails here, not at training time.
+        model = DeepLabV3Plus(num_classes=args.num_classes, depth=args.depth, width=args.width,
+                              blocks=args.blocks,
+                              stem="torchvision" if kind == "torchvision" else "deep")
+        abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                      jnp.zeros((1, 64, 64, 3)), train=False))
+        loaded = convert_state_dict(sd)
+        backbone = {k: v for k, v in _flatten_variables(abstract).items() if k[1] == "backbone"}
+        variables, _ = merge_variables(traverse_util.unflatten_dict(backbone), loaded, False)
+    else:
+        _, variables = from_unimatch(checkpoint, num_classes=args.num_classes, depth=args.depth,
+                                     width=args.width, blocks=args.blocks)
+    os.makedirs(args.out_dir, exist_ok=True)
+    out_path = os.path.join(args.out_dir, f"variables.{args.format}")
+    save_variables(out_path, variables)
+    count = lambda c: int(sum(np.prod(v.shape) for v in jax.tree.leaves(variables.get(c, {}))))
+    report = {"source": os.path.abspath(args.src), "kind": kind, "output": out_path,
+              "depth": args.depth, "width": args.width, "blocks": list(args.blocks) if args.blocks else None, "ignored": ignored, "params": count("params"),
+              "batch_stats": count("batch_stats")}
+    with open(os.path.join(args.out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

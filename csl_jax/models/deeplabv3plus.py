@@ -1,0 +1,163 @@
+"""DeepLabV3+ in the UniMatch layout (also CSL, CCVC), with UniMatch/CSL feature perturbation.
+
+Parameter tree (PyTorch key -> Flax path, numeric indices joined with '_'):
+  backbone.*               -> backbone/...            (csl_jax.models.resnet.ResNet)
+  head.b{0..3}.{0,1}       -> head/b{i}_{0,1}         (ASPP branches: conv, BN)
+  head.b4.gap.{1,2}        -> head/b4/gap_{1,2}       (image pooling: conv, BN)
+  head.project.{0,1}       -> head/project_{0,1}
+  reduce.{0,1}, fuse.{0,1,3,4}, classifier -> reduce_{0,1}, fuse_{0,1,3,4}, classifier
+See docs/models.md §3-5.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from csl_jax.models.layers import BatchNorm, Dropout2d, conv, resize_align_corners
+from csl_jax.models.resnet import ResNet
+
+FP_DROPOUT_RATE = 0.5
+
+
+class ASPPPooling(nn.Module):
+    """Image pooling branch: global mean -> 1x1 conv (gap_1) -> BN (gap_2) -> ReLU -> broadcast.
+
+    (B, H, W, Cin) -> (B, H, W, features).
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    bn_axis_name: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
+        y = conv(self.features, 1, name="gap_1", dtype=self.dtype, param_dtype=self.param_dtype)(pooled)
+        y = nn.relu(BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype, name="gap_2")(y, not train))
+        # align_corners upsampling of a 1x1 map is a broadcast.
+        return jnp.broadcast_to(y, x.shape[:3] + (self.features,))
+
+
+class ASPP(nn.Module):
+    """ASPP: b0 1x1, b1-b3 dilated 3x3, b4 image pooling, concat, 1x1 projection (all conv-BN-ReLU).
+
+    (B, H, W, Cin) -> (B, H, W, features).
+    """
+
+    rates: Tuple[int, ...] = (6, 12, 18)
+    features: int = 256
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    bn_axis_name: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def conv_bn_relu(y, name, kernel_size, dilation=1):
+            y = conv(self.features, kernel_size, dilation=dilation, name=f"{name}_0", **kw)(y)
+            y = BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype, name=f"{name}_1")(y, not train)
+            return nn.relu(y)
+
+        branches = [conv_bn_relu(x, "b0", 1)]
+        branches += [conv_bn_relu(x, f"b{i}", 3, dilation=r) for i, r in enumerate(self.rates, 1)]
+        branches.append(ASPPPooling(self.features, bn_axis_name=self.bn_axis_name, name="b4", **kw)(x, train))
+        return conv_bn_relu(jnp.concatenate(branches, axis=-1), "project", 1)
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabV3+ (UniMatch layout): ResNet -> ASPP on c4, 48-ch reduce on c1, fuse, classifier.
+
+    Variants reuse the stages through `encode`, `decoder_features` and `classify` (call them from
+    a subclass's `@nn.compact __call__`; e.g. a representation head reading the fused features).
+    """
+
+    num_classes: int
+    depth: int = 101
+    stem: str = "deep"
+    output_stride: int = 16
+    multi_grid: bool = False
+    aspp_rates: Tuple[int, ...] = (6, 12, 18)
+    maxpool_ceil: bool = False
+    width: int = 64
+    blocks: Optional[Tuple[int, ...]] = None
+    head_width: int = 256
+    reduce_width: int = 48
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    bn_axis_name: Optional[str] = None
+    remat: bool = False
+
+    def encode(self, x: jax.Array, train: bool) -> Tuple[jax.Array, jax.Array, jax.Array]:
+        """Backbone: (B, H, W, 3) float32 -> (c1, c3, c4) in the compute dtype."""
+        return ResNet(depth=self.depth, stem=self.stem, output_stride=self.output_stride,
+                      multi_grid=self.multi_grid, maxpool_ceil=self.maxpool_ceil, width=self.width,
+                      blocks=self.blocks, dtype=self.dtype, param_dtype=self.param_dtype,
+                      bn_axis_name=self.bn_axis_name, remat=self.remat,
+                      name="backbone")(x.astype(self.dtype), train)
+
+    def decoder_features(self, c1: jax.Array, c4: jax.Array,
+                         train: bool) -> Tuple[jax.Array, jax.Array]:
+        """c1 (N, h1, w1, C1), c4 (N, h4, w4, C4) -> (concat, fused).
+
+        concat = [reduce(c1), upsample(ASPP(c4))] (N, h1, w1, reduce_width + head_width);
+        fused = fuse(concat) (N, h1, w1, head_width), the classifier input. Compute dtype.
+        """
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def bn(name):
+            return BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype, name=name)
+
+        high = ASPP(tuple(self.aspp_rates), self.head_width, bn_axis_name=self.bn_axis_name,
+                    name="head", **kw)(c4, train)
+        high = resize_align_corners(high, c1.shape[1:3])
+        low = nn.relu(bn("reduce_1")(conv(self.reduce_width, 1, name="reduce_0", **kw)(c1), not train))
+        concat = jnp.concatenate([low, high], axis=-1)
+        y = nn.relu(bn("fuse_1")(conv(self.head_width, 3, name="fuse_0", **kw)(concat), not train))
+        y = nn.relu(bn("fuse_4")(conv(self.head_width, 3, name="fuse_3", **kw)(y), not train))
+        return concat, y
+
+    def classify(self, features: jax.Array, size: Sequence[int]) -> jax.Array:
+        """1x1 classifier (with bias), then align-corners resize: (N, h, w, F) -> (N, *size, C) float32."""
+        logits = conv(self.num_classes, 1, use_bias=True, name="classifier", dtype=self.dtype,
+                      param_dtype=self.param_dtype)(features)
+        return resize_align_corners(logits.astype(jnp.float32), size)
+
+    def perturb(self, c1: jax.Array, c4: jax.Array, train: bool,
+                sample_ids: Optional[jax.Array]) -> Tuple[jax.Array, jax.Array]:
+        """UniMatch FP: ([c1; Dropout2d(c1)], [c4; Dropout2d(c4)]) on the batch axis (2B samples).
+
+        The two masks are independent and drawn per global sample id (see Dropout2d).
+        """
+        d1 = Dropout2d(FP_DROPOUT_RATE, name="fp_dropout_c1")(c1, not train, sample_ids)
+        d4 = Dropout2d(FP_DROPOUT_RATE, name="fp_dropout_c4")(c4, not train, sample_ids)
+        return jnp.concatenate([c1, d1], axis=0), jnp.concatenate([c4, d4], axis=0)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool, feature_perturb: bool = False,
+                 sample_ids: Optional[jax.Array] = None
+                 ) -> Union[jax.Array, Tuple[jax.Array, jax.Array]]:
+        """Segment a batch.
+
+        Args:
+          x: (B, H, W, 3) float32, ImageNet-normalised.
+          train: batch statistics in BN (updated only if 'batch_stats' is mutable) and active
+            dropout (needs a 'dropout' rng when feature_perturb).
+          feature_perturb: run the decoder on clean and channel-dropped backbone features.
+          sample_ids: (B,) int32 global sample ids for the FP dropout masks (default arange(B)).
+        Returns:
+          logits (B, H, W, num_classes) float32, or (logits_clean, logits_perturbed) with FP.
+        """
+        b, h, w, _ = x.shape
+        c1, _, c4 = self.encode(x, train)
+        if feature_perturb:
+            c1, c4 = self.perturb(c1, c4, train, sample_ids)
+        _, features = self.decoder_features(c1, c4, train)
+        logits = self.classify(features, (h, w))
+        if feature_perturb:
+            return logits[:b], logits[b:]
+        return logits
