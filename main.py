@@ -6,8 +6,10 @@ r"""csl_jax entry point: parses flags and hands over to the package.
     python main.py --config=... --workdir=runs/city_1_16 --mode=predict --input=imgs/ --output=out/
 """
 
+import importlib.util
 import logging as std_logging
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -58,5 +60,40 @@ def main(argv):
             evaluation_loop.predict(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.input, FLAGS.output)
 
 
+def _unknown_override(argv) -> str | None:
+    """A message naming the first `--config.a.b=v` override whose key the config lacks, or None."""
+    spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+    if spec is None:
+        return None
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_config_for_check", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    for flag in argv[1:]:
+        if not flag.startswith("--config."):
+            continue
+        keys = flag[len("--config."):].split("=", 1)[0].split(".")
+        node = config
+        for depth, key in enumerate(keys):
+            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+                where = ".".join(["config", *keys[:depth]])
+                valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                return f"{flag}: {where} has no key {key!r}; valid keys: {valid}"
+            node = node[key]
+    return None
+
+
+def parse_flags(argv):
+    """absl flag parsing with a clear message for config overrides of unknown keys."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as error:
+        message = _unknown_override(argv)
+        if message is None:
+            raise
+        raise SystemExit(f"error: {message}") from error
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

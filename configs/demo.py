@@ -6,6 +6,8 @@ The synthetic dataset is generated into `data.root` on first use (no download). 
 instead of the supervised baseline: `--config=configs/demo.py:csl`. Prints the val mIoU at the end.
 """
 
+import ml_collections
+
 from configs import common
 
 
@@ -15,7 +17,9 @@ def get_config(arg: str = "supervised"):
     c.data.root = "data/synthetic"
     c.data.split = "1_4"
     c.data.crop_size = 64
-    c.data.synthetic_image_size = (80, 80)  # one image shape: evaluation compiles once
+    # what data_prep.synthetic.prepare generates into data.root on first use; one image shape so
+    # that evaluation compiles once
+    c.data.synthetic = ml_collections.ConfigDict(dict(num_train=256, num_val=64, image_size=(80, 80), seed=0))
     c.data.num_workers = 0
     c.data.block_size = 8
     c.model.depth = 50

@@ -76,8 +76,11 @@ def load_eval_variables(config: ml_collections.ConfigDict, workdir: str, which: 
 
     model = build_model(config.model, num_classes)
     init = model.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 33, 33, 3)), train=False)
-    variables, report = convert.load_into(init, which, kind=config.model.init_kind, require_all=True)
-    return variables, f"imported {which} ({report})"
+    variables, report = convert.load_pretrained(init, which, kind=config.model.init_kind)
+    if report["left_at_init"]:
+        raise ValueError(f"--checkpoint={which} is a {report['kind']} checkpoint without the head "
+                         f"({len(report['left_at_init'])} variables missing); evaluate a full model")
+    return variables, f"imported {which} ({report['kind']})"
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = "best") -> dict:

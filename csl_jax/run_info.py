@@ -42,12 +42,16 @@ def git_commit() -> str:
 def prepare(config: ml_collections.ConfigDict, workdir: str, mode: str) -> None:
     """Creates `workdir` and writes config.json, run_<mode>.json (argv overrides, versions, commit).
 
-    Only process 0 writes. For the synthetic dataset, generates it into `config.data.root` if needed.
+    Only process 0 writes. For the synthetic dataset, generates it (`config.data.synthetic` parameters) into
+    `config.data.root` if needed.
     """
     if config.data.name == "synthetic":
         from data_prep import synthetic
 
-        synthetic.prepare(config.data.root, image_size=tuple(config.data.get("synthetic_image_size", (64, 96))))
+        params = dict(config.data.get("synthetic", {}))
+        if "image_size" in params:
+            params["image_size"] = tuple(params["image_size"])
+        synthetic.prepare(config.data.root, **params)
     if jax.process_index() != 0:
         return
     os.makedirs(workdir, exist_ok=True)

@@ -60,7 +60,7 @@ def init_variables(model, config: ml_collections.ConfigDict, rng: jax.Array) -> 
     if config.model.init_from:
         from csl_jax.models import convert
 
-        variables, report = convert.load_into(variables, config.model.init_from, kind=config.model.init_kind)
+        variables, report = convert.load_pretrained(variables, config.model.init_from, kind=config.model.init_kind)
         logging.info("Initialised from %s: %s", config.model.init_from, report)
     return variables
 

@@ -1,0 +1,134 @@
+"""Whole runs on the synthetic set: exact resume, SIGTERM, NaN stop, the demo through main.py, config errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from csl_jax import checkpoint, train
+from data_prep import synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.prepare(root, num_train=32, num_val=4, image_size=(40, 40), seed=0)
+    return str(root)
+
+
+def tiny_config(data_root, **overrides):
+    c = demo.get_config()
+    c.data.root = data_root
+    c.data.crop_size = 32
+    c.data.split = "1_2"
+    c.model.width = 4
+    c.model.head_width = 8
+    c.model.reduce_width = 4
+    c.batch.labeled = 16
+    c.log_every_steps = 1
+    c.checkpoint_every_steps = 3
+    c.eval.every_steps = 100
+    c.eval.batch_size = 8
+    c.optim.total_steps = 6
+    for key, value in overrides.items():
+        target = c
+        *path, leaf = key.split(".")
+        for p in path:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+def final_params(workdir):
+    state, data_state, step = checkpoint.Checkpointer(workdir).restore(None)
+    return jax.device_get(state["params"]), data_state, step
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_is_exact(data_root, tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train.train_and_evaluate(tiny_config(data_root), straight)
+    train.train_and_evaluate(tiny_config(data_root, stop_after_steps=3), resumed)
+    assert checkpoint.Checkpointer(resumed).latest_step() == 3
+    train.train_and_evaluate(tiny_config(data_root), resumed)
+
+    params_a, data_a, step_a = final_params(straight)
+    params_b, data_b, step_b = final_params(resumed)
+    assert step_a == step_b == 6
+    assert data_a == data_b  # the same position in every stream
+    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+        np.testing.assert_array_equal(a, b)  # bit for bit on CPU
+    loss_a = {m["step"]: m["loss"] for m in read_jsonl(os.path.join(straight, "metrics.jsonl")) if "loss" in m}
+    loss_b = {m["step"]: m["loss"] for m in read_jsonl(os.path.join(resumed, "metrics.jsonl")) if "loss" in m}
+    assert loss_a == loss_b and sorted(loss_a) == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path):
+    workdir = str(tmp_path / "nan")
+    train.train_and_evaluate(tiny_config(data_root, stop_after_steps=3), workdir)
+    with pytest.raises(train.NonFiniteLossError, match=r"at step 5; stopping. The last good checkpoint \(step <= 3\)"):
+        train.train_and_evaluate(tiny_config(data_root, **{"optim.lr": 1e30}), workdir)
+    assert checkpoint.Checkpointer(workdir).latest_step() == 3
+
+
+def test_bad_split_name_lists_valid_ones(data_root, tmp_path):
+    with pytest.raises(ValueError, match=r"1_3.*1_2.*1_4.*1_8|1_3.*valid"):
+        train.train_and_evaluate(tiny_config(data_root, **{"data.split": "1_3"}), str(tmp_path / "bad"))
+
+
+def run_main(args, **kwargs):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_unknown_config_key_fails_clearly(tmp_path):
+    proc = run_main(["--config=configs/demo.py", f"--workdir={tmp_path}", "--config.optim.learning_rate=0.1"])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "config.optim has no key 'learning_rate'" in out and "'lr'" in out
+
+
+def test_demo_sigterm_then_resume_to_the_end(data_root, tmp_path):
+    workdir = str(tmp_path / "demo")
+    args = ["--config=configs/demo.py", f"--workdir={workdir}", f"--config.data.root={data_root}",
+            "--config.data.crop_size=32", "--config.data.synthetic.num_train=32", "--config.data.synthetic.num_val=4",
+            "--config.data.synthetic.image_size=(40, 40)", "--config.optim.total_steps=100000", "--config.log_every_steps=1",
+            "--config.checkpoint_every_steps=100000", "--config.eval.every_steps=100000"]
+    proc = run_main(args)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "training did not start in 300 s"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    stopped_at = checkpoint.Checkpointer(workdir).latest_step()
+    assert stopped_at is not None and stopped_at >= 1
+
+    # The same run, resumed, to a short end: metrics, checkpoint, evaluation and a plot.
+    end = stopped_at + 3
+    proc = run_main(args[:7] + [f"--config.optim.total_steps={end}", "--config.eval.every_steps=1000"])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert f"Resumed from {workdir} at step {stopped_at}" in out
+    assert checkpoint.Checkpointer(workdir).latest_step() == end
+    results = json.load(open(os.path.join(workdir, "final_results.json")))
+    assert 0.0 <= results["miou"] <= 1.0 and results["protocol"]["name"] == "whole"
+    assert any(f.endswith(".png") for f in os.listdir(os.path.join(workdir, "plots")))
+    assert os.path.exists(os.path.join(workdir, "config.json")) and os.path.exists(os.path.join(workdir, "run_train.json"))
