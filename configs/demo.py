@@ -2,13 +2,15 @@ r"""Demo: a tiny DeepLabV3+ on the generated synthetic dataset, on CPU in a few 
 
     python main.py --config=configs/demo.py --workdir=runs/demo
 
-The synthetic dataset is generated into `data.root` on first use (no download). `:csl` trains CSL
-instead of the supervised baseline: `--config=configs/demo.py:csl`. Prints the val mIoU at the end.
+The synthetic dataset is generated into `data.root` on first use (no download). `:csl`,
+`:unimatch` or `:fixmatch` train that method instead of the supervised baseline, e.g.
+`--config=configs/demo.py:csl`. Prints the val mIoU at the end.
 """
 
 import ml_collections
 
 from configs import common
+from csl_jax.methods import semi
 
 
 def get_config(arg: str = "supervised"):
@@ -38,5 +40,8 @@ def get_config(arg: str = "supervised"):
     c.eval.every_steps = 150
     c.log_every_steps = 25
     c.checkpoint_every_steps = 150
-    c.method.name = arg
+    if arg == "supervised":
+        c.method.name = arg
+    else:
+        c.method = semi.default_options(arg)  # 'csl', 'unimatch' or 'fixmatch'
     return c

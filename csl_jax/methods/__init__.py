@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 from csl_jax.methods.base import Method, StepContext
+from csl_jax.methods import semi
 from csl_jax.methods.supervised import Supervised
 
 
-def _registry():
-    methods = {"supervised": Supervised}
-    try:
-        from csl_jax.methods import semi
-    except ImportError:  # not yet available
-        return methods
-    methods.update(semi.METHODS)
-    return methods
+def _registry() -> dict:
+    return {"supervised": Supervised, **semi.METHODS}
 
 
 def build_method(config, model, num_classes: int) -> Method:

@@ -1,0 +1,31 @@
+r"""UniMatch V1 on CamVid (SegNet version, 11 classes, 360x480 frames). csl_jax's own recipe.
+
+    python -m data_prep camvid --raw ../shared/data/camvid --out data/tfds
+    python main.py --config=configs/unimatch_camvid.py:1_8 --workdir=runs/unimatch_camvid_1_8 \
+        --config.data.root=data/tfds
+
+Splits (`:arg`): 1_16 (23 labeled / 344 unlabeled), 1_8 (46 / 321), 1_4 (92 / 275), 1_2 (184 /
+183). No published semi-supervised CamVid recipe exists; as configs/csl_camvid.py, the UniMatch
+Pascal recipe (OS16, ASPP 6/12/18, crop 321, global batch 8 / 8 / 8, lr 1e-3 with head x10, CE,
+tau 0.95, whole-image evaluation) with 240 epochs over the small unlabeled set. FixMatch:
+--config.method.name=fixmatch --config.method.second_view=none --config.method.use_fp=False.
+The measured figures go to docs/results.md; none yet.
+"""
+
+from configs import common
+from csl_jax.methods import semi
+
+
+def get_config(arg: str = "1_8"):
+    c = common.get_base_config()
+    c.data.name = "camvid"
+    c.data.split = arg
+    c.data.crop_size = 321
+    c.batch.labeled = 8
+    c.batch.unlabeled = 8
+    c.method = semi.default_options("unimatch")
+    c.optim.lr = 1e-3
+    c.optim.lr_multi = 10.0
+    c.optim.epochs = 240
+    c.eval.protocol = "whole"
+    return c

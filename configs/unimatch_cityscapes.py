@@ -1,0 +1,35 @@
+r"""UniMatch V1 on Cityscapes (unimatch.md, current official recipe: OS16, tau 0).
+
+    python main.py --config=configs/unimatch_cityscapes.py:1_16 --workdir=runs/unimatch_city_1_16 \
+        --config.data.root=/data/tfds
+
+Splits (`:arg`): 1_30, 1_16, 1_8, 1_4, 1_2 (UniMatch lists). DeepLabV3+ deep-stem R101, OS16,
+ASPP 6/12/18; crop 801; global batch 8 labeled / 8 unlabeled / 8 mix; SGD lr 5e-3 (x1), poly, 240
+epochs over the unlabeled set; OHEM (0.7, 200000 per 2 images); threshold tau 0 (every
+pseudo-label used); two CutMix strong views and FP; online pseudo-labels, eval-mode mix pass, both
+train passes update BN statistics; sliding-window evaluation (801, stride 534, softmax sum).
+FixMatch: --config.method.name=fixmatch --config.method.second_view=none
+--config.method.use_fp=False. Reference (UniMatch README, R101): 76.6 / 77.9 / 79.2 / 79.5 for
+1/16 ... 1/2. Not yet measured with csl_jax.
+"""
+
+from configs import common
+from csl_jax.methods import semi
+
+
+def get_config(arg: str = "1_16"):
+    c = common.get_base_config()
+    c.data.name = "cityscapes"
+    c.data.split = arg
+    c.data.crop_size = 801
+    c.batch.labeled = 8
+    c.batch.unlabeled = 8
+    c.loss.labeled = "ohem"
+    c.method = semi.default_options("unimatch")
+    c.method.tau = 0.0
+    c.optim.lr = 5e-3
+    c.optim.lr_multi = 1.0
+    c.optim.epochs = 240
+    c.eval.protocol = "sliding"
+    c.eval.batch_size = 8
+    return c

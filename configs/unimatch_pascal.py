@@ -1,0 +1,32 @@
+r"""UniMatch V1 on Pascal VOC 2012 (unimatch.md; FixMatch with --config.method=fixmatch options).
+
+    python main.py --config=configs/unimatch_pascal.py:1464 --workdir=runs/unimatch_pascal_1464 \
+        --config.data.root=/data/tfds
+
+Splits (`:arg`): classic 92, 183, 366, 732, 1464; blended 1_16, 1_8, 1_4; u2pl_1_16, u2pl_1_8,
+u2pl_1_4 (UniMatch uses crop 513 there: --config.data.crop_size=513). DeepLabV3+ deep-stem R101,
+OS16, ASPP 6/12/18; crop 321; global batch 8 labeled / 8 unlabeled / 8 mix; SGD lr 1e-3 (head
+x10), poly, 80 epochs over the unlabeled set; CE; threshold tau 0.95; two CutMix strong views and
+FP; online pseudo-labels, eval-mode mix pass, both train passes update BN statistics; whole-image
+evaluation. FixMatch: --config.method.name=fixmatch --config.method.second_view=none
+--config.method.use_fp=False. Reference (UniMatch README, R101, classic): 75.2 / 77.2 / 78.8 /
+79.9 / 81.2 for 92 ... 1464. Not yet measured with csl_jax.
+"""
+
+from configs import common
+from csl_jax.methods import semi
+
+
+def get_config(arg: str = "1464"):
+    c = common.get_base_config()
+    c.data.name = "pascal"
+    c.data.split = arg
+    c.data.crop_size = 321
+    c.batch.labeled = 8
+    c.batch.unlabeled = 8
+    c.method = semi.default_options("unimatch")
+    c.optim.lr = 1e-3
+    c.optim.lr_multi = 10.0
+    c.optim.epochs = 80
+    c.eval.protocol = "whole"
+    return c

@@ -1,0 +1,52 @@
+"""In-step view operations shared by the semi-supervised methods: CutMix pasting and TMP masking.
+
+The data pipeline draws the random parts (CutMix boxes, TMP block masks, photometric jitter) from
+(seed, index); what depends on the model's predictions happens here, inside the train step.
+Images are in normalised space (ImageNet mean/std), so 0 is the ImageNet-mean colour.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def _broadcast_mask(mask: jax.Array, like: jax.Array) -> jax.Array:
+    """(B, H, W) mask reshaped to broadcast against `like` (B, H, W, ...)."""
+    return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
+
+
+def cutmix(box: jax.Array, mixed_in: PyTree, own: PyTree) -> PyTree:
+    """CutMix paste: `where(box, mixed_in, own)` for every leaf of matching pytrees.
+
+    Used for images ((B, H, W, 3) float32) and for targets (pseudo-labels (B, H, W) int32, weights
+    (B, H, W) float32, ignore maps (B, H, W) int32) alike, so that the strong view and its targets
+    always come from the same source.
+
+    Args:
+      box: (B, H, W) bool, True inside the CutMix box (all False where the coin said no CutMix).
+      mixed_in: pytree of (B, H, W, ...) arrays from the mix batch.
+      own: pytree of the same structure from the own (unlabeled) batch.
+    Returns:
+      pytree of the same structure and dtypes as `own`.
+    """
+    return jax.tree.map(lambda m, o: jnp.where(_broadcast_mask(box, o), m, o), mixed_in, own)
+
+
+def trusted_mask(images: jax.Array, reliable: jax.Array, block_mask: jax.Array) -> jax.Array:
+    """TMP: zero the pixels that are both reliable and inside a masking block, all channels.
+
+    Args:
+      images: (B, H, W, 3) float32 TMP view, normalised (0 = ImageNet-mean colour).
+      reliable: (B, H, W) bool, reliable pixels of the same images' weak prediction (w == 1).
+      block_mask: (B, H, W) bool, the block mask K (all False for the samples whose TMP coin
+        picked the strong branch).
+    Returns:
+      (B, H, W, 3) array, `where(reliable & block_mask, 0, images)`.
+    """
+    trusted = _broadcast_mask(reliable & block_mask, images)
+    return jnp.where(trusted, jnp.zeros_like(images), images)
