@@ -48,7 +48,10 @@ def main(argv):
     if FLAGS.mode == "train":
         from csl_jax import train
 
-        train.train_and_evaluate(config, FLAGS.workdir)
+        results = train.train_and_evaluate(config, FLAGS.workdir)
+        if results:
+            print(f"final val mIoU {100 * results['miou']:.2f}, best {100 * results['best_miou']:.2f} "
+                  f"({results['protocol']['name']}, {results['num_images']} images); see {FLAGS.workdir}")
     else:
         from csl_jax import evaluation_loop
 

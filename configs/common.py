@@ -86,6 +86,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 8  # images (or tiles) per evaluation batch, over all devices
     c.eval.max_images = 0  # 0 = the whole val set
     c.eval.num_plot_images = 4
+    # 'whole' only: pad images to a multiple of this (0 = off, the exact protocol). Datasets of many
+    # image sizes (Pascal) otherwise compile one program per size; padding changes border pixels.
+    c.eval.pad_to_multiple = 0
 
     # --- logging and checkpoints ---
     c.log_every_steps = 50

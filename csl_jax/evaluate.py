@@ -20,7 +20,10 @@ Inference runs under ``shard_map`` over the ("data",) mesh: consecutive images o
 are batched (``batch_size``, a multiple of the device count), the batch is padded with dummy
 samples whose labels are all ignored, and the per-device confusion matrices are ``psum``-ed. One
 jitted program is compiled per distinct image shape and kept in the ``Evaluator``, so create the
-``Evaluator`` once per run. Batching images together gives the same result as the references'
+``Evaluator`` once per run. Datasets of many image sizes (Pascal VOC) compile many programs;
+``pad_to_multiple=m`` ('whole' only) pads each image bottom/right to a multiple of m (mean colour,
+ignored labels) so at most a few shapes compile. It is faster but not the reference protocol:
+border pixels see the padding. Use it for in-training evaluation, not for reported numbers. Batching images together gives the same result as the references'
 batch 1 because eval-mode BatchNorm treats samples independently.
 """
 
@@ -242,6 +245,7 @@ class Evaluator:
         ignore_index: int = 255,
         pad_label: int = 255,
         class_names: Sequence[str] | None = None,
+        pad_to_multiple: int = 0,
     ):
         if protocol not in PROTOCOLS:
             raise ValueError(f"evaluation protocol {protocol!r} is not one of {PROTOCOLS}")
@@ -261,6 +265,9 @@ class Evaluator:
         self.ignore_index = ignore_index
         self.pad_label = pad_label
         self.class_names = class_names
+        if pad_to_multiple and protocol != "whole":
+            raise ValueError(f"pad_to_multiple applies to protocol 'whole' only, not {protocol!r}")
+        self.pad_to_multiple = pad_to_multiple
         self._data_sharding = NamedSharding(self.mesh, P(parallel.AXIS))
         step = parallel.shard_map(
             self._local_step,
@@ -274,6 +281,8 @@ class Evaluator:
     def protocol_info(self) -> dict[str, Any]:
         """The protocol and its parameters, recorded next to every result."""
         info: dict[str, Any] = {"name": self.protocol, "window": self.window, "stride": self.stride}
+        if self.pad_to_multiple:
+            info["pad_to_multiple"] = self.pad_to_multiple
         if self.protocol == "center_crop":
             info["pad_label"] = self.pad_label
         return info
@@ -305,19 +314,27 @@ class Evaluator:
 
     def _run(self, variables: Any, examples: list[tuple[np.ndarray, np.ndarray]]) -> tuple[jax.Array, jax.Array]:
         """One padded batch of same-shape examples -> (conf (C, C) int32, preds (batch, H, W) int32)."""
-        h, w = examples[0][1].shape
-        images = np.zeros((self.batch_size, h, w, 3), np.uint8)
-        labels = np.full((self.batch_size, h, w), self.ignore_index, np.uint8)  # dummies: all ignored
+        h, w = self._padded_shape(examples[0][1].shape)
+        images = np.empty((self.batch_size, h, w, 3), np.uint8)
+        images[...] = np.round(np.asarray(IMAGENET_MEAN) * 255).astype(np.uint8)  # ~0 once normalised
+        labels = np.full((self.batch_size, h, w), self.ignore_index, np.uint8)  # dummies, padding: ignored
         for i, (image, label) in enumerate(examples):
-            images[i], labels[i] = image, label
+            images[i, : label.shape[0], : label.shape[1]] = image
+            labels[i, : label.shape[0], : label.shape[1]] = label
         return self._step(variables, self._to_global(images), self._to_global(labels))
+
+    def _padded_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """(H, W) rounded up to `pad_to_multiple` (unchanged when it is 0)."""
+        m = self.pad_to_multiple
+        return shape if not m else (-(-shape[0] // m) * m, -(-shape[1] // m) * m)
 
     def _batches(self, variables: Any, examples: Iterable[tuple[np.ndarray, np.ndarray]]):
         """Groups consecutive same-shape examples; yields (conf, preds, examples) per batch."""
         variables = parallel.replicate(variables, self.mesh)
         pending: list[tuple[np.ndarray, np.ndarray]] = []
         for example in examples:
-            if pending and (pending[0][1].shape != example[1].shape or len(pending) == self.batch_size):
+            shape = self._padded_shape(example[1].shape)
+            if pending and (self._padded_shape(pending[0][1].shape) != shape or len(pending) == self.batch_size):
                 yield *self._run(variables, pending), pending
                 pending = []
             pending.append(example)
@@ -376,7 +393,7 @@ class Evaluator:
                 conf += np.asarray(in_flight.popleft(), np.int64)
             if len(samples) < num_samples:
                 for (image, label), pred in zip(batch, _fetch(preds)):
-                    samples.append((image, pred.astype(np.uint8), label))
+                    samples.append((image, pred[: label.shape[0], : label.shape[1]].astype(np.uint8), label))
                 del samples[num_samples:]
         for batch_conf in in_flight:
             conf += np.asarray(batch_conf, np.int64)
@@ -404,7 +421,8 @@ class Evaluator:
                 yield image, np.full(image.shape[:2], self.ignore_index, np.uint8)
 
         for _, preds, batch in self._batches(variables, examples()):
-            yield from _fetch(preds)[: len(batch)]
+            for (_, label), pred in zip(batch, _fetch(preds)):
+                yield pred[: label.shape[0], : label.shape[1]]
 
 
 def _fetch(x: jax.Array) -> np.ndarray:

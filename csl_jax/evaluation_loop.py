@@ -41,7 +41,8 @@ class EvalLoop:
         self.evaluator = evaluate.Evaluator(
             _apply_fn(build_model(config.model, info.num_classes)), num_classes=info.num_classes,
             protocol=config.eval.protocol, crop_size=config.data.crop_size,
-            batch_size=config.eval.batch_size or mesh.devices.size, mesh=mesh, class_names=info.class_names)
+            batch_size=config.eval.batch_size or mesh.devices.size, mesh=mesh, class_names=info.class_names,
+            pad_to_multiple=config.eval.pad_to_multiple)
 
     def run(self, step: int, variables: Any, state: Any = None, streams_sample: dict | None = None) -> dict:
         """Evaluates `variables` on val; writes plots (process 0). Returns JSON-ready results."""
@@ -91,7 +92,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     model = build_model(config.model, info.num_classes)
     evaluator = evaluate.Evaluator(_apply_fn(model), num_classes=info.num_classes, protocol=config.eval.protocol,
                                    crop_size=config.data.crop_size, batch_size=config.eval.batch_size or None,
-                                   mesh=mesh, class_names=info.class_names)
+                                   mesh=mesh, class_names=info.class_names, pad_to_multiple=config.eval.pad_to_multiple)
     results = json_ready(evaluator.evaluate(variables, data.eval_dataset(config.data, split="val")))
     results["source"] = source
     name = which if which in ("best", "latest") else "imported"

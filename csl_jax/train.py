@@ -10,6 +10,7 @@ state and its BN policy; everything else lives here once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -55,7 +56,8 @@ class TrainState(flax.struct.PyTreeNode):
 def init_variables(model, config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
     """Initial {'params', 'batch_stats'}: random, or loaded from `config.model.init_from`."""
     crop = config.data.crop_size
-    variables = model.init({"params": rng, "dropout": rng}, jnp.zeros((1, crop, crop, 3), jnp.float32), train=False)
+    init = jax.jit(functools.partial(model.init, train=False))  # one compile instead of op-by-op dispatch
+    variables = init({"params": rng, "dropout": rng}, jnp.zeros((1, crop, crop, 3), jnp.float32))
     variables = flax.core.unfreeze(variables)
     if config.model.init_from:
         from csl_jax.models import convert
@@ -131,7 +133,7 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, mesh, seed
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         extra = method.update_extra(state.extra, params, batch_stats, state.step)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, grad_norm=jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))))
         new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                                extra=extra)
         return new_state, metrics

@@ -230,6 +230,33 @@ def test_whole_image_different_sizes_and_batch_padding():
     np.testing.assert_array_equal(res2["confusion"], want3)
 
 
+def test_pad_to_multiple_compiles_once_and_crops_back():
+    shapes = [(10, 12), (13, 9), (9, 11), (16, 16)]
+    data = make_dataset(shapes, seed=7)
+    fill = np.round(np.asarray(MEAN) * 255).astype(np.uint8)
+
+    def padded_prediction(image):
+        canvas = np.empty((16, 16, 3), np.uint8)
+        canvas[...] = fill
+        canvas[: image.shape[0], : image.shape[1]] = image
+        return np_apply(np_normalize(canvas)).argmax(-1)[: image.shape[0], : image.shape[1]]
+
+    want = sum(np_confusion(d["label"], padded_prediction(d["image"]), C) for d in data)
+    evaluator = ev.Evaluator(fake_apply, num_classes=C, protocol="whole", batch_size=8, pad_to_multiple=8)
+    before = fake_apply.traces
+    res = evaluator.evaluate(VARIABLES, data, num_samples=4)
+    assert fake_apply.traces - before == 1  # every image pads to 16 x 16: one program
+    np.testing.assert_array_equal(res["confusion"], want)
+    assert res["protocol"]["pad_to_multiple"] == 8
+    for (_, pred, label), d in zip(res["samples"], data):
+        assert pred.shape == label.shape
+        np.testing.assert_array_equal(pred, padded_prediction(d["image"]))
+    for pred, d in zip(evaluator.predict(VARIABLES, (d["image"] for d in data)), data):
+        np.testing.assert_array_equal(pred, padded_prediction(d["image"]))
+    with pytest.raises(ValueError, match="pad_to_multiple applies to protocol 'whole' only"):
+        ev.Evaluator(fake_apply, num_classes=C, protocol="sliding", crop_size=4, pad_to_multiple=8)
+
+
 def test_predict_yields_whole_image_predictions_in_order():
     data = make_dataset([(6, 5), (8, 3), (8, 3)], seed=6)
     evaluator = ev.Evaluator(fake_apply, num_classes=C, protocol="sliding", crop_size=4, batch_size=8)
