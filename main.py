@@ -22,7 +22,11 @@ flags.DEFINE_string("checkpoint", "best",
                     "eval/predict: 'best' or 'latest' checkpoint of --workdir, or a converted variables file.")
 flags.DEFINE_string("input", None, "predict: folder of images to segment.")
 flags.DEFINE_string("output", None, "predict: folder for masks and overlays (default WORKDIR/predictions).")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host: SLURM, TPU pods).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host). SLURM, Open MPI, "
+                  "Kubernetes and TPU pods are detected; elsewhere give the three flags below.")
+flags.DEFINE_string("coordinator_address", None, "--distributed: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "--distributed: number of processes.")
+flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -40,7 +44,8 @@ def main(argv):
     import jax
 
     if FLAGS.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     from csl_jax import run_info
 
     config = FLAGS.config

@@ -87,6 +87,8 @@ class MetricsWriter:
         if "steps_per_sec" not in scalars and self._last is not None:
             scalars["steps_per_sec"] = steps_per_second(step - self._last[0], now - self._last[1])
         self._last = (step, now)
+        if scalars.get("steps_per_sec"):
+            scalars["eta_seconds"] = float(eta_seconds(step, self.total_steps, scalars["steps_per_sec"]))
         if not self.enabled:
             return
         self._append(step, scalars)

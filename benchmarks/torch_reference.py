@@ -1,0 +1,346 @@
+r"""The same train steps in PyTorch (eager), the baseline of benchmarks/train_step.py.
+
+    python -m benchmarks.torch_reference --method csl unimatch --depth 101 --output-stride 16 \
+        --crop 513 --dtype float32 bfloat16 --out torch_reference.json
+    python -m benchmarks.torch_reference --tiny    # CPU smoke test
+
+A compact DeepLabV3+ in UniMatch's layout (deep stem, torchvision dilation schedule, ASPP, 48-ch
+reduce, two 3x3 fuse convs, FP by Dropout2d(0.5) on c1 and c4) and the UniMatch/CSL/supervised
+steps written the way the reference code runs them, with the options of the csl_jax configs
+(configs/*_pascal.py): pseudo-labels without gradient (EMA teacher on [u_w; u'_w], or the
+student's eval-mode mix pass and its clean u_w logits), CutMix / TMP strong views, the main pass
+[x; u_w] with FP and one strong pass, weighted CE, SGD with momentum and a 10x head group, EMA
+update. Running-statistics bookkeeping is PyTorch's default (every train-mode pass updates BN);
+that changes no cost. `--dtype bfloat16` means bf16 autocast with channels_last model and inputs
+(the fast PyTorch recipe), float32 means plain float32 NCHW.
+
+Times are the median of --iters steps after --warmup steps, each ended by
+torch.cuda.synchronize(). Writes JSON and prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import itertools
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.train_step import make_config, synthetic_batch
+from csl_jax.methods import build_method
+from csl_jax.models import build_model
+from csl_jax.models.resnet import EXPANSION, block_schedule, resolve_blocks
+
+IGNORE = 255
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+def conv_bn(cin: int, cout: int, k: int, stride: int = 1, dilation: int = 1, relu: bool = True) -> nn.Sequential:
+    """k x k conv (padding dilation * (k - 1) / 2, no bias) -> BN [-> ReLU]."""
+    layers = [nn.Conv2d(cin, cout, k, stride, dilation * (k - 1) // 2, dilation, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, *([nn.ReLU(inplace=True)] if relu else []))
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck; the first block of a layer has the projection shortcut."""
+
+    def __init__(self, cin: int, width: int, stride: int, dilation: int, downsample: bool):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(cin, width, 1), conv_bn(width, width, 3, stride, dilation),
+                                  conv_bn(width, width * EXPANSION, 1, relu=False))
+        self.shortcut = conv_bn(cin, width * EXPANSION, 1, stride, relu=False) if downsample else nn.Identity()
+
+    def forward(self, x):
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabV3+ (UniMatch layout). forward(x NCHW, fp) -> logits (B, C, H, W), or (clean, fp)."""
+
+    def __init__(self, num_classes: int, depth: int, output_stride: int, aspp_rates, width: int = 64,
+                 blocks=None, head_width: int = 256, reduce_width: int = 48):
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn(3, width, 3, 2), conv_bn(width, width, 3), conv_bn(width, 2 * width, 3),
+                                  nn.MaxPool2d(3, 2, 1))
+        cin, layers = 2 * width, []
+        for li, layer in enumerate(block_schedule(resolve_blocks(depth, blocks), output_stride)):
+            blocks_of_layer = []
+            for bi, (stride, dilation) in enumerate(layer):
+                blocks_of_layer.append(Bottleneck(cin, width * 2 ** li, stride, dilation, bi == 0))
+                cin = width * 2 ** li * EXPANSION
+            layers.append(nn.Sequential(*blocks_of_layer))
+        self.layers = nn.ModuleList(layers)
+        self.aspp = nn.ModuleList([conv_bn(cin, head_width, 1)]
+                                  + [conv_bn(cin, head_width, 3, 1, r) for r in aspp_rates])
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn(cin, head_width, 1))
+        self.project = conv_bn(head_width * (len(aspp_rates) + 2), head_width, 1)
+        self.reduce = conv_bn(width * EXPANSION, reduce_width, 1)
+        self.fuse = nn.Sequential(conv_bn(reduce_width + head_width, head_width, 3), conv_bn(head_width, head_width, 3))
+        self.classifier = nn.Conv2d(head_width, num_classes, 1)
+
+    def forward(self, x, fp: bool = False):
+        h, w = x.shape[-2:]
+        x = self.stem(x)
+        c1 = x = self.layers[0](x)
+        for layer in self.layers[1:]:
+            x = layer(x)
+        c4 = x
+        if fp:
+            c1 = torch.cat([c1, F.dropout2d(c1, 0.5, self.training)])
+            c4 = torch.cat([c4, F.dropout2d(c4, 0.5, self.training)])
+        pooled = self.pool(c4).expand(-1, -1, *c4.shape[-2:])
+        high = self.project(torch.cat([branch(c4) for branch in self.aspp] + [pooled], 1))
+        high = F.interpolate(high, c1.shape[-2:], mode="bilinear", align_corners=True)
+        out = self.classifier(self.fuse(torch.cat([self.reduce(c1), high], 1)))
+        out = F.interpolate(out, (h, w), mode="bilinear", align_corners=True)
+        return out.chunk(2) if fp else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Pseudo-labels and losses (float32)
+# ---------------------------------------------------------------------------------------------
+def csl_weights(probs, valid, alpha: float, eps: float):
+    """CSL soft weights: per-image 2-way spectral split of (conf, residual variance), Gaussian weights.
+
+    probs (B, C, H, W) float32, valid (B, H, W) bool -> (weights float32, reliable bool), (B, H, W).
+    """
+    b, c = probs.shape[:2]
+    conf, arg = probs.max(1)
+    rest = probs.scatter(1, arg[:, None], 0.0)
+    var = ((rest - ((1 - conf) / (c - 1))[:, None]) ** 2).sum(1) / (c - 1)
+    x = torch.stack([conf, var], -1).reshape(b, -1, 2)                  # (B, N, 2)
+    m = valid.reshape(b, -1, 1).float()
+    moments = torch.einsum("bni,bnj->bij", x * m, x)                    # (B, 2, 2)
+    lam, vec = torch.linalg.eigh(moments)                                # ascending
+    scores = (x @ vec).abs() / lam.clamp_min(1e-30).sqrt()[:, None, :]  # (B, N, 2): [small, large]
+    second = scores[..., 0] > scores[..., 1]                            # closer to the minor axis
+    member = torch.stack([~second, second], 1) & (m[..., 0] > 0)[:, None]  # (B, 2, N)
+    count = member.sum(-1, keepdim=True).float()                        # (B, 2, 1)
+    mf = member.float()
+    mean = torch.einsum("bkn,bni->bki", mf, x) / count.clamp_min(1)
+    sq = torch.einsum("bkn,bkni->bki", mf, (x[:, None] - mean[:, :, None]) ** 2)
+    variance = sq / (count - 1).clamp_min(1)
+    pick = (mean[:, 1, 0] > mean[:, 0, 0]).long()
+    mu = mean[torch.arange(b), pick][:, None, None]
+    sigma2 = variance[torch.arange(b), pick][:, None, None]
+    z_c = (conf - mu[..., 0]) / (sigma2[..., 0] + eps).sqrt()
+    z_v = (mu[..., 1] - var) / (sigma2[..., 1] + eps).sqrt()
+    soft = torch.exp(-z_c ** 2 / alpha) * torch.exp(-z_v ** 2 / alpha)
+    weights = torch.where((z_c > 0) | (z_v > 0), torch.ones_like(soft), soft) * valid
+    return weights, valid & (weights == 1)
+
+
+def targets(logits, ignore, opts):
+    """Pseudo-label targets of no-grad logits: ((label, weight, ignore), reliable)."""
+    probs = logits.float().softmax(1)
+    valid = ignore != IGNORE
+    if opts.selector == "csl":
+        weight, reliable = csl_weights(probs, valid, opts.alpha, opts.eps)
+    else:
+        reliable = valid & (probs.max(1)[0] >= opts.tau)
+        weight = reliable.float()
+    return (probs.argmax(1), weight, ignore), reliable
+
+
+def weighted_ce(logits, target) -> torch.Tensor:
+    """sum w * CE over valid pixels / number of valid pixels (float32)."""
+    label, weight, ignore = target
+    valid = ignore != IGNORE
+    ce = F.cross_entropy(logits.float(), torch.where(valid, label, IGNORE), ignore_index=IGNORE, reduction="none")
+    return (ce * weight).sum() / valid.sum().clamp_min(1)
+
+
+def cutmix(box, mixed_in, own):
+    """where(box, mixed_in, own) for matching tuples/tensors; box (B, H, W) bool."""
+    if isinstance(own, tuple):
+        return tuple(cutmix(box, m, o) for m, o in zip(mixed_in, own))
+    return torch.where(box[:, None] if own.dim() == 4 else box, mixed_in, own)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train steps
+# ---------------------------------------------------------------------------------------------
+class Trainer:
+    """One optimizer step of `config`'s method on a batch of NCHW tensors (see the module docstring)."""
+
+    def __init__(self, config, num_classes: int, device, bf16: bool):
+        m = config.model
+        model = DeepLabV3Plus(num_classes, m.depth, m.output_stride, m.aspp_rates, m.width, m.blocks, m.head_width,
+                              m.reduce_width)
+        self.memory_format = torch.channels_last if bf16 else torch.contiguous_format
+        self.model = model.to(device, memory_format=self.memory_format).train()
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        self.opts, self.config = config.method, config
+        self.teacher = None
+        if self.opts.name != "supervised" and self.opts.teacher == "ema":
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        backbone = [p for n, p in self.model.named_parameters() if n.startswith(("stem", "layers"))]
+        head = [p for n, p in self.model.named_parameters() if not n.startswith(("stem", "layers"))]
+        o = config.optim
+        self.optimizer = torch.optim.SGD([{"params": backbone, "lr": o.lr}, {"params": head, "lr": o.lr * o.lr_multi}],
+                                         lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        self.step_count = 0
+
+    def to_device(self, batch: dict, device) -> dict:
+        """Host numpy batch -> tensors: images NCHW float32 (channels_last for bf16), masks as they are."""
+        def convert(x):
+            t = torch.from_numpy(x).to(device)
+            return t.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format) if x.ndim == 4 else t
+        return {stream: {k: convert(v) for k, v in arrays.items()} for stream, arrays in batch.items()}
+
+    def loss(self, batch) -> torch.Tensor:
+        """The method's loss (L_x for supervised; (L_x + strong + 0.5 L_fp) / 2 otherwise)."""
+        lab, o, model = batch["labeled"], self.opts, self.model
+        if o.name == "supervised":
+            with self.autocast():
+                logits = model(lab["image"])
+            return F.cross_entropy(logits.float(), lab["label"].long(), ignore_index=IGNORE)
+        unl, mix = batch["unlabeled"], batch["mix"]
+        n_lab, n_unl = lab["image"].shape[0], unl["weak"].shape[0]
+        with torch.no_grad(), self.autocast():
+            if self.teacher is not None:
+                t_logits = self.teacher(torch.cat([unl["weak"], mix["weak"]]))
+                main_t, reliable = targets(t_logits[:n_unl], unl["ignore"], o)
+                mix_t, _ = targets(t_logits[n_unl:], mix["ignore"], o)
+            else:
+                model.eval()
+                mix_t, _ = targets(model(mix["weak"]), mix["ignore"], o)
+                model.train()
+        with self.autocast():
+            main_in = torch.cat([lab["image"], unl["weak"]])
+            logits, logits_fp = model(main_in, fp=True) if o.use_fp else (model(main_in), None)
+            if self.teacher is None:
+                with torch.no_grad():
+                    main_t, reliable = targets(logits[n_lab:], unl["ignore"], o)
+            strong = [cutmix(unl["cutmix_box"], mix["strong"], unl["strong"])]
+            tgts = [cutmix(unl["cutmix_box"], mix_t, main_t)]
+            if o.second_view == "tmp":
+                keep = ~(reliable & unl["block_mask"])[:, None]
+                strong.append(unl["tmp"] * keep)
+                tgts.append(main_t)
+            elif o.second_view == "cutmix":
+                strong.append(cutmix(unl["cutmix_box2"], mix["strong2"], unl["strong2"]))
+                tgts.append(cutmix(unl["cutmix_box2"], mix_t, main_t))
+            strong_logits = model(torch.cat(strong)).chunk(len(strong))
+        loss_x = F.cross_entropy(logits[:n_lab].float(), lab["label"].long(), ignore_index=IGNORE)
+        share = (0.5 if o.use_fp else 1.0) / len(strong)
+        unlabeled = share * sum(weighted_ce(z, t) for z, t in zip(strong_logits, tgts))
+        if o.use_fp:
+            unlabeled = unlabeled + 0.5 * weighted_ce(logits_fp[n_lab:], main_t)
+        return (loss_x + unlabeled) / 2
+
+    def step(self, batch) -> torch.Tensor:
+        """One optimizer step (and EMA update); returns the loss tensor (not synchronised)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(batch)
+        loss.backward()
+        self.optimizer.step()
+        if self.teacher is not None:
+            decay = min(1 - 1 / (self.step_count + 1), self.opts.ema_momentum)
+            with torch.no_grad():
+                for t, s in zip(itertools.chain(self.teacher.parameters(), self.teacher.buffers()),
+                                itertools.chain(self.model.parameters(), self.model.buffers())):
+                    if t.is_floating_point():
+                        t.lerp_(s, 1 - decay)
+        self.step_count += 1
+        return loss
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_one(config, num_classes: int, device, warmup: int, iters: int) -> dict:
+    """Times `config`'s step in PyTorch on `device`; returns one result dict (keys as train_step's)."""
+    bf16 = config.model.dtype == "bfloat16"
+    method = build_method(config, build_model(config.model, num_classes), num_classes)
+    views = method.unlabeled_views if method.uses_unlabeled else None
+    labeled, unlabeled = config.batch.labeled, config.batch.unlabeled
+    torch.manual_seed(config.seed)
+    trainer = Trainer(config, num_classes, device, bf16)
+    batch = trainer.to_device(synthetic_batch(views, labeled, unlabeled, config.data.crop_size, num_classes), device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    trainer.step(batch)
+    _sync(device)
+    first_s = time.perf_counter() - start
+    for _ in range(warmup):
+        trainer.step(batch)
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        loss = trainer.step(batch)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    images = labeled + (unlabeled if method.uses_unlabeled else 0)
+    return {
+        "method": config.method.name, "depth": config.model.depth, "output_stride": config.model.output_stride,
+        "crop": config.data.crop_size, "dtype": config.model.dtype, "labeled": labeled,
+        "unlabeled": unlabeled if method.uses_unlabeled else 0,
+        "recipe": "bf16 autocast + channels_last" if bf16 else "float32 NCHW",
+        "ms_per_step": 1e3 * step_s, "ms_per_step_min": 1e3 * min(times), "images_per_s": images / step_s,
+        "first_step_s": first_s,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
+        "final_loss": float(loss.detach()),
+    }
+
+
+def main(argv=None) -> dict:
+    """Runs the grid; returns the report written to --out."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", nargs="+", choices=["supervised", "unimatch", "csl"],
+                        help="default: csl (--tiny: all three)")
+    parser.add_argument("--depth", type=int, nargs="+", default=[101], choices=[50, 101])
+    parser.add_argument("--output-stride", type=int, nargs="+", default=[16], choices=[8, 16])
+    parser.add_argument("--crop", type=int, nargs="+", help="default: 513 (--tiny: 33)")
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--labeled", type=int, default=8)
+    parser.add_argument("--unlabeled", type=int, default=8)
+    parser.add_argument("--num-classes", type=int, default=21)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--tiny", action="store_true",
+                        help="CPU smoke test: tiny model, R50 OS8, batch 2+2, one thread, 1+2 iterations")
+    parser.add_argument("--out", default="torch_reference.json")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.method, args.crop = args.method or ["supervised", "unimatch", "csl"], args.crop or [33]
+        args.depth, args.output_stride, args.labeled, args.unlabeled = [50], [8], 2, 2
+        args.warmup, args.iters = 1, 2
+        torch.set_num_threads(1)  # shared CI cores: more threads only thrash at this size
+    args.method, args.crop = args.method or ["csl"], args.crop or [513]
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    results = []
+    for method, depth, stride, crop, dtype in itertools.product(
+            args.method, args.depth, args.output_stride, args.crop, args.dtype):
+        config = make_config(method, depth, stride, crop, dtype, args.labeled, args.unlabeled, args.tiny)
+        results.append(bench_one(config, args.num_classes, device, args.warmup, args.iters))
+        print(json.dumps(results[-1]), flush=True)
+    report = {"device": f"{device.type}: {name}", "torch": torch.__version__, "tiny": args.tiny, "results": results}
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"device: {report['device']} (torch {torch.__version__}); results in {args.out}")
+    print(f"{'method':>10} {'model':>5} {'OS':>3} {'crop':>5} {'recipe':>29} {'batch':>6} {'ms/step':>9} "
+          f"{'img/s':>8} {'peak GiB':>8}")
+    for r in results:
+        peak = "n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
+        print(f"{r['method']:>10} {'R' + str(r['depth']):>5} {r['output_stride']:>3} {r['crop']:>5} "
+              f"{r['recipe']:>29} {str(r['labeled']) + '+' + str(r['unlabeled']):>6} {r['ms_per_step']:>9.1f} "
+              f"{r['images_per_s']:>8.1f} {peak:>8}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

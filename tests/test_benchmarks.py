@@ -1,0 +1,147 @@
+"""Smoke tests of the train-step benchmarks: --tiny runs, their JSON, FLOPs against a hand count."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import train_step
+from csl_jax import pseudo_labels
+from csl_jax.models import build_model
+
+NUM_CLASSES = 21
+TINY_CROP = 33
+
+
+@pytest.fixture(scope="module")
+def jax_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "train_step.json"
+    return train_step.main(["--tiny", "--method", "supervised", "csl", "--out", str(out)])
+
+
+def _in_bounds_taps(n, k, stride, pad, dilation):
+    """Sum over the output positions of one axis of the kernel taps that read inside the input."""
+    out = (n + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+    return sum(1 for o in range(out) for i in range(k) if 0 <= o * stride - pad + i * dilation < n)
+
+
+def conv_flops(config, batch):
+    """Forward conv FLOPs (2 per MAC, in-bounds taps as XLA counts them) of one batch, by module.
+
+    Returns a list of (module path, FLOPs) in call order, counted from the shapes each nn.Conv sees.
+    """
+    model = build_model(config.model, NUM_CLASSES)
+    counted = []
+
+    def count(next_fun, args, kwargs, context):
+        m = context.module
+        if isinstance(m, nn.Conv) and context.method_name == "__call__":
+            x = args[0]
+            (ph, _), (pw, _) = m.padding
+            taps = (_in_bounds_taps(x.shape[1], m.kernel_size[0], m.strides[0], ph, m.kernel_dilation[0])
+                    * _in_bounds_taps(x.shape[2], m.kernel_size[1], m.strides[1], pw, m.kernel_dilation[1]))
+            counted.append(("/".join(m.path), 2 * x.shape[0] * taps * x.shape[-1] * m.features))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(count):
+        jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                       jnp.zeros((batch, TINY_CROP, TINY_CROP, 3)))
+    return counted
+
+
+def test_cost_model_reproduces_performance_md_table_2():
+    expected = {  # performance.md §2, TFLOP per 8 + 8 step
+        ("unimatch", 16): {321: 9.8, 513: 24.5, 801: 58.8},
+        ("csl", 8): {321: 27.7, 513: 69.8, 801: 168.6},
+        ("csl", 16): {321: 10.4, 801: 62.6},
+    }
+    for (method, stride), by_crop in expected.items():
+        for crop, tflops in by_crop.items():
+            config = train_step.make_config(method, 101, stride, crop, "bfloat16", 8, 8)
+            assert train_step.reference_tflops(config) == pytest.approx(tflops, rel=0.01), (method, stride, crop)
+    supervised = train_step.make_config("supervised", 50, 16, 513, "float32", 8, 8)
+    assert train_step.reference_tflops(supervised) == pytest.approx(3 * 8 * 159 / 1e3)
+    assert train_step.reference_tflops(train_step.make_config("csl", 101, 8, 600, "float32", 8, 8)) is None
+
+
+def test_tiny_report_fields_and_values(jax_report):
+    assert jax_report["device"].startswith("cpu") and jax_report["tiny"] and jax_report["devices"] == 1
+    assert jax_report["peak_tflops"] > 0
+    results = {r["method"]: r for r in jax_report["results"]}
+    assert set(results) == {"supervised", "csl"}
+    for method, r in results.items():
+        images = 2 + (2 if method == "csl" else 0)
+        assert r["crop"] == TINY_CROP and (r["labeled"], r["unlabeled"]) == (2, 2 if method == "csl" else 0)
+        assert 0 < r["ms_per_step_min"] <= r["ms_per_step"]
+        assert r["images_per_s"] == pytest.approx(images / (r["ms_per_step"] / 1e3))
+        assert r["lower_s"] > 0 and r["compile_s"] > 0
+        assert r["peak_memory_gib"] is None  # CPU has no memory_stats
+        assert 0 < r["xla_memory_gib"] < 1
+        assert r["reference_tflops_per_step"] is None and r["xla_vs_reference"] is None  # tiny: not in the table
+        achieved = r["xla_tflops_per_step"] / (r["ms_per_step"] / 1e3)
+        assert r["achieved_tflops"] == pytest.approx(achieved)
+        assert r["mfu"] == pytest.approx(achieved / jax_report["peak_tflops"])
+        assert math.isfinite(r["final_loss"])
+
+
+def test_xla_flops_match_a_hand_count_of_the_convolutions(jax_report):
+    results = {r["method"]: r for r in jax_report["results"]}
+    config = train_step.make_config("csl", 50, 8, TINY_CROP, "float32", 2, 2, tiny=True)
+    per_image = conv_flops(config, batch=1)
+    total = sum(f for _, f in per_image)
+    head = sum(f for path, f in per_image if not path.startswith("backbone"))
+    first = per_image[0][1]  # the stem's first conv: no input gradient
+    assert per_image[0][0] == "backbone/conv1_0"
+
+    # Supervised, 2 images: forward F, backward 2F except the first conv's input gradient.
+    supervised = 2 * (3 * total - first)
+    ratio = results["supervised"]["xla_tflops_per_step"] * 1e12 / supervised
+    assert 0.98 < ratio < 1.5, ratio  # XLA adds BN, activations, loss and optimizer FLOPs
+
+    # CSL with an EMA teacher, 2 + 2 (+ 2 mix): teacher on 4 weak images; main pass [x; u_w] with FP
+    # (backbone on 4 images, head on 8); strong pass on 4 images; both train passes fwd + bwd.
+    main = 3 * (4 * (total - head) + 8 * head) - 4 * first
+    csl = 4 * total + main + (3 * 4 * total - 4 * first)
+    ratio = results["csl"]["xla_tflops_per_step"] * 1e12 / csl
+    assert 0.98 < ratio < 1.5, ratio
+
+
+def test_torch_reference_tiny_and_speedup_join(tmp_path, jax_report):
+    pytest.importorskip("torch")
+    from benchmarks import torch_reference
+
+    report = torch_reference.main(["--tiny", "--method", "supervised", "csl", "--out", str(tmp_path / "t.json")])
+    assert report["device"].startswith("cpu") and report["tiny"]
+    rows = {(r["method"], r["dtype"]): r for r in report["results"]}
+    assert set(rows) == {(m, d) for m in ("supervised", "csl") for d in ("float32", "bfloat16")}
+    for r in rows.values():
+        assert 0 < r["ms_per_step_min"] <= r["ms_per_step"] and r["first_step_s"] > 0
+        assert math.isfinite(r["final_loss"]) and r["final_loss"] > 0
+
+    results = [dict(r) for r in jax_report["results"]]
+    train_step.attach_torch(results, report["results"])
+    for r in results:
+        torch_ms = rows[(r["method"], "float32")]["ms_per_step"]
+        assert r["torch_ms_per_step"] == torch_ms
+        assert r["speedup_vs_torch"] == pytest.approx(torch_ms / r["ms_per_step"])
+        assert r["speedup_vs_torch_float32"] == pytest.approx(torch_ms / r["ms_per_step"])
+
+
+def test_torch_csl_weights_match_csl_jax():
+    torch = pytest.importorskip("torch")
+    from benchmarks import torch_reference
+
+    rng = np.random.default_rng(0)
+    # Two populations of pixels per image: confident ones and uncertain ones.
+    logits = rng.normal(size=(3, 12, 10, 6)) * np.where(rng.random((3, 12, 10, 1)) < 0.6, 6.0, 0.7)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
+    valid = rng.random((3, 12, 10)) < 0.9
+    want_w, want_r = pseudo_labels.csl_weights(probs, valid, alpha=8.0)
+    got_w, got_r = torch_reference.csl_weights(torch.from_numpy(probs).permute(0, 3, 1, 2),
+                                               torch.from_numpy(valid), alpha=8.0, eps=1e-8)
+    np.testing.assert_allclose(got_w.numpy(), np.asarray(want_w), atol=1e-4)
+    assert 0.2 < np.mean(np.asarray(want_r)[valid]) < 0.95  # a real split, not all-or-nothing
+    np.testing.assert_array_equal(got_r.numpy(), np.asarray(want_r))
