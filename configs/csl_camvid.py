@@ -14,22 +14,7 @@ measured figures go to docs/results.md; none yet.
 """
 
 from configs import common
-from csl_jax.methods import semi
 
 
 def get_config(arg: str = "1_8"):
-    c = common.get_base_config()
-    c.model.output_stride = 8
-    c.model.aspp_rates = (12, 24, 36)
-    c.model.dtype = "bfloat16"
-    c.data.name = "camvid"
-    c.data.split = arg
-    c.data.crop_size = 321
-    c.batch.labeled = 8
-    c.batch.unlabeled = 8
-    c.method = semi.default_options("csl")
-    c.optim.lr = 1e-3
-    c.optim.lr_multi = 10.0
-    c.optim.epochs = 240
-    c.eval.protocol = "whole"
-    return c
+    return common.get_recipe("camvid", arg, "csl")

@@ -13,25 +13,7 @@ tables. Not yet measured with csl_jax.
 """
 
 from configs import common
-from csl_jax.methods import semi
 
 
 def get_config(arg: str = "1_16"):
-    c = common.get_base_config()
-    c.model.output_stride = 8
-    c.model.aspp_rates = (12, 24, 36)
-    c.model.dtype = "bfloat16"
-    c.data.name = "cityscapes"
-    c.data.split = arg
-    c.data.crop_size = 801
-    c.batch.labeled = 8
-    c.batch.unlabeled = 8
-    c.loss.labeled = "ohem"
-    c.method = semi.default_options("csl")
-    c.method.tau = 0.0
-    c.optim.lr = 5e-3
-    c.optim.lr_multi = 1.0
-    c.optim.epochs = 240
-    c.eval.protocol = "sliding"
-    c.eval.batch_size = 8
-    return c
+    return common.get_recipe("cityscapes", arg, "csl")

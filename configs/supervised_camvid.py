@@ -6,7 +6,7 @@ r"""Supervised baseline on CamVid (SegNet version, 11 classes), labeled images o
 
 Splits (`:arg`): 1_16 (23 labeled), 1_8 (46), 1_4 (92), 1_2 (184). The Pascal recipe of UniMatch
 transferred to CamVid's 360x480 frames: R101 OS16, crop 321, global batch 16, lr 1e-3 (head x10),
-80 epochs over the labeled list, whole-image evaluation on the 101 val images. There is no
+80 epochs over the labeled list (160 steps at 1_8), whole-image evaluation on the 101 val images. There is no
 published semi-supervised CamVid reference; csl_jax's measured figures are in docs/results.md.
 """
 
@@ -14,13 +14,4 @@ from configs import common
 
 
 def get_config(arg: str = "1_8"):
-    c = common.get_base_config()
-    c.data.name = "camvid"
-    c.data.split = arg
-    c.data.crop_size = 321
-    c.batch.labeled = 16
-    c.optim.lr = 1e-3
-    c.optim.lr_multi = 10.0
-    c.optim.epochs = 80
-    c.eval.protocol = "whole"
-    return c
+    return common.get_recipe("camvid", arg, "supervised")

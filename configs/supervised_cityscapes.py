@@ -13,15 +13,4 @@ from configs import common
 
 
 def get_config(arg: str = "1_16"):
-    c = common.get_base_config()
-    c.data.name = "cityscapes"
-    c.data.split = arg
-    c.data.crop_size = 801
-    c.batch.labeled = 16
-    c.loss.labeled = "ohem"
-    c.optim.lr = 5e-3
-    c.optim.lr_multi = 1.0
-    c.optim.epochs = 240
-    c.eval.protocol = "sliding"
-    c.eval.batch_size = 8
-    return c
+    return common.get_recipe("cityscapes", arg, "supervised")

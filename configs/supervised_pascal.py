@@ -14,13 +14,4 @@ from configs import common
 
 
 def get_config(arg: str = "1464"):
-    c = common.get_base_config()
-    c.data.name = "pascal"
-    c.data.split = arg
-    c.data.crop_size = 321
-    c.batch.labeled = 16
-    c.optim.lr = 1e-3
-    c.optim.lr_multi = 10.0
-    c.optim.epochs = 80
-    c.eval.protocol = "whole"
-    return c
+    return common.get_recipe("pascal", arg, "supervised")

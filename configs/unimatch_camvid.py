@@ -13,19 +13,7 @@ The measured figures go to docs/results.md; none yet.
 """
 
 from configs import common
-from csl_jax.methods import semi
 
 
 def get_config(arg: str = "1_8"):
-    c = common.get_base_config()
-    c.data.name = "camvid"
-    c.data.split = arg
-    c.data.crop_size = 321
-    c.batch.labeled = 8
-    c.batch.unlabeled = 8
-    c.method = semi.default_options("unimatch")
-    c.optim.lr = 1e-3
-    c.optim.lr_multi = 10.0
-    c.optim.epochs = 240
-    c.eval.protocol = "whole"
-    return c
+    return common.get_recipe("camvid", arg, "unimatch")

@@ -14,22 +14,7 @@ FixMatch: --config.method.name=fixmatch --config.method.second_view=none
 """
 
 from configs import common
-from csl_jax.methods import semi
 
 
 def get_config(arg: str = "1_16"):
-    c = common.get_base_config()
-    c.data.name = "cityscapes"
-    c.data.split = arg
-    c.data.crop_size = 801
-    c.batch.labeled = 8
-    c.batch.unlabeled = 8
-    c.loss.labeled = "ohem"
-    c.method = semi.default_options("unimatch")
-    c.method.tau = 0.0
-    c.optim.lr = 5e-3
-    c.optim.lr_multi = 1.0
-    c.optim.epochs = 240
-    c.eval.protocol = "sliding"
-    c.eval.batch_size = 8
-    return c
+    return common.get_recipe("cityscapes", arg, "unimatch")

@@ -14,19 +14,7 @@ evaluation. FixMatch: --config.method.name=fixmatch --config.method.second_view=
 """
 
 from configs import common
-from csl_jax.methods import semi
 
 
 def get_config(arg: str = "1464"):
-    c = common.get_base_config()
-    c.data.name = "pascal"
-    c.data.split = arg
-    c.data.crop_size = 321
-    c.batch.labeled = 8
-    c.batch.unlabeled = 8
-    c.method = semi.default_options("unimatch")
-    c.optim.lr = 1e-3
-    c.optim.lr_multi = 10.0
-    c.optim.epochs = 80
-    c.eval.protocol = "whole"
-    return c
+    return common.get_recipe("pascal", arg, "unimatch")

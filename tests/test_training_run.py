@@ -25,8 +25,8 @@ def data_root(tmp_path_factory):
     return str(root)
 
 
-def tiny_config(data_root, **overrides):
-    c = demo.get_config()
+def tiny_config(data_root, method="supervised", **overrides):
+    c = demo.get_config(method)
     c.data.root = data_root
     c.data.crop_size = 32
     c.data.split = "1_2"
@@ -34,6 +34,8 @@ def tiny_config(data_root, **overrides):
     c.model.head_width = 8
     c.model.reduce_width = 4
     c.batch.labeled = 16
+    c.batch.unlabeled = 16
+    c.data.block_size = 8
     c.log_every_steps = 1
     c.checkpoint_every_steps = 3
     c.eval.every_steps = 100
@@ -48,9 +50,9 @@ def tiny_config(data_root, **overrides):
     return c
 
 
-def final_params(workdir):
+def final_state(workdir):
     state, data_state, step = checkpoint.Checkpointer(workdir).restore(None)
-    return jax.device_get(state["params"]), data_state, step
+    return jax.device_get(state), data_state, step
 
 
 def read_jsonl(path):
@@ -58,22 +60,40 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
-def test_resume_is_exact(data_root, tmp_path):
+@pytest.mark.parametrize("method", ["supervised", "csl"])
+def test_resume_is_exact(data_root, tmp_path, method):
+    """6 steps straight == 3 steps, restart from the checkpoint, 3 more (CSL: teacher, both unlabeled streams)."""
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train.train_and_evaluate(tiny_config(data_root), straight)
-    train.train_and_evaluate(tiny_config(data_root, stop_after_steps=3), resumed)
+    train.train_and_evaluate(tiny_config(data_root, method), straight)
+    train.train_and_evaluate(tiny_config(data_root, method, stop_after_steps=3), resumed)
     assert checkpoint.Checkpointer(resumed).latest_step() == 3
-    train.train_and_evaluate(tiny_config(data_root), resumed)
+    train.train_and_evaluate(tiny_config(data_root, method), resumed)
 
-    params_a, data_a, step_a = final_params(straight)
-    params_b, data_b, step_b = final_params(resumed)
+    state_a, data_a, step_a = final_state(straight)
+    state_b, data_b, step_b = final_state(resumed)
     assert step_a == step_b == 6
     assert data_a == data_b  # the same position in every stream
-    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
-        np.testing.assert_array_equal(a, b)  # bit for bit on CPU
+    assert set(data_a) == ({"labeled", "unlabeled", "mix"} if method == "csl" else {"labeled"})
+    for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+        np.testing.assert_array_equal(a, b)  # params, BN statistics, optimizer, teacher: bit for bit on CPU
     loss_a = {m["step"]: m["loss"] for m in read_jsonl(os.path.join(straight, "metrics.jsonl")) if "loss" in m}
     loss_b = {m["step"]: m["loss"] for m in read_jsonl(os.path.join(resumed, "metrics.jsonl")) if "loss" in m}
     assert loss_a == loss_b and sorted(loss_a) == [1, 2, 3, 4, 5, 6]
+
+
+def test_csl_reliable_pseudo_labels_are_more_accurate(data_root, tmp_path):
+    workdir = str(tmp_path / "csl")
+    config = tiny_config(data_root, "csl", **{"optim.total_steps": 60, "data.crop_size": 40, "model.width": 8,
+                                              "model.head_width": 16, "model.reduce_width": 8})
+    train.train_and_evaluate(config, workdir)
+    metrics = [m for m in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "pl_acc" in m and m["step"] > 30]
+    reliable = np.mean([m["pl_acc_reliable"] for m in metrics])
+    rest = np.mean([m["pl_acc_rest"] for m in metrics])
+    assert 0.0 < np.mean([m["mask_ratio"] for m in metrics]) < 1.0
+    assert reliable > rest + 0.05, (reliable, rest)
+    for key in ("loss", "loss_x", "loss_s", "loss_m", "loss_fp", "lr", "lr_head", "grad_norm", "steps_per_sec",
+                "data_wait", "eta_seconds"):
+        assert all(np.isfinite(m[key]) for m in metrics), key
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path):
