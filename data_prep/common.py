@@ -14,6 +14,7 @@ Records are written in a fixed order (`disable_shuffling=True`: the order of the
 `record_format`.
 """
 import concurrent.futures
+import multiprocessing
 import dataclasses
 import inspect
 import io
@@ -106,7 +107,9 @@ def parallel_map(fn: Callable, items: Iterable, num_workers: int):
     if num_workers <= 0:
         yield from map(fn, items)
         return
-    with concurrent.futures.ProcessPoolExecutor(num_workers) as pool:
+    # spawn, not fork: forking a process that already runs JAX's threads can deadlock
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
         yield from pool.map(fn, items, chunksize=4)
 
 
