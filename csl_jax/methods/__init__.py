@@ -7,17 +7,15 @@ from csl_jax.methods import semi
 from csl_jax.methods.supervised import Supervised
 
 
-def _registry() -> dict:
-    return {"supervised": Supervised, **semi.METHODS}
+METHODS = {"supervised": Supervised, **semi.METHODS}
 
 
 def build_method(config, model, num_classes: int) -> Method:
     """The method named by `config.method.name`, e.g. 'supervised', 'csl', 'unimatch', 'fixmatch'."""
-    registry = _registry()
     name = config.method.name
-    if name not in registry:
-        raise ValueError(f"config.method.name={name!r} is not a known method; valid: {sorted(registry)}")
-    return registry[name](config, model, num_classes)
+    if name not in METHODS:
+        raise ValueError(f"config.method.name={name!r} is not a known method; valid: {sorted(METHODS)}")
+    return METHODS[name](config, model, num_classes)
 
 
 __all__ = ["Method", "StepContext", "build_method"]
