@@ -14,8 +14,10 @@ update. Running-statistics bookkeeping is PyTorch's default (every train-mode pa
 that changes no cost. `--dtype bfloat16` means bf16 autocast with channels_last model and inputs
 (the fast PyTorch recipe), float32 means plain float32 NCHW.
 
-Times are the median of --iters steps after --warmup steps, each ended by
-torch.cuda.synchronize(). Writes JSON and prints a table last.
+cuDNN autotuning is on (`cudnn.benchmark`, as UniMatch sets it); float32 keeps PyTorch's TF32 defaults.
+After --warmup steps, --iters steps are timed each ended by torch.cuda.synchronize()
+(`ms_per_step_synced`, median; `ms_per_step_min`), then --iters steps back to back with one
+synchronize at the end (`ms_per_step`, the figure compared). Writes JSON and prints a table last.
 """
 from __future__ import annotations
 
@@ -142,7 +144,8 @@ def targets(logits, ignore, opts):
     probs = logits.float().softmax(1)
     valid = ignore != IGNORE
     if opts.selector == "csl":
-        weight, reliable = csl_weights(probs, valid, opts.alpha, opts.eps)
+        with torch.autocast(probs.device.type, enabled=False):  # float32, as the reference (no bf16 eigh)
+            weight, reliable = csl_weights(probs, valid, opts.alpha, opts.eps)
     else:
         reliable = valid & (probs.max(1)[0] >= opts.tau)
         weight = reliable.float()
@@ -276,20 +279,25 @@ def bench_one(config, num_classes: int, device, warmup: int, iters: int) -> dict
     for _ in range(warmup):
         trainer.step(batch)
     _sync(device)
-    times = []
+    times = []  # each step waited for
     for _ in range(iters):
         start = time.perf_counter()
         loss = trainer.step(batch)
         _sync(device)
         times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+    start = time.perf_counter()  # queued back to back, synchronised once (as train_step.py times JAX)
+    for _ in range(iters):
+        loss = trainer.step(batch)
+    _sync(device)
+    step_s = (time.perf_counter() - start) / iters
     images = labeled + (unlabeled if method.uses_unlabeled else 0)
     return {
         "method": config.method.name, "depth": config.model.depth, "output_stride": config.model.output_stride,
         "crop": config.data.crop_size, "dtype": config.model.dtype, "labeled": labeled,
         "unlabeled": unlabeled if method.uses_unlabeled else 0,
         "recipe": "bf16 autocast + channels_last" if bf16 else "float32 NCHW",
-        "ms_per_step": 1e3 * step_s, "ms_per_step_min": 1e3 * min(times), "images_per_s": images / step_s,
+        "ms_per_step": 1e3 * step_s, "ms_per_step_synced": 1e3 * statistics.median(times),
+        "ms_per_step_min": 1e3 * min(times), "images_per_s": images / step_s,
         "first_step_s": first_s,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
         "final_loss": float(loss.detach()),
@@ -321,6 +329,12 @@ def main(argv=None) -> dict:
         torch.set_num_threads(1)  # shared CI cores: more threads only thrash at this size
     args.method, args.crop = args.method or ["csl"], args.crop or [513]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    # The fast recipe UniMatch itself uses: cuDNN picks its algorithms per shape (first steps).
+    # float32 keeps PyTorch's defaults (TF32 convolutions on Ampere and later, exact fp32 matmuls).
+    torch.backends.cudnn.benchmark = True
+    settings = {"cudnn.benchmark": torch.backends.cudnn.benchmark,
+                "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+                "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results = []
     for method, depth, stride, crop, dtype in itertools.product(
@@ -328,7 +342,8 @@ def main(argv=None) -> dict:
         config = make_config(method, depth, stride, crop, dtype, args.labeled, args.unlabeled, args.tiny)
         results.append(bench_one(config, args.num_classes, device, args.warmup, args.iters))
         print(json.dumps(results[-1]), flush=True)
-    report = {"device": f"{device.type}: {name}", "torch": torch.__version__, "tiny": args.tiny, "results": results}
+    report = {"device": f"{device.type}: {name}", "torch": torch.__version__, "tiny": args.tiny,
+              "settings": settings, "results": results}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"device: {report['device']} (torch {torch.__version__}); results in {args.out}")

@@ -4,11 +4,18 @@ r"""Speed of the real train steps (supervised, UniMatch, CSL): step time, compil
         --crop 513 --dtype bfloat16 --out train_step.json [--torch] [--peak-tflops 798]
     python -m benchmarks.train_step --tiny    # CPU smoke test (tiny model, crop 33, 2 + 2)
 
+`--compilation-cache DIR` turns on the persistent XLA cache (a first process measures the cold
+compile and fills it, a second with `--compile-only` measures the warm one); `--profile-dir DIR`
+traces a few extra steps of each configuration with jax.profiler (see benchmarks/profile_summary.py).
+
 Each configuration builds the method from the Pascal config of that method (configs/*_pascal.py,
 so the method options are the real ones), overrides model and batch, and times
 `csl_jax.train.make_train_step` on synthetic batches of the right shapes (no data pipeline, so
-the step time is pure device time). Times are the median of --iters steps after --warmup steps,
-each ended by block_until_ready. Reported per configuration:
+the step time is pure device time). After --warmup steps, --iters steps are timed twice: each
+ended by block_until_ready (`ms_per_step_synced`, their median, and `ms_per_step_min`: these
+include the host's launch latency before the device starts), then queued back to back and waited
+for once, as the training loop runs them (`ms_per_step`, the throughput figure every other field
+uses). Reported per configuration:
 
 - ms/step and images/s (labeled + unlabeled images of one step);
 - lower and compile seconds, timed separately;
@@ -160,16 +167,23 @@ def synthetic_batch(views: tuple[str, ...] | None, labeled: int, unlabeled: int,
 # ---------------------------------------------------------------------------------------------
 # Measurements
 # ---------------------------------------------------------------------------------------------
-def measure_peak_tflops(size: int, dtype, iters: int = 10) -> float:
-    """TFLOP/s of a jitted (size, size) x (size, size) matmul in `dtype`, median of `iters` runs."""
-    a = jnp.ones((size, size), dtype)
-    matmul = jax.jit(lambda x, y: x @ y).lower(a, a).compile()
-    jax.block_until_ready(matmul(a, a))
+def measure_peak_tflops(size: int, dtype, iters: int = 5, chain: int = 20, warmup_s: float = 1.0) -> float:
+    """TFLOP/s of a jitted (size, size) x (size, size) matmul in `dtype`.
+
+    The operands are random normal (constant data such as ones or zeros runs measurably faster on
+    GPUs). The matmul first runs for `warmup_s` seconds (an idle GPU starts at a low clock), then
+    each of `iters` timings covers `chain` matmuls queued back to back (no launch gaps); the median.
+    """
+    a, b = (jax.random.normal(key, (size, size), dtype) for key in jax.random.split(jax.random.PRNGKey(0)))
+    matmul = jax.jit(lambda x, y: x @ y).lower(a, b).compile()
+    start = time.perf_counter()
+    while time.perf_counter() - start < warmup_s:
+        jax.block_until_ready(matmul(a, b))
     times = []
     for _ in range(iters):
         start = time.perf_counter()
-        jax.block_until_ready(matmul(a, a))
-        times.append(time.perf_counter() - start)
+        jax.block_until_ready([matmul(a, b) for _ in range(chain)])
+        times.append((time.perf_counter() - start) / chain)
     return 2.0 * size ** 3 / statistics.median(times) / 1e12
 
 
@@ -200,8 +214,13 @@ def peak_memory_gib(device) -> float | None:
     return None if peak is None else peak / 2 ** 30
 
 
-def bench_one(config, devices, num_classes: int, warmup: int, iters: int, peak_tflops: float) -> dict:
-    """Compiles and times the train step of `config` on `devices`; returns one result dict."""
+def bench_one(config, devices, num_classes: int, warmup: int, iters: int, peak_tflops: float,
+              compile_only: bool = False, profile_dir: str | None = None, profile_steps: int = 3) -> dict:
+    """Compiles and times the train step of `config` on `devices`; returns one result dict.
+
+    `compile_only`: lower and compile, then stop (the timing, FLOP and memory fields are None).
+    `profile_dir`: after timing, trace `profile_steps` more steps with `jax.profiler.trace` there.
+    """
     mesh = parallel.make_mesh(devices)
     model = build_model(config.model, num_classes, bn_axis_name=parallel.AXIS)
     method = build_method(config, model, num_classes)
@@ -223,42 +242,58 @@ def bench_one(config, devices, num_classes: int, warmup: int, iters: int, peak_t
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
+    images = labeled + (unlabeled if method.uses_unlabeled else 0)
+    result = {
+        "method": config.method.name, "depth": config.model.depth, "output_stride": config.model.output_stride,
+        "crop": crop, "dtype": config.model.dtype, "remat": config.model.remat, "labeled": labeled,
+        "unlabeled": unlabeled if method.uses_unlabeled else 0, "devices": len(devices),
+        "lower_s": lower_s, "compile_s": compile_s, "compile_only": compile_only,
+    }
+    if compile_only:
+        return result
 
     metrics = None
     for _ in range(warmup):
         state, metrics = jax.block_until_ready(compiled(state, batch))
-    times = []
+    times = []  # each step waited for: includes the launch latency before the device starts
     for _ in range(iters):
         start = time.perf_counter()
         state, metrics = jax.block_until_ready(compiled(state, batch))
         times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+    start = time.perf_counter()  # queued back to back, as the training loop runs them
+    for _ in range(iters):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    step_s = (time.perf_counter() - start) / iters
+    if profile_dir:
+        with jax.profiler.trace(profile_dir):
+            for _ in range(profile_steps):
+                state, metrics = jax.block_until_ready(compiled(state, batch))
 
-    images = labeled + (unlabeled if method.uses_unlabeled else 0)
     flops = xla_flops(compiled)
     xla_tflops = None if flops is None else flops * len(devices) / 1e12
     ref = reference_tflops(config)
-    return {
-        "method": config.method.name, "depth": config.model.depth, "output_stride": config.model.output_stride,
-        "crop": crop, "dtype": config.model.dtype, "remat": config.model.remat, "labeled": labeled,
-        "unlabeled": unlabeled if method.uses_unlabeled else 0, "devices": len(devices),
-        "ms_per_step": 1e3 * step_s, "ms_per_step_min": 1e3 * min(times), "images_per_s": images / step_s,
-        "lower_s": lower_s, "compile_s": compile_s,
-        "peak_memory_gib": peak_memory_gib(devices[0]), "xla_memory_gib": xla_memory_gib(compiled),
-        "xla_tflops_per_step": xla_tflops, "reference_tflops_per_step": ref,
-        "xla_vs_reference": None if xla_tflops is None or ref is None else xla_tflops / ref,
-        "achieved_tflops": None if xla_tflops is None else xla_tflops / step_s / len(devices),
-        "mfu": None if xla_tflops is None else xla_tflops / step_s / (peak_tflops * len(devices)),
-        "mfu_reference": None if ref is None else ref / step_s / (peak_tflops * len(devices)),
-        "final_loss": float(metrics["loss"]),
-    }
+    return dict(
+        result, ms_per_step=1e3 * step_s, ms_per_step_synced=1e3 * statistics.median(times),
+        ms_per_step_min=1e3 * min(times), images_per_s=images / step_s,
+        peak_memory_gib=peak_memory_gib(devices[0]), xla_memory_gib=xla_memory_gib(compiled),
+        xla_tflops_per_step=xla_tflops, reference_tflops_per_step=ref,
+        xla_vs_reference=None if xla_tflops is None or ref is None else xla_tflops / ref,
+        achieved_tflops=None if xla_tflops is None else xla_tflops / step_s / len(devices),
+        mfu=None if xla_tflops is None else xla_tflops / step_s / (peak_tflops * len(devices)),
+        mfu_reference=None if ref is None else ref / step_s / (peak_tflops * len(devices)),
+        final_loss=float(metrics["loss"]),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # PyTorch comparison
 # ---------------------------------------------------------------------------------------------
-def run_torch(args) -> list[dict]:
-    """Runs benchmarks/torch_reference.py on the same grid in a subprocess; its result dicts."""
+def run_torch(args) -> dict | None:
+    """Runs benchmarks/torch_reference.py on the same grid in a subprocess; its report.
+
+    A failure of the PyTorch side is reported and returns None: the JAX measurements still run.
+    """
     out = args.out + ".torch.json"
     cmd = [sys.executable, "-m", "benchmarks.torch_reference", "--out", out, "--method", *args.method,
            "--crop", *map(str, args.crop), "--num-classes", str(args.num_classes)]
@@ -271,9 +306,13 @@ def run_torch(args) -> list[dict]:
                 "--warmup", str(args.warmup), "--iters", str(args.iters)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    subprocess.run(cmd, check=True, env=env, cwd=root)
+    code = subprocess.run(cmd, env=env, cwd=root).returncode
+    if code != 0:
+        print(f"benchmarks.torch_reference failed (exit {code}); continuing without the PyTorch comparison",
+              file=sys.stderr, flush=True)
+        return None
     with open(out) as f:
-        return json.load(f)["results"]
+        return json.load(f)
 
 
 TORCH_KEYS = ("method", "depth", "output_stride", "crop", "dtype", "labeled", "unlabeled")
@@ -285,7 +324,7 @@ def attach_torch(results: list[dict], torch_results: list[dict]) -> None:
         return next((t for t in torch_results
                      if all(t[k] == (dtype if k == "dtype" else r[k]) for k in TORCH_KEYS)), None)
 
-    for r in results:
+    for r in (r for r in results if not r["compile_only"]):
         same, fp32 = find(r, r["dtype"]), find(r, "float32")
         r["torch_ms_per_step"] = same and same["ms_per_step"]
         r["speedup_vs_torch"] = same and same["ms_per_step"] / r["ms_per_step"]
@@ -301,8 +340,9 @@ def _fmt(value, spec):
 
 def print_table(report: dict) -> None:
     """The results as a fixed-width table (the last thing the benchmark prints)."""
+    peak = report["peak_tflops"]
     print(f"device: {report['device']} x{report['devices']} (jax {report['jax']}); peak "
-          f"{report['peak_tflops']:.1f} TFLOP/s ({report['peak_source']}); results in {report['out']}")
+          f"{_fmt(peak, '.1f')} TFLOP/s ({report['peak_source']}); results in {report['out']}")
     header = (f"{'method':>10} {'model':>5} {'OS':>3} {'crop':>5} {'dtype':>9} {'batch':>6} {'ms/step':>9} "
               f"{'img/s':>8} {'compile s':>9} {'peak GiB':>8} {'XLA GiB':>8} {'TFLOP':>8} {'/table':>7} "
               f"{'MFU %':>6} {'ref %':>6}")
@@ -311,16 +351,25 @@ def print_table(report: dict) -> None:
         header += f" {'vs torch':>8} {'vs fp32':>8}"
     print(header)
     for r in report["results"]:
+        g = r.get
         line = (f"{r['method']:>10} {'R' + str(r['depth']):>5} {r['output_stride']:>3} {r['crop']:>5} "
-                f"{r['dtype']:>9} {str(r['labeled']) + '+' + str(r['unlabeled']):>6} {r['ms_per_step']:>9.1f} "
-                f"{r['images_per_s']:>8.1f} {r['lower_s'] + r['compile_s']:>9.1f} "
-                f"{_fmt(r['peak_memory_gib'], '.2f'):>8} {_fmt(r['xla_memory_gib'], '.2f'):>8} "
-                f"{_fmt(r['xla_tflops_per_step'], '.3g'):>8} {_fmt(r['xla_vs_reference'], '.2f'):>7} "
-                f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f'):>6} "
-                f"{_fmt(r['mfu_reference'] and 100 * r['mfu_reference'], '.1f'):>6}")
+                f"{r['dtype']:>9} {str(r['labeled']) + '+' + str(r['unlabeled']):>6} "
+                f"{_fmt(g('ms_per_step'), '.1f'):>9} {_fmt(g('images_per_s'), '.1f'):>8} "
+                f"{r['lower_s'] + r['compile_s']:>9.1f} "
+                f"{_fmt(g('peak_memory_gib'), '.2f'):>8} {_fmt(g('xla_memory_gib'), '.2f'):>8} "
+                f"{_fmt(g('xla_tflops_per_step'), '.3g'):>8} {_fmt(g('xla_vs_reference'), '.2f'):>7} "
+                f"{_fmt(g('mfu') and 100 * g('mfu'), '.1f'):>6} "
+                f"{_fmt(g('mfu_reference') and 100 * g('mfu_reference'), '.1f'):>6}")
         if has_torch:
-            line += f" {_fmt(r.get('speedup_vs_torch'), '.2f'):>8} {_fmt(r.get('speedup_vs_torch_float32'), '.2f'):>8}"
+            line += f" {_fmt(g('speedup_vs_torch'), '.2f'):>8} {_fmt(g('speedup_vs_torch_float32'), '.2f'):>8}"
         print(line)
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Persistent XLA compilation cache in `directory`, caching every program (no size/time floor)."""
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -331,7 +380,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, nargs="+", default=[101], choices=[50, 101])
     parser.add_argument("--output-stride", type=int, nargs="+", default=[16], choices=[8, 16])
     parser.add_argument("--crop", type=int, nargs="+", help="default: 513 (--tiny: 33)")
-    parser.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"],
+                        help="default: bfloat16 (--tiny: float32)")
     parser.add_argument("--labeled", type=int, default=8, help="global labeled batch")
     parser.add_argument("--unlabeled", type=int, default=8, help="global unlabeled batch (and mix batch)")
     parser.add_argument("--num-classes", type=int, default=21)
@@ -343,6 +393,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", "--peak_tflops", type=float, default=0.0,
                         help="device peak for MFU, TFLOP/s (default: measure a large bf16 matmul)")
     parser.add_argument("--torch", action="store_true", help="also run benchmarks/torch_reference.py")
+    parser.add_argument("--compilation-cache", default="",
+                        help="persistent XLA compilation cache directory (default: none); a second process "
+                             "with the same directory measures the warm compile time")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="lower and compile each configuration, do not run it (compile-time measurements)")
+    parser.add_argument("--profile-dir", default="",
+                        help="trace --profile-steps extra steps of each configuration with jax.profiler there")
+    parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke test: tiny model, R50 OS8 float32, batch 2+2, one device, 1+2 iterations")
     parser.add_argument("--out", default="train_step.json", help="JSON results file")
@@ -353,8 +411,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tiny:
         args.method = args.method or ["supervised", "unimatch", "csl"]
         args.crop = args.crop or [33]
-        args.depth, args.output_stride, args.dtype, args.labeled, args.unlabeled = [50], [8], ["float32"], 2, 2
+        args.depth, args.output_stride, args.labeled, args.unlabeled = [50], [8], 2, 2
+        args.dtype = args.dtype or ["float32"]
         args.num_devices, args.warmup, args.iters = 1, 1, 2
+    args.dtype = args.dtype or ["bfloat16"]
     args.method = args.method or ["csl"]
     args.crop = args.crop or [513]
     return args
@@ -363,10 +423,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     """Runs the benchmark grid; returns the report written to --out."""
     args = parse_args(argv)
-    torch_results = run_torch(args) if args.torch else None  # before JAX allocates device memory
+    if args.compilation_cache:
+        enable_compilation_cache(args.compilation_cache)
+    torch_report = run_torch(args) if args.torch else None  # before JAX allocates device memory
     devices = jax.devices()[:args.num_devices or None]
     device = devices[0]
-    if args.peak_tflops > 0:
+    if args.compile_only:
+        peak, source = None, "not measured (--compile-only)"
+    elif args.peak_tflops > 0:
         peak, source = args.peak_tflops, "--peak-tflops"
     else:
         size, dtype = PEAK_MATMUL["cpu" if device.platform == "cpu" else "accelerator"]
@@ -377,14 +441,20 @@ def main(argv=None) -> dict:
             args.method, args.depth, args.output_stride, args.crop, args.dtype):
         config = make_config(method, depth, stride, crop, dtype, args.labeled, args.unlabeled, args.tiny,
                              args.remat)
-        result = bench_one(config, devices, args.num_classes, args.warmup, args.iters, peak)
+        profile_dir = args.profile_dir and os.path.join(args.profile_dir, f"{method}_{dtype}_os{stride}_{crop}")
+        result = bench_one(config, devices, args.num_classes, args.warmup, args.iters, peak, args.compile_only,
+                           profile_dir, args.profile_steps)
         print(json.dumps(result), flush=True)
         results.append(result)
-    if torch_results is not None:
-        attach_torch(results, torch_results)
+    if torch_report is not None:
+        attach_torch(results, torch_report["results"])
     report = {"device": f"{device.platform}: {device.device_kind}", "devices": len(devices),
               "jax": jax.__version__, "tiny": args.tiny, "peak_tflops": peak, "peak_source": source,
+              "compilation_cache": args.compilation_cache or None, "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "out": args.out, "results": results}
+    if torch_report is not None:
+        report.update(torch_device=torch_report["device"], torch=torch_report["torch"],
+                      torch_settings=torch_report.get("settings"), torch_results=torch_report["results"])
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print_table(report)
