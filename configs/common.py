@@ -75,11 +75,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optim.momentum = 0.9
     c.optim.nesterov = False
     c.optim.weight_decay = 1e-4
+    c.optim.weight_decay_on = "all"  # "all" params, or "kernels" only (conv/dense weights, not BN/bias)
     c.optim.poly_power = 0.9
+    c.optim.min_lr = 0.0  # floor of the poly schedule (lr never decays below it)
     c.optim.epochs = 80
     c.optim.total_steps = 0  # > 0 overrides epochs x iterations per epoch
 
-    # --- evaluation (csl_jax/evaluate.py, docs protocol.md §4) ---
+    # --- evaluation (csl_jax/evaluate.py, docs/protocol.md §4) ---
     c.eval = ml_collections.ConfigDict()
     c.eval.protocol = "whole"  # whole | sliding | sliding_u2pl | sliding_cpcl | center_crop
     c.eval.every_steps = 0  # 0 = once per epoch
@@ -100,7 +102,22 @@ def get_base_config() -> ml_collections.ConfigDict:
     return c
 
 
-# Published recipes per dataset (docs: protocol.md, methods/unimatch.md, methods/csl.md §11).
+#: The tiny DeepLabV3+ of the demo, the tests and the benchmarks' CPU smoke runs: one bottleneck
+#: block per ResNet stage and narrow layers (~0.1 M parameters at 5 classes). Depth, output stride
+#: and ASPP rates stay the caller's.
+TINY_MODEL = dict(blocks=(1, 1, 1, 1), width=8, head_width=32, reduce_width=8)
+
+
+def tiny_model(c: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+    """Sets `c.model` to `TINY_MODEL` (with `overrides` of its fields, e.g. width=4); returns `c`."""
+    unknown = sorted(set(overrides) - set(TINY_MODEL))
+    if unknown:
+        raise ValueError(f"tiny_model overrides {unknown} are not fields of TINY_MODEL {sorted(TINY_MODEL)}")
+    c.model.update(dict(TINY_MODEL, **overrides))
+    return c
+
+
+# Published recipes per dataset (docs/protocol.md, docs/methods/unimatch.md, docs/methods/csl.md §11).
 # CamVid has no published semi-supervised recipe: Pascal's, with 240 epochs for the semi-supervised
 # methods because its unlabeled set is ~30x smaller (240 epochs = 9,600 iterations at 1/8).
 DATASET_RECIPES = {

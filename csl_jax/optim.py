@@ -1,44 +1,146 @@
-"""Optimiser: SGD with momentum and torch-style weight decay, poly schedule, backbone/head lr groups."""
+"""Optimiser: SGD with momentum and torch-style weight decay, poly schedule, backbone/head lr groups.
+
+The method decides which parameters are 'backbone' and which are 'head'
+(`Method.param_labels`, default `param_groups`); the trainer passes that function to
+`make_optimizer`. Config keys read from `config.optim`:
+
+    lr, lr_multi        'backbone' trains at lr, 'head' at lr * lr_multi
+    momentum, nesterov  torch.optim.SGD semantics (dampening 0)
+    weight_decay        added to the gradient before the momentum buffer (torch), g + wd * theta
+    weight_decay_on     'all' (default) | 'kernels': decay only leaves named `kernel` (conv and
+                        linear weights), not BN scale/bias nor conv biases (CPCL's `group_weight`)
+    poly_power          lr_t = base * (1 - t / T)^power, step t (from 0) runs at lr_t
+    min_lr              lr floor (default 0.0 = none): lr_t = max(base * (1 - t / T)^power, min_lr)
+                        in every group, the same absolute floor for 'backbone' and 'head' (CSS)
+
+`weight_decay_on` and `min_lr` may be absent from older configs; they default to 'all' and 0.0.
+"""
 
 from __future__ import annotations
 
-import flax.traverse_util
+from typing import Any, Callable
+
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
+from csl_jax.constants import PyTree
 
-def poly_schedule(base_lr: float, total_steps: int, power: float = 0.9) -> optax.Schedule:
-    """lr_t = base_lr * (1 - t / T)^power; step 0 runs at base_lr (UniMatch's indexing)."""
-    return optax.polynomial_schedule(init_value=base_lr, end_value=0.0, power=power, transition_steps=total_steps)
+LabelFn = Callable[[PyTree], PyTree]
 
-
-def param_groups(params) -> dict:
-    """'backbone' for parameters under the top-level `backbone` module, 'head' for the rest."""
-    flat = flax.traverse_util.flatten_dict(params)
-    labels = {path: "backbone" if path[0] == "backbone" else "head" for path in flat}
-    return flax.traverse_util.unflatten_dict(labels)
+#: the parameter groups, their lr relative to `lr`, and their key in the logged metrics.
+GROUPS = ("backbone", "head")
+_LOG_KEYS = {"backbone": "lr", "head": "lr_head"}
+WEIGHT_DECAY_ON = ("all", "kernels")
 
 
-def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """SGD (momentum, optional Nesterov) where g + wd * theta enters the momentum buffer (torch).
+def _key_name(entry) -> Any:
+    """The name of one pytree path entry (a dict key, an attribute name or a sequence index)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return getattr(entry, attr)
+    return entry
 
-    The backbone trains at `lr`, everything else at `lr * lr_multi`, both on the poly schedule.
+
+def param_groups(params: PyTree) -> PyTree:
+    """Default labels: 'backbone' for a leaf under any module named `backbone`, else 'head'.
+
+    Any depth counts, so `{'branch1': {'backbone': ...}, 'branch2': {'backbone': ...}}` (two-network
+    methods: CCVC, CPCL) puts both backbones in 'backbone'. Returns a pytree of str with the
+    structure of `params`; it only looks at paths, so it works on updates as well.
     """
 
-    def sgd(lr):
+    def label(path, _):
+        modules = [_key_name(entry) for entry in path[:-1]]
+        return "backbone" if "backbone" in modules else "head"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def poly_schedule(base_lr: float, total_steps: int, power: float = 0.9, min_lr: float = 0.0) -> optax.Schedule:
+    """lr_t = max(base_lr * (1 - t / T)^power, min_lr); step 0 runs at base_lr (UniMatch's indexing).
+
+    The floor is CSS's `PolyLR(optimizer, total_iter, min_lr=1e-4)`
+    (`generalframeworks/scheduler/my_lr_scheduler.py`): `max(base_lr * (1 - t/T)^power, min_lr)`
+    for every torch param group's own `base_lr`, i.e. a clamp of the ordinary poly curve, not a
+    poly that decays towards `min_lr`, and the same absolute floor whatever the group's base lr.
+    After T steps optax's poly stays at 0, so the clamped lr stays at `min_lr` (as CSS's does).
+    With `min_lr <= 0` the schedule is optax's polynomial schedule unchanged.
+    """
+    poly = optax.polynomial_schedule(init_value=base_lr, end_value=0.0, power=power, transition_steps=total_steps)
+    if min_lr <= 0.0:
+        return poly
+    return lambda count: jnp.maximum(poly(count), min_lr)
+
+
+def group_schedules(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> dict[str, optax.Schedule]:
+    """{'backbone': lr schedule, 'head': lr schedule}: base lr and lr * lr_multi, the same poly and floor."""
+    min_lr = float(optim_cfg.get("min_lr", 0.0))
+    base = {"backbone": optim_cfg.lr, "head": optim_cfg.lr * optim_cfg.lr_multi}
+    return {g: poly_schedule(base[g], total_steps, optim_cfg.poly_power, min_lr) for g in GROUPS}
+
+
+def is_kernel(path) -> bool:
+    """Whether a param path ends in a leaf named `kernel` (Flax conv / dense weights)."""
+    return bool(path) and _key_name(path[-1]) == "kernel"
+
+
+def decayed_weights(weight_decay: float, decay_on: str = "all") -> optax.GradientTransformation:
+    """g -> g + weight_decay * theta on all leaves ('all') or only on `kernel` leaves ('kernels').
+
+    Chained before the momentum trace, this is torch SGD's weight decay. The state is optax's
+    EmptyState in both modes, so the optimizer state has the same structure either way.
+    """
+    if decay_on not in WEIGHT_DECAY_ON:
+        raise ValueError(f"config.optim.weight_decay_on must be one of {WEIGHT_DECAY_ON}, got {decay_on!r}")
+    if decay_on == "all":
+        return optax.add_decayed_weights(weight_decay)
+
+    def update_fn(updates, state, params):
+        if params is None:
+            raise ValueError("decayed_weights needs the params: call update(updates, state, params).")
+        updates = jax.tree_util.tree_map_with_path(
+            lambda path, g, p: g + weight_decay * p if is_kernel(path) else g, updates, params)
+        return updates, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _checked(param_labels: LabelFn) -> LabelFn:
+    def labels(tree):
+        out = param_labels(tree)
+        unknown = set(jax.tree.leaves(out)) - set(GROUPS)
+        if unknown:
+            raise ValueError(f"param_labels returned unknown group(s) {sorted(unknown)}; valid: {list(GROUPS)}")
+        return out
+
+    return labels
+
+
+def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int,
+                   param_labels: LabelFn = param_groups) -> optax.GradientTransformation:
+    """SGD (momentum, optional Nesterov) where g + wd * theta enters the momentum buffer (torch).
+
+    Args:
+      optim_cfg: `config.optim` (see the module docstring; `weight_decay_on` and `min_lr` optional).
+      total_steps: T of the poly schedule.
+      param_labels: params (or updates) -> pytree of 'backbone' / 'head' with their structure; the
+        trainer passes `method.param_labels`. 'backbone' trains at `lr`, 'head' at `lr * lr_multi`,
+        both on the poly schedule with the `min_lr` floor.
+    """
+    decay_on = optim_cfg.get("weight_decay_on", "all")
+    schedules = group_schedules(optim_cfg, total_steps)
+
+    def sgd(schedule):
         return optax.chain(
-            optax.add_decayed_weights(optim_cfg.weight_decay),
-            optax.sgd(poly_schedule(lr, total_steps, optim_cfg.poly_power), momentum=optim_cfg.momentum,
-                      nesterov=optim_cfg.nesterov),
+            decayed_weights(optim_cfg.weight_decay, decay_on),
+            optax.sgd(schedule, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov),
         )
 
-    return optax.multi_transform(
-        {"backbone": sgd(optim_cfg.lr), "head": sgd(optim_cfg.lr * optim_cfg.lr_multi)}, param_groups
-    )
+    return optax.multi_transform({g: sgd(schedules[g]) for g in GROUPS}, _checked(param_labels))
 
 
 def learning_rates(optim_cfg: ml_collections.ConfigDict, total_steps: int, step: jax.Array) -> dict:
-    """{'lr': backbone lr, 'lr_head': head lr} at `step`, for logging."""
-    lr = poly_schedule(optim_cfg.lr, total_steps, optim_cfg.poly_power)(step)
-    return {"lr": lr, "lr_head": lr * optim_cfg.lr_multi}
+    """{'lr': backbone lr, 'lr_head': head lr} at `step` (floor included), for logging."""
+    return {_LOG_KEYS[g]: schedule(step) for g, schedule in group_schedules(optim_cfg, total_steps).items()}

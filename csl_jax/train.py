@@ -241,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if method.uses_unlabeled:
         parallel.check_divisible(config.batch.unlabeled, "config.batch.unlabeled", mesh, group)
     steps_per_epoch, total_steps = schedule_length(config, method)
-    tx = optim.make_optimizer(config.optim, total_steps)
+    tx = optim.make_optimizer(config.optim, total_steps, param_labels=method.param_labels)
 
     state = create_train_state(init_variables(model, config, jax.random.PRNGKey(config.seed)), method, tx)
     state = parallel.replicate(state, mesh)

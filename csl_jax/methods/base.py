@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from csl_jax import losses
+from csl_jax import losses, optim
 
 PyTree = Any
 AXIS = "data"
@@ -74,6 +74,17 @@ class Method:
         self.config = config
         self.model = model
         self.num_classes = num_classes
+
+    # -- optimiser -----------------------------------------------------------------------------
+    def param_labels(self, params: PyTree) -> PyTree:
+        """The optimiser group of every parameter: a pytree of 'backbone' / 'head' like `params`.
+
+        'backbone' trains at `config.optim.lr`, 'head' at `lr * lr_multi` (`optim.make_optimizer`).
+        The default labels a leaf 'backbone' when any module on its path is named `backbone`, so
+        two-network params (`{'branch1': {'backbone': ...}, 'branch2': {'backbone': ...}}`) work as
+        they are. It must look only at paths: optax also calls it on the updates.
+        """
+        return optim.param_groups(params)
 
     # -- state ---------------------------------------------------------------------------------
     def init_extra(self, variables: Mapping[str, PyTree]) -> PyTree:
