@@ -1,8 +1,8 @@
 """DeepLabV3+ forward and forward+backward speed, compile time and peak memory.
 
-    python benchmarks/model_forward.py --depth 101 --output-stride 16 8 --crop 513 801 \
+    python -m benchmarks.model_forward --depth 101 --output-stride 16 8 --crop 513 801 \
         --dtype float32 bfloat16 --batch 8 --out bench_model.json
-    python benchmarks/model_forward.py --tiny    # CPU smoke test (width 8, one block per layer)
+    python -m benchmarks.model_forward --tiny    # CPU smoke test (width 8, one block per layer)
 
 Times are the median of --iters runs after --warmup runs, each ended by block_until_ready.
 "fwd" is an eval-mode pass; "fwd+bwd" is a train-mode pass (batch statistics, BN update) with
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import common
 from csl_jax.models import DeepLabV3Plus
 
 FLOP_RATIO_OS8_OS16 = 2.7
@@ -110,7 +111,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.model_overrides = {}
     if args.tiny:
-        args.model_overrides = dict(width=8, blocks=(1, 1, 1, 1), head_width=16, reduce_width=8)
+        args.model_overrides = dict(common.TINY_MODEL, head_width=16)
         args.crop, args.batch, args.warmup, args.iters = [65], 2, 1, 2
         args.depth, args.dtype = [50], ["float32"]
 

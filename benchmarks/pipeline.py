@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from csl_jax import data
+from csl_jax.constants import IGNORE_INDEX
 
 SIZES = {"pascal": (500, 375, "JPEG", ".jpg"), "cityscapes": (2048, 1024, "PNG", ".png")}
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -96,7 +97,7 @@ def baseline_sample(pair, rng, crop, unlabeled):
     img, mask = img.resize((ow, oh), Image.BILINEAR), mask.resize((ow, oh), Image.NEAREST)
     pw, ph = max(crop - ow, 0), max(crop - oh, 0)
     img = ImageOps.expand(img, border=(0, 0, pw, ph), fill=0)
-    mask = ImageOps.expand(mask, border=(0, 0, pw, ph), fill=254 if unlabeled else 255)
+    mask = ImageOps.expand(mask, border=(0, 0, pw, ph), fill=254 if unlabeled else IGNORE_INDEX)
     x, y = int(rng.integers(0, img.size[0] - crop + 1)), int(rng.integers(0, img.size[1] - crop + 1))
     img, mask = img.crop((x, y, x + crop, y + crop)), mask.crop((x, y, x + crop, y + crop))
     if rng.random() < 0.5:
@@ -104,7 +105,7 @@ def baseline_sample(pair, rng, crop, unlabeled):
     if not unlabeled:
         return _baseline_normalize(img), np.asarray(mask, np.int64)
     s1, s2 = _baseline_strong(img, rng, crop), _baseline_strong(img, rng, crop)
-    ignore = np.where(np.asarray(mask) == 254, 255, 0)
+    ignore = np.where(np.asarray(mask) == 254, IGNORE_INDEX, 0)
     return _baseline_normalize(img), s1, s2, ignore
 
 

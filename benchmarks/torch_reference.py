@@ -34,11 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.train_step import make_config, synthetic_batch
+from csl_jax.constants import IGNORE_INDEX as IGNORE
 from csl_jax.methods import build_method
 from csl_jax.models import build_model
 from csl_jax.models.resnet import EXPANSION, block_schedule, resolve_blocks
-
-IGNORE = 255
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,14 +50,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.model_forward import random_variables
-from configs import csl_pascal, supervised_pascal, unimatch_pascal
+from configs import common, csl_pascal, supervised_pascal, unimatch_pascal
 from csl_jax import optim, parallel, train
 from csl_jax.methods import build_method
 from csl_jax.models import build_model
 
 METHOD_CONFIGS = {"supervised": supervised_pascal, "unimatch": unimatch_pascal, "csl": csl_pascal}
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
-TINY_MODEL = dict(blocks=(1, 1, 1, 1), width=8, head_width=32, reduce_width=8)
 
 # performance.md table 1: GFLOP of one forward pass per image, 21 classes, keyed (depth, OS) -> crop.
 FORWARD_GFLOPS = {
@@ -110,7 +109,7 @@ def reference_tflops(config) -> float | None:
 # ---------------------------------------------------------------------------------------------
 def make_config(method: str, depth: int, output_stride: int, crop: int, dtype: str, labeled: int,
                 unlabeled: int, tiny: bool = False, remat: bool = False):
-    """The method's Pascal config with the benchmark's model (TINY_MODEL widths if `tiny`), crop and batch."""
+    """The method's Pascal config with the benchmark's model (`common.TINY_MODEL` if `tiny`), crop, batch."""
     c = METHOD_CONFIGS[method].get_config()
     c.model.depth = depth
     c.model.output_stride = output_stride
@@ -118,7 +117,7 @@ def make_config(method: str, depth: int, output_stride: int, crop: int, dtype: s
     c.model.dtype = dtype
     c.model.remat = remat
     if tiny:
-        c.model.update(TINY_MODEL)
+        common.tiny_model(c)
     c.data.crop_size = crop
     c.batch.labeled = labeled
     c.batch.unlabeled = unlabeled

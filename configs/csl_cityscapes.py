@@ -1,4 +1,4 @@
-r"""CSL on Cityscapes (csl.md §11): UniMatch V1 with CSL soft weights, TMP and an EMA teacher.
+r"""CSL on Cityscapes (docs/methods/csl.md §11): UniMatch V1 + CSL soft weights, TMP, EMA teacher.
 
     python main.py --config=configs/csl_cityscapes.py:1_16 --workdir=runs/csl_city_1_16 \
         --config.data.root=/data/tfds

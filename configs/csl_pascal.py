@@ -1,4 +1,4 @@
-r"""CSL on Pascal VOC 2012 (csl.md §11): UniMatch V1 with CSL soft weights, TMP and an EMA teacher.
+r"""CSL on Pascal VOC 2012 (docs/methods/csl.md §11): UniMatch V1 + CSL soft weights, TMP, EMA teacher.
 
     python main.py --config=configs/csl_pascal.py:1464 --workdir=runs/csl_pascal_1464 \
         --config.data.root=/data/tfds

@@ -2,9 +2,9 @@ r"""Demo: a tiny DeepLabV3+ on the generated synthetic dataset, on CPU in a few 
 
     python main.py --config=configs/demo.py --workdir=runs/demo
 
-The synthetic dataset is generated into `data.root` on first use (no download). `:csl`,
-`:unimatch` or `:fixmatch` train that method instead of the supervised baseline, e.g.
-`--config=configs/demo.py:csl`. Prints the val mIoU at the end.
+main.py generates the synthetic dataset into `data.root` on first use (no download; see
+`csl_jax.data.ensure_prepared`). `:csl`, `:unimatch` or `:fixmatch` train that method instead of
+the supervised baseline, e.g. `--config=configs/demo.py:csl`. Prints the val mIoU at the end.
 """
 
 import ml_collections
@@ -25,10 +25,7 @@ def get_config(arg: str = "supervised"):
     c.data.num_workers = 0
     c.data.block_size = 8
     c.model.depth = 50
-    c.model.blocks = (1, 1, 1, 1)
-    c.model.width = 8
-    c.model.head_width = 32
-    c.model.reduce_width = 8
+    common.tiny_model(c)
     c.model.output_stride = 8
     c.model.aspp_rates = (2, 4, 6)
     c.batch.labeled = 8

@@ -1,4 +1,4 @@
-r"""UniMatch V1 on Cityscapes (unimatch.md, current official recipe: OS16, tau 0).
+r"""UniMatch V1 on Cityscapes (docs/methods/unimatch.md, current official recipe: OS16, tau 0).
 
     python main.py --config=configs/unimatch_cityscapes.py:1_16 --workdir=runs/unimatch_city_1_16 \
         --config.data.root=/data/tfds

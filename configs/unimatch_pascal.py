@@ -1,4 +1,4 @@
-r"""UniMatch V1 on Pascal VOC 2012 (unimatch.md; FixMatch with --config.method=fixmatch options).
+r"""UniMatch V1 on Pascal VOC 2012 (docs/methods/unimatch.md); FixMatch with the overrides below.
 
     python main.py --config=configs/unimatch_pascal.py:1464 --workdir=runs/unimatch_pascal_1464 \
         --config.data.root=/data/tfds

@@ -41,6 +41,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from csl_jax import parallel
+from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data.transforms import IMAGENET_MEAN, normalize
 
 PROTOCOLS = ("whole", "sliding", "sliding_u2pl", "sliding_cpcl", "center_crop")
@@ -54,7 +55,8 @@ Tile = tuple[int, int, int, int]  # (y0, y1, x0, x1), half-open
 # Confusion matrix and metrics.
 
 
-def confusion_matrix(labels: jax.Array, preds: jax.Array, num_classes: int, ignore_index: int = 255) -> jax.Array:
+def confusion_matrix(labels: jax.Array, preds: jax.Array, num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> jax.Array:
     """Counts of (ground truth, prediction) pairs, on device.
 
     Args:
@@ -144,7 +146,8 @@ def shifted_tiles(height: int, width: int, window: int, stride: int) -> list[Til
     return [(y, y + window, x, x + window) for y in starts(height) for x in starts(width)]
 
 
-def center_crop(image: np.ndarray, label: np.ndarray, size: int, pad_label: int = 255) -> tuple[np.ndarray, np.ndarray]:
+def center_crop(image: np.ndarray, label: np.ndarray, size: int,
+                pad_label: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray]:
     """Centre crop of (H, W, 3) uint8 image and (H, W) uint8 label to (size, size).
 
     A side smaller than `size` is padded first (floor(pad/2) before): the image with the ImageNet
@@ -242,8 +245,8 @@ class Evaluator:
         crop_size: int | None = None,
         batch_size: int | None = None,
         mesh: Mesh | None = None,
-        ignore_index: int = 255,
-        pad_label: int = 255,
+        ignore_index: int = IGNORE_INDEX,
+        pad_label: int = IGNORE_INDEX,
         class_names: Sequence[str] | None = None,
         pad_to_multiple: int = 0,
     ):

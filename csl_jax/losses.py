@@ -13,7 +13,7 @@ on each device's local batch (a multiple of ``group_size``) and averages over de
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = 255
+from csl_jax.constants import IGNORE_INDEX
 
 
 def pixel_cross_entropy(logits, labels, ignore_index=IGNORE_INDEX):
@@ -91,7 +91,7 @@ def ohem_loss(logits, labels, *, group_size=2, thresh=0.7, min_kept=200000, igno
 
 
 def weighted_unlabeled_ce(logits, pseudo_labels, weights, ignore, *, group_size, ignore_index=IGNORE_INDEX):
-    """Weighted CE on pseudo-labels over the valid-pixel count (csl.md §7, UniMatch L_s/L_fp).
+    """Weighted CE on pseudo-labels over the valid-pixel count (docs/methods/csl.md §7, UniMatch L_s/L_fp).
 
     Per group: sum_i w_i CE(z_i, yhat_i) over pixels with ignore != ignore_index, divided by the
     number of such pixels (not by sum w); then averaged over groups.

@@ -23,7 +23,7 @@ SELECTORS = ("csl", "threshold")
 
 
 def reliability_features(probs, variance_scaling=False):
-    """Per-pixel CSL reliability features (csl.md §1).
+    """Per-pixel CSL reliability features (docs/methods/csl.md §1).
 
     Args:
         probs: (..., C) softmax probabilities (any float dtype; computed in float32).
@@ -47,7 +47,7 @@ def reliability_features(probs, variance_scaling=False):
 
 
 class CSLStatistics(NamedTuple):
-    """Per-image CSL split (csl.md §2-3), batched over B images.
+    """Per-image CSL split (docs/methods/csl.md §2-3), batched over B images.
 
     conf, var: (B, H, W) float32 reliability features.
     assignment: (B, H, W) int32 cluster of each pixel (0 or 1; invalid pixels are 0).
@@ -66,7 +66,7 @@ class CSLStatistics(NamedTuple):
 
 
 def _power_of_two_scale(max_v):
-    """rho = 2^-floor(log2 max_v), clipped to [2^-126, 2^126]; 1 when max_v = 0 (csl.md §2).
+    """rho = 2^-floor(log2 max_v), clipped to [2^-126, 2^126]; 1 when max_v = 0 (docs/methods/csl.md §2).
 
     The exponent is read from the float32 bits, which is exact and needs no denormal support.
     """
@@ -76,7 +76,7 @@ def _power_of_two_scale(max_v):
 
 
 def _spectral_assignment(p, v, valid):
-    """Closed-form 2-way spectral split of one image, in scaled units (csl.md §2).
+    """Closed-form 2-way spectral split of one image, in scaled units (docs/methods/csl.md §2).
 
     The closed form is applied to the features written in the orthogonal frame (c, c_perp) of the
     image's mean feature c = (p_mean, v_mean): a_i = x_i . c, b_i = x_i . c_perp. The scores
@@ -145,7 +145,7 @@ def _image_statistics(conf, var, valid):
     assignment = _spectral_assignment(p, v, valid)
     x = jnp.stack([p, v], axis=-1)
     count, mean, variance = jax.vmap(lambda k: _cluster_moments(x, valid & (assignment == k)))(jnp.arange(2))
-    # No valid pixel: cluster 0 takes mu = (1, 0), sigma^2 = (1, 1) (csl.md §5).
+    # No valid pixel: cluster 0 takes mu = (1, 0), sigma^2 = (1, 1) (docs/methods/csl.md §5).
     empty = jnp.sum(valid) == 0
     mean = mean.at[0].set(jnp.where(empty, jnp.array([1.0, 0.0]), mean[0]))
     variance = variance.at[0].set(jnp.where(empty, jnp.array([1.0, 1.0]), variance[0]))
@@ -154,7 +154,7 @@ def _image_statistics(conf, var, valid):
 
 
 def csl_statistics(probs, valid, variance_scaling=False):
-    """Per-image CSL spectral split and cluster statistics (csl.md §1-3, §5).
+    """Per-image CSL spectral split and cluster statistics (docs/methods/csl.md §1-3, §5).
 
     Args:
         probs: (B, H, W, C) softmax probabilities (computed in float32, no gradient).
@@ -172,7 +172,7 @@ def csl_statistics(probs, valid, variance_scaling=False):
 
 
 def csl_weights(probs, valid, alpha=8.0, variance_scaling=False, eps=1e-8):
-    """CSL soft weights: Gaussian around the reliable cluster with the OR rule (csl.md §4).
+    """CSL soft weights: Gaussian around the reliable cluster with the OR rule (docs/methods/csl.md §4).
 
     Args:
         probs: (B, H, W, C) softmax probabilities (computed in float32, no gradient).

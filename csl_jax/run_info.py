@@ -42,16 +42,8 @@ def git_commit() -> str:
 def prepare(config: ml_collections.ConfigDict, workdir: str, mode: str) -> None:
     """Creates `workdir` and writes config.json, run_<mode>.json (argv overrides, versions, commit).
 
-    Only process 0 writes. For the synthetic dataset, generates it (`config.data.synthetic` parameters) into
-    `config.data.root` if needed.
+    Only process 0 writes. (The data is prepared by `csl_jax.data.ensure_prepared`.)
     """
-    if config.data.name == "synthetic":
-        from data_prep import synthetic
-
-        params = dict(config.data.get("synthetic", {}))
-        if "image_size" in params:
-            params["image_size"] = tuple(params["image_size"])
-        synthetic.prepare(config.data.root, **params)
     if jax.process_index() != 0:
         return
     os.makedirs(workdir, exist_ok=True)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
 
-PyTree = Any
+from csl_jax.constants import PyTree
 
 
 def ema_decay(step: jax.Array, momentum: float) -> jax.Array:

@@ -7,12 +7,10 @@ Images are in normalised space (ImageNet mean/std), so 0 is the ImageNet-mean co
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
-PyTree = Any
+from csl_jax.constants import PyTree
 
 
 def _broadcast_mask(mask: jax.Array, like: jax.Array) -> jax.Array:

@@ -15,9 +15,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-IGNORE_INDEX = 255
 
 # Cityscapes trainId 0..18 (road ... bicycle), official colours.
 CITYSCAPES_COLORS = (

@@ -2,7 +2,7 @@
 
 Raw layout (`--raw`): `leftImg8bit/{train,val}/<city>/<id>_leftImg8bit.png` and
 `gtFine/{train,val}/<city>/<id>_gtFine_labelIds.png` (mapped with the trainId table of
-protocol.md; every other value -> 255) or, when no labelIds file is present,
+docs/protocol.md; every other value -> 255) or, when no labelIds file is present,
 `<id>_gtFine_labelTrainIds.png` (used as is).
 """
 import numpy as np
@@ -12,7 +12,7 @@ from data_prep import common
 CLASS_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
                "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
                "motorcycle", "bicycle")
-# labelId -> trainId (protocol.md section 1); every labelId not listed -> 255.
+# labelId -> trainId (docs/protocol.md §1); every labelId not listed -> 255.
 LABEL_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
                   25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 

@@ -27,8 +27,9 @@ from etils import epath
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from csl_jax.constants import IGNORE_INDEX as IGNORE  # the one ignore label of csl_jax
+
 RECORD_FORMAT = 1
-IGNORE = 255
 
 
 class DataPrepError(ValueError):

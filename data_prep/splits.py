@@ -15,7 +15,7 @@ FAMILIES = ("pascal", "cityscapes", "cityscapes_u2pl", "camvid")
 
 
 def line_id(line: str) -> str:
-    """Image id of one list line (any of the formats of protocol.md section 2).
+    """Image id of one list line (any of the formats of docs/protocol.md §2).
 
     `JPEGImages/2007_000733.jpg SegmentationClass/2007_000733.png` -> `2007_000733`;
     `leftImg8bit/train/jena/jena_000078_000019_leftImg8bit.png` -> `jena_000078_000019`;

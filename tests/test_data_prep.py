@@ -94,7 +94,7 @@ def test_pascal_palette_indices_and_original_bytes(tmp_path):
     assert len(meta["class_names"]) == 21
 
 
-# labelId -> trainId, typed from protocol.md section 1 (independent of data_prep.cityscapes).
+# labelId -> trainId, typed from docs/protocol.md §1 (independent of data_prep.cityscapes).
 PROTOCOL_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
                       24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 

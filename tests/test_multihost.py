@@ -3,14 +3,18 @@
 The parent test starts this file twice as a worker (`python tests/test_multihost.py COORDINATOR
 PROCESS_ID OUT`), each process feeding its half of every global batch through
 `parallel.to_global`, and compares the workers' params and losses after 3 supervised steps with a
-4-device run in the test process.
+4-device run in the test process. A second test (`... COORDINATOR PROCESS_ID OUT data`) has both
+processes prepare the synthetic dataset as main.py does: process 0 writes it, process 1 waits.
 """
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
+import ml_collections
 import numpy as np
 
 from benchmarks.model_forward import random_variables
@@ -26,8 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config():
-    c = common.get_base_config()
-    c.model.update(blocks=(1, 1, 1, 1), width=4, head_width=8, reduce_width=4, output_stride=8, aspp_rates=(1, 2, 3))
+    c = common.tiny_model(common.get_base_config(), width=4, head_width=8, reduce_width=4)
+    c.model.update(output_stride=8, aspp_rates=(1, 2, 3))
     c.data.crop_size = CROP
     c.batch.labeled = GLOBAL_BATCH
     c.optim.lr = 0.01
@@ -80,13 +84,41 @@ def _worker(coordinator, process_id, out):
     jax.distributed.shutdown()
 
 
+def _data_worker(coordinator, process_id, out):
+    """main.py's data step (`data.ensure_prepared`) in one of two processes sharing `out`'s folder."""
+    from csl_jax import data
+    from data_prep import synthetic
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes=NUM_PROCESSES, process_id=process_id,
+                               initialization_timeout=TIMEOUT_S)
+    generate = synthetic.prepare
+    calls = []
+
+    def recorded(*args, **kwargs):
+        calls.append(process_id)
+        time.sleep(2.0)  # process 1 reaches the data first unless it waits for process 0
+        return generate(*args, **kwargs)
+
+    synthetic.prepare = recorded
+    cfg = ml_collections.ConfigDict({
+        "name": "synthetic", "root": os.path.join(os.path.dirname(out), "data"), "split": "1_2", "crop_size": 32,
+        "synthetic": {"num_train": 8, "num_val": 2, "image_size": (24, 24), "seed": 0}})
+    data.ensure_prepared(cfg)
+    with open(out, "w") as f:
+        json.dump({"calls": calls, "num_classes": data.dataset_info(cfg).num_classes,
+                   "val": len(data.eval_dataset(cfg))}, f)
+    jax.distributed.shutdown()
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
+def run_workers(tmp_path, out_name, *mode, while_waiting=lambda: None):
+    """Starts this file as NUM_PROCESSES workers, runs `while_waiting()` here, checks they succeed."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
     coordinator = f"127.0.0.1:{_free_port()}"
@@ -95,10 +127,10 @@ def test_two_processes_match_one_process(tmp_path):
         for pid in range(NUM_PROCESSES):
             logs.append(open(tmp_path / f"worker{pid}.log", "w+"))
             procs.append(subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), coordinator, str(pid), str(tmp_path / f"out{pid}.npz")],
+                [sys.executable, os.path.abspath(__file__), coordinator, str(pid),
+                 str(tmp_path / out_name.format(pid)), *mode],
                 env=env, cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT))
-        # The 4-device reference runs here while the workers compile.
-        ref_params, ref_losses = run(jax.devices()[:NUM_PROCESSES * DEVICES_PER_PROCESS], 0, 1)
+        result = while_waiting()
         for proc in procs:
             proc.wait(timeout=TIMEOUT_S)
     finally:
@@ -110,6 +142,13 @@ def test_two_processes_match_one_process(tmp_path):
             log.close()
     for pid, proc in enumerate(procs):
         assert proc.returncode == 0, (tmp_path / f"worker{pid}.log").read_text()[-3000:]
+    return result
+
+
+def test_two_processes_match_one_process(tmp_path):
+    # The 4-device reference runs here while the workers compile.
+    ref_params, ref_losses = run_workers(
+        tmp_path, "out{}.npz", while_waiting=lambda: run(jax.devices()[:NUM_PROCESSES * DEVICES_PER_PROCESS], 0, 1))
 
     assert len(ref_params) > 10 and np.all(np.isfinite(ref_losses))
     for pid in range(NUM_PROCESSES):
@@ -124,5 +163,15 @@ def test_two_processes_match_one_process(tmp_path):
     assert max(float(np.max(np.abs(ref_params[jax.tree_util.keystr(p)] - np.asarray(x)))) for p, x in moved) > 1e-3
 
 
+def test_synthetic_data_is_written_by_process_0_and_read_by_all(tmp_path):
+    run_workers(tmp_path, "data{}.json", "data")
+    results = [json.load(open(tmp_path / f"data{pid}.json")) for pid in range(NUM_PROCESSES)]
+    assert [r["calls"] for r in results] == [[0]] + [[]] * (NUM_PROCESSES - 1)
+    assert all(r["num_classes"] == 5 and r["val"] == 2 for r in results)
+
+
 if __name__ == "__main__":
-    _worker(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    if sys.argv[4:] == ["data"]:
+        _data_worker(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    else:
+        _worker(sys.argv[1], int(sys.argv[2]), sys.argv[3])

@@ -140,7 +140,7 @@ def test_eval_dataset_is_original_and_exact(root):
 def test_config_errors_name_the_valid_choices(root):
     with pytest.raises(ValueError, match="valid: pascal, cityscapes, camvid, synthetic, custom"):
         data.dataset_info(_cfg(root, name="voc"))
-    with pytest.raises(ValueError, match="valid: 1_2, 1_4, 1_8"):
+    with pytest.raises(ValueError, match=r"^unknown synthetic split '1_3'; valid: 1_2, 1_4, 1_8$"):
         data.labeled_iterator(_cfg(root, split="1_3"), seed=0, global_batch=4)
     with pytest.raises(ValueError, match="valid: strong, strong2, tmp"):
         data.unlabeled_iterator(_cfg(root), seed=0, global_batch=4, views=("cutmix",))
@@ -150,6 +150,50 @@ def test_config_errors_name_the_valid_choices(root):
         data.dataset_info(_cfg(root, name="camvid"))
     with pytest.raises(ValueError, match="unknown split '1_5' for family 'pascal'; valid: .*1_16"):
         data.iterations_per_epoch(_cfg(root, name="pascal", split="1_5"), 8, semi=True)
+
+
+def test_synthetic_data_is_generated_by_process_0_only(tmp_path, monkeypatch):
+    params = dict(num_train=8, num_val=2, image_size=(24, 24), seed=3)
+    cfg = _cfg(tmp_path / "syn", synthetic=params)
+    barriers = []
+
+    # Another process of two: it waits for process 0 and never writes; a root it cannot see is an error.
+    def no_generation(*args, **kwargs):
+        raise AssertionError("only process 0 generates the synthetic set")
+
+    with monkeypatch.context() as m:
+        m.setattr(synthetic, "prepare", no_generation)
+        with pytest.raises(FileNotFoundError, match=r"^process 1: no synthetic data at .* config.data.root must be "
+                                                    r"a directory every process sees"):
+            data.ensure_prepared(cfg, process_index=1, process_count=2, barrier=barriers.append)
+    assert barriers == ["csl_jax: synthetic data prepared"] and not (tmp_path / "syn").exists()
+
+    # Process 0 generates (the config's parameters), then waits for the others.
+    data.ensure_prepared(cfg, process_index=0, process_count=2, barrier=barriers.append)
+    assert len(barriers) == 2
+    assert data.dataset_info(cfg).num_classes == 5 and len(data.eval_dataset(cfg)) == 2
+    # Process 1 now finds it; a single process needs no barrier; a second call keeps the data.
+    with monkeypatch.context() as m:
+        m.setattr(synthetic, "prepare", no_generation)
+        data.ensure_prepared(cfg, process_index=1, process_count=2, barrier=barriers.append)
+    data.ensure_prepared(cfg, process_index=0, process_count=1, barrier=barriers.append)
+    assert len(barriers) == 3
+    with pytest.raises(ValueError, match="holds a synthetic dataset with parameters"):
+        data.ensure_prepared(_cfg(tmp_path / "syn", synthetic=dict(params, seed=4)), process_index=0, process_count=1)
+    # Prepared datasets are left to `python -m data_prep`.
+    data.ensure_prepared(_cfg(tmp_path / "none", name="camvid"), process_index=0, process_count=1)
+    assert not (tmp_path / "none").exists()
+
+
+def test_run_records_do_not_generate_data(tmp_path):
+    from configs import demo
+    from csl_jax import run_info
+
+    config = demo.get_config()
+    config.data.root = str(tmp_path / "data")
+    run_info.prepare(config, str(tmp_path / "run"), "train")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "run_train.json"]
+    assert not (tmp_path / "data").exists()  # the data is csl_jax.data.ensure_prepared's
 
 
 def _write_png(path, array):

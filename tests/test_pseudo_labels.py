@@ -1,8 +1,8 @@
 """Pseudo-label selection rules vs an independent NumPy float64 reference.
 
-The CSL reference follows the original SVD formulation (csl.md §2): X = valid features (N x 2),
-SVD of X^T, a_i = argmax_k |V_ik|, per-cluster mean and unbiased variance, the reliable cluster of
-higher mean confidence, Gaussian weights with the OR rule.
+The CSL reference follows the original SVD formulation (docs/methods/csl.md §2): X = valid
+features (N x 2), SVD of X^T, a_i = argmax_k |V_ik|, per-cluster mean and unbiased variance, the
+reliable cluster of higher mean confidence, Gaussian weights with the OR rule.
 """
 
 import functools

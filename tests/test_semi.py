@@ -23,12 +23,8 @@ TAU = 0.4  # near-uniform tiny-model predictions: some pixels above, some below
 
 
 def make_config(preset, group_size=2, batch=2, **options):
-    c = common.get_base_config()
+    c = common.tiny_model(common.get_base_config(), width=4, head_width=16)
     c.model.depth = 50
-    c.model.width = 4
-    c.model.blocks = (1, 1, 1, 1)
-    c.model.head_width = 16
-    c.model.reduce_width = 8
     c.data.crop_size = CROP
     c.batch.labeled = batch
     c.batch.unlabeled = batch
@@ -132,7 +128,8 @@ def np_targets(logits, ignore, opts):
 
 
 def reference_step(config, model, variables, teacher, batch, rng):
-    """Loss terms and kept BN statistics of one step, following csl.md §9 / unimatch.md literally."""
+    """Loss terms and kept BN statistics of one step, following docs/methods/csl.md §9 and
+    docs/methods/unimatch.md ("One iteration") literally."""
     o, g = config.method, config.loss.group_size
     lab, unl, mix = batch["labeled"], batch["unlabeled"], batch["mix"]
     n = lab["image"].shape[0]
@@ -249,6 +246,53 @@ def test_unlabeled_views_and_presets():
         build_method(config, None, NUM_CLASSES)
 
 
+def test_method_name_that_contradicts_the_options_is_refused():
+    from configs import common, csl_pascal, unimatch_pascal
+
+    from csl_jax import methods
+
+    # main.py's check (methods.check_config) and build_method refuse a name that only relabels
+    # another preset, naming config.method.name, the preset the options are, and the flags to add.
+    config = unimatch_pascal.get_config()
+    config.method.name = "fixmatch"
+    message = ("config.method.name='fixmatch', but the other config.method options are those of the 'unimatch' "
+               "preset (second_view='cutmix', use_fp=True; 'fixmatch' has second_view='none', use_fp=False); "
+               "the name does not change them, so this would train unimatch labelled fixmatch. To train fixmatch, "
+               "also set --config.method.second_view=none --config.method.use_fp=False (model, data and schedule "
+               "stay the config file's); to train unimatch, set config.method.name='unimatch'.")
+    for check in (methods.check_config, lambda c: build_method(c, None, NUM_CLASSES)):
+        with pytest.raises(ValueError) as error:
+            check(config)
+        assert str(error.value) == message
+    config.method.update(second_view="none", use_fp=False)  # what the message asks for: FixMatch
+    methods.check_config(config)
+    assert build_method(config, None, NUM_CLASSES).unlabeled_views == ("strong",)
+    config.method.teacher = "ema"  # an ablation away from FixMatch is not a contradiction
+    methods.check_config(config)
+
+    config = csl_pascal.get_config()
+    config.method.name = "unimatch"
+    with pytest.raises(ValueError, match=r"^config.method.name='unimatch', but the other config.method options are "
+                                         r"those of the 'csl' preset \(mix_pass_bn='train', second_view='tmp', "
+                                         r"selector='csl', strong_pass_updates_bn=False, teacher='ema'; "):
+        methods.check_config(config)
+    config = csl_pascal.get_config()
+    config.method.teacher = "online"  # the official code's teacher: still CSL
+    methods.check_config(config)
+    config = common.get_recipe("cityscapes", "1_16", "unimatch")
+    config.method.name = "csl"
+    with pytest.raises(ValueError, match=r"to train unimatch, set config.method.name='unimatch'\.$"):
+        methods.check_config(config)
+    # every preset as made agrees with its name
+    for name in semi.METHODS:
+        methods.check_config(common.get_recipe("pascal", "1464", name))
+    # a semi-supervised name on a supervised config: its options are missing
+    config = common.get_recipe("pascal", "1464", "supervised")
+    config.method.name = "csl"
+    with pytest.raises(ValueError, match=r"^config.method.alpha is missing; config.method.name='csl' needs"):
+        methods.check_config(config)
+
+
 def test_pseudo_label_metrics_against_numpy():
     rng = np.random.default_rng(0)
     shape = (2, 5, 6)
@@ -303,7 +347,9 @@ def test_diagnostics_use_the_teacher_and_mask_the_tmp_view(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Device-count independence of the whole train step (the trainer's make_train_step)
 # ---------------------------------------------------------------------------------------------
-def run_steps(config, devices, batch, steps=2):
+def run_steps(config, devices, batch, steps=2, students=None):
+    """(params, batch_stats, extra, metrics) after `steps` steps; appends each step's student
+    {'params', 'batch_stats'} (host copies) to `students` when given."""
     from csl_jax import train  # the trainer pulls in the data pipeline
 
     mesh = parallel.make_mesh(jax.devices()[:devices])
@@ -315,6 +361,8 @@ def run_steps(config, devices, batch, steps=2):
     global_batch = parallel.to_global(batch, mesh)
     for _ in range(steps):
         state, metrics = step_fn(state, global_batch)
+        if students is not None:  # copied before the next step donates the state
+            students.append(jax.device_get({"params": state.params, "batch_stats": state.batch_stats}))
     return jax.device_get((state.params, state.batch_stats, state.extra, metrics))
 
 
@@ -322,10 +370,31 @@ def test_train_step_is_device_count_independent():
     """CSL preset: EMA teacher, CSL selector, TMP, FP, SyncBN, per-sample dropout ids, metrics."""
     config = make_config("csl", group_size=1, batch=8)
     batch = make_batch(5, 8)
-    one = run_steps(config, 1, batch)
+    students = []
+    one = run_steps(config, 1, batch, students=students)
     eight = run_steps(config, 8, batch)
     assert set(one[3]) >= {"loss", "loss_x", "loss_s", "mask_ratio", "pl_acc"}
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    # after two updates the EMA teacher is not the student
-    assert not np.allclose(jax.tree.leaves(one[2])[0], jax.tree.leaves(one[0])[0])
+
+    # The EMA teacher (params and BN statistics) against a float64 NumPy EMA of the student after
+    # each step: the update after step t (t = steps done before it) is
+    # teacher <- d_t teacher + (1 - d_t) student, d_t = min(1 - 1/(t + 1), 0.99), so the first update
+    # copies the student (d_0 = 0) and the second averages the two students (d_1 = 1/2).
+    momentum = config.method.ema_momentum
+    expected = jax.tree.map(np.float64, students[0])
+    for t, student in enumerate(students[1:], start=1):
+        d = min(1.0 - 1.0 / (t + 1), momentum)
+        expected = jax.tree.map(lambda e, s, d=d: d * e + (1.0 - d) * np.float64(s), expected, student)
+    teacher = one[2]["teacher"]
+    assert jax.tree.structure(teacher) == jax.tree.structure(expected)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(teacher), jax.tree.leaves(expected)):
+        # float32 EMA of float32 values: a few ulp of the larger operand
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    # Non-degenerate: the two students differ, in params and in BN statistics, so the teacher (their
+    # mean) is neither of them.
+    final = {"params": one[0], "batch_stats": one[1]}
+    for key in ("params", "batch_stats"):
+        gap = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(students[0][key]),
+                                                                 jax.tree.leaves(final[key])))
+        assert gap > 1e-3, key

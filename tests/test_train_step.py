@@ -1,5 +1,6 @@
 """The shard_map train step: 1 device == 8 devices == a plain DDP-style reference; accumulation; errors."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,11 +18,7 @@ CROP = 33
 
 
 def tiny_config(group_size=2):
-    c = common.get_base_config()
-    c.model.blocks = (1, 1, 1, 1)
-    c.model.width = 4
-    c.model.head_width = 8
-    c.model.reduce_width = 4
+    c = common.tiny_model(common.get_base_config(), width=4, head_width=8, reduce_width=4)
     c.model.output_stride = 8
     c.model.aspp_rates = (1, 2, 3)
     c.data.crop_size = CROP
@@ -60,9 +57,10 @@ def run_steps(config, devices, batches):
     return jax.device_get(state), losses_seen
 
 
-def assert_trees_close(a, b, atol):
+def assert_trees_close(a, b, atol, rtol=1e-4):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-4)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
 
 
 def test_one_vs_eight_devices_vs_reference():
@@ -103,11 +101,20 @@ def test_one_vs_eight_devices_vs_reference():
     assert int(state8.step) == 2
 
 
-def test_gradient_accumulation_matches_group_average():
-    # With loss groups of 2 images, 2 micro-batches of 4 on one device average the same per-group
-    # losses as one batch of 8, so the first step's loss is identical (BN statistics differ per micro-batch,
-    # so compare the loss of step 0 only, whose forward uses per-micro-batch statistics in both cases?)
-    # -> compare against a hand reference: mean of the two micro-batch losses.
+def sgd_first_step(config, params, grads):
+    """Params after the first torch-style SGD step (momentum buffer = g + wd p, poly factor 1), by hand."""
+    groups = optim.param_groups(params)
+    lr, multi, wd = config.optim.lr, config.optim.lr_multi, config.optim.weight_decay
+    return jax.tree.map(lambda p, g, group: p - lr * (1.0 if group == "backbone" else multi) * (g + wd * p),
+                        params, grads, groups)
+
+
+def test_gradient_accumulation_matches_hand_reference():
+    # 2 devices x 4 images, accum_steps=2: device d holds images [4d, 4d+4) and its micro-batches are
+    # [4d, 4d+2) and [4d+2, 4d+4). BN is synced over the 2 devices, so micro-batch k normalises
+    # images {2k, 2k+1, 4+2k, 4+2k+1} together and updates the running statistics after micro-batch
+    # k-1's; its loss is the mean of one 2-image group per device. The step's gradient is the mean
+    # of the two micro-batch gradients; the reference below writes all of this out without shard_map.
     config = tiny_config(group_size=2)
     config.batch.accum_steps = 2
     batch = make_batch(8, seed=3)
@@ -115,8 +122,6 @@ def test_gradient_accumulation_matches_group_average():
 
     model = build_model(config.model, NUM_CLASSES)
     variables = train.init_variables(model, config, jax.random.PRNGKey(0))
-    # device d holds images [4d, 4d+4); its micro-batches are [4d, 4d+2) and [4d+2, 4d+4); BN is synced
-    # over the 2 devices, so micro-batch k normalises images {2k, 2k+1, 4+2k, 4+2k+1} together.
     expected = []
     stats = variables["batch_stats"]
     grads_sum = None
@@ -135,6 +140,72 @@ def test_gradient_accumulation_matches_group_average():
         grads_sum = grads if grads_sum is None else jax.tree.map(jnp.add, grads_sum, grads)
     np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-5)
     assert_trees_close(state.batch_stats, stats, atol=2e-5)
+    params = sgd_first_step(config, variables["params"], jax.tree.map(lambda g: g / 2, grads_sum))
+    # The same sums in another order (per-device BN and loss sums, psum, then the micro-batch sum):
+    # float32 noise of ~1e-6 relative on gradients of order 1, times lr x lr_multi = 0.1, gives
+    # ~1e-7 on the params (measured 1.2e-7); 1e-6 absolute (no relative slack) keeps 8x margin and
+    # is 1e-4 of the step (the params move by up to 1.3e-2).
+    assert_trees_close(state.params, params, atol=1e-6, rtol=0)
+    assert max_abs_diff(state.params, variables["params"]) > 1e-3  # the step did move the params
+
+
+def max_abs_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a),
+                                                                                 jax.tree.leaves(b)))
+
+
+def bn_counts(model, variables, images):
+    """{BN path: values per channel of one train-mode pass over `images`} (batch x height x width)."""
+    is_bn = lambda module, _: type(module).__name__ == "BatchNorm"  # noqa: E731
+    _, captured = model.apply(variables, images, train=True, mutable=["batch_stats", "intermediates"],
+                              capture_intermediates=is_bn)
+    leaves = jax.tree_util.tree_leaves_with_path(captured["intermediates"])
+    return {tuple(e.key for e in path[:-2]): int(np.prod(x.shape[:-1])) for path, x in leaves}
+
+
+def test_gradient_accumulation_equals_one_batch_when_micro_batches_agree():
+    # accum_steps=2 vs accum_steps=1 on the same global batch. With BN the two differ in general
+    # (statistics per micro-batch, two running-statistics updates), so the batch is built for the
+    # two to agree exactly: every device's 4 images are one pair twice, [a0 a1 a0 a1 | b0 b1 b0 b1].
+    # Then each micro-batch ({a0 a1} | {b0 b1}) has the BN mean and (biased) variance of the whole
+    # batch, every loss group is the same, and as functions of the params both losses are equal,
+    # hence equal gradients and params after the step.
+    config = tiny_config(group_size=2)
+    pairs = make_batch(4, seed=4)["labeled"]
+    batch = {"labeled": {k: v[[0, 1, 0, 1, 2, 3, 2, 3]] for k, v in pairs.items()}}
+    devices = jax.devices()[:2]
+    one, (loss_one,) = run_steps(config, devices, [batch])
+    config.batch.accum_steps = 2
+    two, (loss_two,) = run_steps(config, devices, [batch])
+
+    np.testing.assert_allclose(loss_two, loss_one, rtol=1e-6)
+    # Same gradient up to float32 summation order (BN sums over 8 vs 4 images, two micro-batch
+    # gradients summed): ~1e-6 relative on gradients of order 1, times lr x lr_multi = 0.1, gives
+    # ~1e-7 on the params (measured 6e-8); 1e-6 absolute (no relative slack) is 1e-4 of the step.
+    assert_trees_close(two.params, one.params, atol=1e-6, rtol=0)
+    variables = train.init_variables(build_model(config.model, NUM_CLASSES), config, jax.random.PRNGKey(0))
+    assert max_abs_diff(one.params, variables["params"]) > 1e-3  # the step did move the params
+
+    # Running statistics: accum_steps=1 updates once with the batch's (mean, unbiased var over n
+    # values), accum_steps=2 twice with the same mean and biased variance over n/2 values:
+    #   one: m0 + 0.1 (mu - m0)          two: m0 + 0.19 (mu - m0)          (momentum 0.9)
+    #   one: 0.9 v0 + 0.1 s n/(n-1)      two: 0.81 v0 + 0.19 s (n/2)/(n/2-1)
+    # so `two` follows from `one` and the initial statistics, with n per BN layer from the model.
+    counts = bn_counts(build_model(config.model, NUM_CLASSES), variables, batch["labeled"]["image"])
+    init = flax.traverse_util.flatten_dict(variables["batch_stats"])
+    got_one = flax.traverse_util.flatten_dict(one.batch_stats)
+    got_two = flax.traverse_util.flatten_dict(two.batch_stats)
+    assert set(got_two) == set(init) and {k[:-1] for k in init} == set(counts)
+    for key, m0 in init.items():
+        m0, one_k, two_k = np.float64(m0), np.float64(got_one[key]), np.float64(got_two[key])
+        if key[-1] == "mean":
+            want = m0 + 1.9 * (one_k - m0)
+        else:
+            n = counts[key[:-1]]
+            biased = (one_k - 0.9 * m0) / 0.1 * (n - 1) / n
+            want = 0.81 * m0 + 0.19 * biased * (n / 2) / (n / 2 - 1)
+        # float32 statistics; the variance is recovered through a division by 0.1
+        np.testing.assert_allclose(two_k, want, rtol=2e-5, atol=1e-6, err_msg=str(key))
 
 
 def test_batch_not_dividing_devices_is_a_clear_error():

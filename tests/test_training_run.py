@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import demo
+from configs import common, demo
 from csl_jax import checkpoint, train
 from data_prep import synthetic
 
@@ -30,9 +31,7 @@ def tiny_config(data_root, method="supervised", **overrides):
     c.data.root = data_root
     c.data.crop_size = 32
     c.data.split = "1_2"
-    c.model.width = 4
-    c.model.head_width = 8
-    c.model.reduce_width = 4
+    common.tiny_model(c, width=4, head_width=8, reduce_width=4)
     c.batch.labeled = 16
     c.batch.unlabeled = 16
     c.data.block_size = 8
@@ -105,7 +104,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path):
 
 
 def test_bad_split_name_lists_valid_ones(data_root, tmp_path):
-    with pytest.raises(ValueError, match=r"1_3.*1_2.*1_4.*1_8|1_3.*valid"):
+    # The whole message: the wrong name, then every split the prepared synthetic set has.
+    message = "unknown synthetic split '1_3'; valid: 1_2, 1_4, 1_8"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         train.train_and_evaluate(tiny_config(data_root, **{"data.split": "1_3"}), str(tmp_path / "bad"))
 
 
@@ -120,6 +121,17 @@ def test_unknown_config_key_fails_clearly(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "config.optim has no key 'learning_rate'" in out and "'lr'" in out
+
+
+def test_method_name_contradicting_the_config_fails_clearly(tmp_path):
+    workdir = tmp_path / "run"
+    proc = run_main(["--config=configs/unimatch_pascal.py", f"--workdir={workdir}", "--config.method.name=fixmatch"])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert ("error: config.method.name='fixmatch', but the other config.method options are those of the 'unimatch' "
+            "preset (second_view='cutmix', use_fp=True;") in out
+    assert "also set --config.method.second_view=none --config.method.use_fp=False" in out
+    assert not workdir.exists()  # refused before anything is written
 
 
 def test_demo_sigterm_then_resume_to_the_end(data_root, tmp_path):

@@ -30,6 +30,7 @@ import grain
 from absl import flags
 import numpy as np
 
+from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import sources, transforms
 
 STREAMS = {"labeled": 0, "main": 1, "mix": 2}
@@ -86,7 +87,7 @@ class _Sample:
         weak, label, valid = transforms.apply_geometry(image, label, geometry, self.crop)
         if self.stream == STREAMS["labeled"]:
             return {"image": transforms.normalize(weak), "label": label.astype(np.int32)}
-        out = {"weak": transforms.normalize(weak), "ignore": np.where(valid, 0, 255).astype(np.int32),
+        out = {"weak": transforms.normalize(weak), "ignore": np.where(valid, 0, IGNORE_INDEX).astype(np.int32),
                "label": label.astype(np.int32)}
         for view in self.views:
             out.update(self._view(view, weak, valid, _rng(self.seed, self.stream, 2, index, VIEWS[view])))

@@ -10,16 +10,17 @@ no mask) and decoded by `decode`.
 import dataclasses
 import io
 import pathlib
+from typing import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from csl_jax.constants import IGNORE_INDEX as IGNORE
 from data_prep import splits as shipped
 
 DATASETS = ("pascal", "cityscapes", "camvid", "synthetic", "custom")
 RECORD_VERSION = "1.0.0"
-IGNORE = 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +108,48 @@ def version_dir(data_cfg) -> pathlib.Path:
         raise FileNotFoundError(f"no prepared {name} data at {path} (config.data.root={data_cfg.root!r});"
                                 f" run `python -m data_prep {name} --raw RAW_DIR --out {data_cfg.root}`")
     return path
+
+
+def ensure_prepared(data_cfg, *, process_index: int | None = None, process_count: int | None = None,
+                    barrier: Callable[[str], None] | None = None) -> None:
+    """Makes sure every process can read `data_cfg`'s prepared data; call once per run, in every process.
+
+    The synthetic dataset is generated here when `data_cfg.root` lacks it (parameters from
+    `data_cfg.synthetic`, see `data_prep.synthetic.prepare`; a dataset with other parameters there
+    is an error), by process 0 only: the others wait at `barrier` and then check that they see it,
+    so `data_cfg.root` must be a directory all processes share. Other datasets are prepared
+    beforehand with `python -m data_prep`; nothing happens for them here.
+
+    Args:
+      process_index, process_count: default `jax.process_index()`, `jax.process_count()`.
+      barrier: called with a name by every process when process_count > 1; returns when all have
+        called it. Default `jax.experimental.multihost_utils.sync_global_devices`.
+    """
+    if _name(data_cfg) != "synthetic":
+        return
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if process_index == 0:
+        from data_prep import synthetic
+
+        params = dict(data_cfg.get("synthetic", {}))
+        if "image_size" in params:
+            params["image_size"] = tuple(params["image_size"])
+        synthetic.prepare(data_cfg.root, **params)
+    if process_count > 1:
+        if barrier is None:
+            from jax.experimental import multihost_utils
+
+            barrier = multihost_utils.sync_global_devices
+        barrier("csl_jax: synthetic data prepared")
+        if not (pathlib.Path(data_cfg.root) / "synthetic" / RECORD_VERSION / "dataset_info.json").is_file():
+            raise FileNotFoundError(
+                f"process {process_index}: no synthetic data at {data_cfg.root} after process 0 generated it "
+                f"there; config.data.root must be a directory every process sees (a shared file system), or "
+                f"run `python -m data_prep synthetic --out {data_cfg.root}` with the config's parameters on "
+                f"every host first")
 
 
 def _metadata(data_cfg) -> dict:

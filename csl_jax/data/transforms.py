@@ -8,7 +8,8 @@ import dataclasses
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-IGNORE = 255
+from csl_jax.constants import IGNORE_INDEX as IGNORE
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 _SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)

@@ -16,8 +16,10 @@ One iteration (docs/methods/csl.md §9, docs/methods/unimatch.md), per device:
 4. L = (L_x + w_s (L_s + L_2) + 0.5 L_fp) / 2, where the strong views share 0.5 with FP (1 without
    FP) equally: CSL/UniMatch (L_x + 0.25 L_s + 0.25 L_2 + 0.5 L_fp)/2, FixMatch (L_x + L_s)/2.
 
-The method names only select option presets (`default_options`); every option can be
-overridden from the config (`--config.method.teacher=online`).
+The method names only select option presets (`default_options`, applied when a config is made);
+every option can be overridden from the config (`--config.method.teacher=online`). Changing only
+`config.method.name` does not switch the options, so a name that contradicts them (the options of
+another preset, e.g. UniMatch's under name='fixmatch') is refused (`check_options`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ import ml_collections
 import numpy as np
 
 from csl_jax import losses, pseudo_labels, teacher, views
-from csl_jax.methods.base import AXIS, Method, StepContext, global_sample_ids
+from csl_jax.constants import IGNORE_INDEX
+from csl_jax.methods.base import Method, StepContext, global_sample_ids
+from csl_jax.parallel import AXIS
 
 #: unlabeled views the data pipeline must produce, by `config.method.second_view`.
 _VIEWS = {"tmp": ("strong", "tmp"), "cutmix": ("strong", "strong2"), "none": ("strong",)}
@@ -46,7 +50,7 @@ _CHOICES = {
 
 
 def default_options(name: str) -> ml_collections.ConfigDict:
-    """The `config.method` preset of 'csl', 'unimatch' or 'fixmatch' (csl.md §10, unimatch.md).
+    """The `config.method` preset of 'csl', 'unimatch' or 'fixmatch' (docs/methods/csl.md §10).
 
     Fields: name; selector ('csl' | 'threshold'); second_view ('tmp' | 'cutmix' | 'none'); use_fp;
     alpha, variance_scaling, eps (CSL selector); tau (threshold selector); teacher ('ema' |
@@ -78,6 +82,66 @@ def default_options(name: str) -> ml_collections.ConfigDict:
     return opts
 
 
+def _preset_keys() -> tuple[str, ...]:
+    """The options on which the presets differ (selector, second_view, use_fp, teacher, ...)."""
+    presets = [default_options(name) for name in METHODS]
+    return tuple(k for k in presets[0].keys() if k != "name" and len({p[k] for p in presets}) > 1)
+
+
+def _flag(key: str, value) -> str:
+    return f"--config.method.{key}={value}"
+
+
+def preset_mismatch(opts: ml_collections.ConfigDict) -> str | None:
+    """Why `opts.name` contradicts the other options, or None.
+
+    The name does not switch the options (`default_options` builds them when a config is made), so
+    changing only the name would train the old preset under the new name. A contradiction is an
+    options set that takes another preset's value on every option where that preset differs from
+    the named one: e.g. name='fixmatch' with UniMatch's second_view='cutmix' and use_fp=True.
+    Options changed one by one from the named preset (ablations such as teacher='online' for CSL)
+    are not contradictions.
+    """
+    name = opts.name
+    named = default_options(name)
+    for other in METHODS:
+        preset = default_options(other)
+        keys = [k for k in _preset_keys() if preset[k] != named[k]]
+        if other == name or not keys or any(opts[k] != preset[k] for k in keys):
+            continue
+        theirs = ", ".join(f"{k}={opts[k]!r}" for k in keys)
+        ours = ", ".join(f"{k}={named[k]!r}" for k in keys)
+        return (f"config.method.name={name!r}, but the other config.method options are those of the {other!r} "
+                f"preset ({theirs}; {name!r} has {ours}); the name does not change them, so this would train "
+                f"{other} labelled {name}. To train {name}, also set {' '.join(_flag(k, named[k]) for k in keys)} "
+                f"(model, data and schedule stay the config file's); to train {other}, set "
+                f"config.method.name={other!r}.")
+    return None
+
+
+def check_options(opts: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the `config.method` field that is missing, invalid or contradicts the name."""
+    name = opts.get("name")
+    if name not in METHODS:
+        raise ValueError(f"config.method.name={name!r} has no semi-supervised preset; valid: {sorted(METHODS)}")
+    for key in default_options(name).keys():
+        if key not in opts:
+            raise ValueError(
+                f"config.method.{key} is missing; config.method.name={name!r} needs all fields of "
+                f"csl_jax.methods.semi.default_options({name!r}), which the semi-supervised configs have "
+                f"(configs/csl_*.py, configs/unimatch_*.py, configs/demo.py:{name}); a supervised config has none")
+    for key, choices in _CHOICES.items():
+        if opts[key] not in choices:
+            raise ValueError(f"config.method.{key}={opts[key]!r}; expected one of {list(choices)}")
+    if opts.teacher == "ema" and not 0.0 <= opts.ema_momentum < 1.0:
+        raise ValueError(f"config.method.ema_momentum={opts.ema_momentum} must be in [0, 1)")
+    if opts.alpha <= 0:
+        raise ValueError(f"config.method.alpha={opts.alpha} must be > 0")
+    message = preset_mismatch(opts)
+    if message:
+        raise ValueError(message)
+
+
 def pseudo_label_metrics(pseudo_label: jax.Array, weight: jax.Array, reliable: jax.Array, ignore: jax.Array,
                          label: jax.Array, axis_name: str | None = None) -> dict:
     """Cheap diagnostics of the main batch's pseudo-labels, float32 scalars.
@@ -97,8 +161,8 @@ def pseudo_label_metrics(pseudo_label: jax.Array, weight: jax.Array, reliable: j
       of (n_valid, n_reliable, n_labeled, n_correct, n_labeled_reliable, n_correct_reliable), so
       that sums over steps can be formed.
     """
-    valid = ignore != losses.IGNORE_INDEX
-    labeled = valid & (label != losses.IGNORE_INDEX)
+    valid = ignore != IGNORE_INDEX
+    labeled = valid & (label != IGNORE_INDEX)
     correct = labeled & (pseudo_label == label)
     reliable = reliable & valid
 
@@ -140,18 +204,7 @@ class SemiSupervised(Method):
     def __init__(self, config: ml_collections.ConfigDict, model, num_classes: int):
         super().__init__(config, model, num_classes)
         opts = config.method
-        for key in default_options("csl").keys():
-            if key not in opts:
-                raise ValueError(
-                    f"config.method.{key} is missing; semi-supervised methods need all fields of "
-                    f"csl_jax.methods.semi.default_options({opts.get('name', 'csl')!r})")
-        for key, choices in _CHOICES.items():
-            if opts[key] not in choices:
-                raise ValueError(f"config.method.{key}={opts[key]!r}; expected one of {list(choices)}")
-        if opts.teacher == "ema" and not 0.0 <= opts.ema_momentum < 1.0:
-            raise ValueError(f"config.method.ema_momentum={opts.ema_momentum} must be in [0, 1)")
-        if opts.alpha <= 0:
-            raise ValueError(f"config.method.alpha={opts.alpha} must be > 0")
+        check_options(opts)
         self.opts = opts
         self.unlabeled_views = _VIEWS[opts.second_view]
 
@@ -186,13 +239,13 @@ class SemiSupervised(Method):
         probs = jax.nn.softmax(jax.lax.stop_gradient(logits).astype(jnp.float32), axis=-1)
         o = self.opts
         weight, reliable = pseudo_labels.select(
-            probs, ignore != losses.IGNORE_INDEX, selector=o.selector, alpha=o.alpha,
+            probs, ignore != IGNORE_INDEX, selector=o.selector, alpha=o.alpha,
             variance_scaling=o.variance_scaling, eps=o.eps, tau=o.tau)
         label = jnp.argmax(probs, axis=-1).astype(jnp.int32)
         return {"label": label, "weight": weight, "ignore": ignore}, reliable
 
     def _unlabeled_loss(self, logits: jax.Array, targets: Mapping[str, jax.Array]) -> jax.Array:
-        """Weighted CE over the valid-pixel count, per loss group (csl.md §7)."""
+        """Weighted CE over the valid-pixel count, per loss group (docs/methods/csl.md §7)."""
         return losses.weighted_unlabeled_ce(logits, targets["label"], targets["weight"], targets["ignore"],
                                             group_size=self.config.loss.group_size)
 
@@ -291,7 +344,7 @@ class SemiSupervised(Method):
         logits = self.model.apply(self.eval_variables(params, batch_stats, extra), unlabeled["weak"], train=False)
         targets, reliable = self._targets(logits, unlabeled["ignore"])
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        valid = unlabeled["ignore"] != losses.IGNORE_INDEX
+        valid = unlabeled["ignore"] != IGNORE_INDEX
         stats = pseudo_labels.csl_statistics(probs, valid, self.opts.variance_scaling)
         out = {
             "weak": unlabeled["weak"],
@@ -302,7 +355,7 @@ class SemiSupervised(Method):
             "weight": targets["weight"],
             "reliable": reliable,
             "valid": valid,
-            "correct": valid & (unlabeled["label"] != losses.IGNORE_INDEX) & (targets["label"] == unlabeled["label"]),
+            "correct": valid & (unlabeled["label"] != IGNORE_INDEX) & (targets["label"] == unlabeled["label"]),
         }
         if "tmp" in unlabeled:
             out["tmp"] = views.trusted_mask(unlabeled["tmp"], reliable, unlabeled["block_mask"])
@@ -326,10 +379,10 @@ class SemiSupervised(Method):
         if not hasattr(self, "_diagnostics_fn"):
             self._diagnostics_fn = jax.jit(self.diagnostics)
         d = jax.device_get(self._diagnostics_fn(state.params, state.batch_stats, state.extra, unl))
-        labels = np.where(d["valid"], d["pseudo_label"], losses.IGNORE_INDEX)
+        labels = np.where(d["valid"], d["pseudo_label"], IGNORE_INDEX)
         visualize.pseudo_label_panel(d["weak"], labels, d["weight"], d.get("tmp", d["weak"]),
                                      os.path.join(plot_dir, f"pseudo_labels_step{step:07d}.png"), palette)
-        known = d["valid"][0] & (unl["label"][0] != losses.IGNORE_INDEX)
+        known = d["valid"][0] & (unl["label"][0] != IGNORE_INDEX)
         keep = known if known.any() else d["valid"][0]
         visualize.confidence_space_plot(
             d["conf"][0][keep], d["var"][0][keep], d["correct"][0][keep], d["reliable"][0][keep],
