@@ -2,7 +2,8 @@ r"""csl_jax entry point: parses flags and hands over to the package.
 
     python main.py --config=configs/csl_cityscapes.py:1_16 --workdir=runs/city_1_16 \
         --config.data.root=/data/tfds [--config.optim.lr=0.004 ...]
-    python main.py --config=... --workdir=runs/city_1_16 --mode=eval [--checkpoint=best|latest|PATH]
+    python main.py --config=... --workdir=runs/city_1_16 --mode=eval [--checkpoint=best|latest|PATH] \
+        [--split=val|test] [--evaluation=student]
     python main.py --config=... --workdir=runs/city_1_16 --mode=predict --input=imgs/ --output=out/
 """
 
@@ -20,6 +21,10 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and result
 flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to do.")
 flags.DEFINE_string("checkpoint", "best",
                     "eval/predict: 'best' or 'latest' checkpoint of --workdir, or a converted variables file.")
+flags.DEFINE_string("split", "", "eval: the split to evaluate, 'val' or 'test' where prepared (default: the "
+                    "evaluation's, val).")
+flags.DEFINE_string("evaluation", "", "eval/predict: PREDICT[@SPLIT][:PROTOCOL], e.g. 'student' or 'teacher:sliding' "
+                    "(default: the run's best evaluation, config.eval.best).")
 flags.DEFINE_string("input", None, "predict: folder of images to segment.")
 flags.DEFINE_string("output", None, "predict: folder for masks and overlays (default WORKDIR/predictions).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host). SLURM, Open MPI, "
@@ -63,14 +68,14 @@ def main(argv):
             print(f"final val mIoU {100 * results['miou']:.2f}, best {100 * results['best_miou']:.2f} "
                   f"({results['protocol']['name']}, {results['num_images']} images); see {FLAGS.workdir}")
     else:
-        from csl_jax import evaluation_loop
+        from csl_jax.evaluation import modes
 
         if FLAGS.mode == "eval":
-            evaluation_loop.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint)
+            modes.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.evaluation, FLAGS.split)
         else:
             if not FLAGS.input:
                 raise app.UsageError("--mode=predict needs --input=FOLDER")
-            evaluation_loop.predict(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.input, FLAGS.output)
+            modes.predict(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.input, FLAGS.output, FLAGS.evaluation)
 
 
 def _unknown_override(argv) -> str | None:

@@ -29,10 +29,17 @@ FLOP_RATIO_OS8_OS16 = 2.7
 
 
 def random_variables(model, x_shape, seed=0):
-    """float32 variables drawn in NumPy (cheap: no RNG compile), fan-in scaled kernels."""
+    """float32 variables of `model` for inputs `x_shape`, drawn in NumPy (`random_like`)."""
+    return random_like(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x_shape), train=False)),
+                       seed)
+
+
+def random_like(abstract, seed=0):
+    """float32 arrays for a pytree of ShapeDtypeStructs, drawn in NumPy (cheap: no RNG compile).
+
+    Leaves named 'kernel' are fan-in scaled normals, 'scale' and 'var' ones, the others zeros.
+    """
     rng = np.random.default_rng(seed)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x_shape),
-                                                 train=False))
 
     def fill(path, leaf):
         name = path[-1].key
@@ -72,12 +79,12 @@ def bench_one(depth, output_stride, crop, dtype, args):
     x = jnp.asarray(np.random.default_rng(1).standard_normal(x_shape), jnp.float32)
 
     def forward(v, x):
-        return model.apply(v, x, train=False)
+        return model.apply(v, x, train=False)[0]
 
     def train_grad(v, x):
         def loss(params):
-            out, upd = model.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
-            return jnp.mean(jnp.square(out)), upd
+            (logits, _), upd = model.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
+            return jnp.mean(jnp.square(logits)), upd
         return jax.grad(loss, has_aux=True)(v["params"])
 
     result = {"depth": depth, "output_stride": output_stride, "crop": crop, "dtype": dtype,

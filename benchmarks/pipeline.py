@@ -129,11 +129,12 @@ def measure(folder: pathlib.Path, pairs: list, crop: int, count: int) -> dict:
     cfg = ml_collections.ConfigDict({**base, "labeled_list": str(folder / "all.txt")})
     ucfg = ml_collections.ConfigDict({**base, "labeled_list": str(folder / "labeled.txt"),
                                       "unlabeled_list": str(folder / "unlabeled.txt")})
-    it = data.labeled_iterator(cfg, seed=0, global_batch=1, semi=False)
+    it = data.stream_iterator(cfg, data.StreamSpec("labeled", "labeled"), name="labeled", seed=0, global_batch=1)
     result = {"ours_labeled": rate(lambda i: next(it), count)}
     for name, views in (("ours_unlabeled_unimatch", ("strong", "strong2")),
                         ("ours_unlabeled_csl", ("strong", "tmp"))):
-        uit = data.unlabeled_iterator(ucfg, seed=0, global_batch=1, views=views)
+        spec = data.StreamSpec("unlabeled", "unlabeled", views=views)
+        uit = data.stream_iterator(ucfg, spec, name="unlabeled", seed=0, global_batch=1)
         result[name] = rate(lambda i: next(uit), count)
     rng = np.random.default_rng(0)
     n = len(pairs)

@@ -248,7 +248,8 @@ def summarize_profiles(suite: Suite, job: Job) -> None:
     job.report["profiles"] = {}
     for name in sorted(os.listdir(profile)) if os.path.isdir(profile) else []:
         try:
-            job.report["profiles"][name] = profile_summary.summarize(os.path.join(profile, name), top=15, steps=PROFILE_STEPS)
+            job.report["profiles"][name] = profile_summary.summarize(os.path.join(profile, name), top=15,
+                                                                     steps=PROFILE_STEPS)
         except (OSError, ValueError) as e:  # a summary is a bonus: keep the measurements
             job.report["profiles"][name] = {"error": str(e)}
 

@@ -33,10 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.train_step import make_config, synthetic_batch
+from benchmarks.train_step import make_config, synthetic_batch, unlabeled_views
 from csl_jax.constants import IGNORE_INDEX as IGNORE
 from csl_jax.methods import build_method
-from csl_jax.models import build_model
 from csl_jax.models.resnet import EXPANSION, block_schedule, resolve_blocks
 
 
@@ -263,8 +262,7 @@ def _sync(device) -> None:
 def bench_one(config, num_classes: int, device, warmup: int, iters: int) -> dict:
     """Times `config`'s step in PyTorch on `device`; returns one result dict (keys as train_step's)."""
     bf16 = config.model.dtype == "bfloat16"
-    method = build_method(config, build_model(config.model, num_classes), num_classes)
-    views = method.unlabeled_views if method.uses_unlabeled else None
+    views = unlabeled_views(build_method(config, num_classes))
     labeled, unlabeled = config.batch.labeled, config.batch.unlabeled
     torch.manual_seed(config.seed)
     trainer = Trainer(config, num_classes, device, bf16)
@@ -289,11 +287,11 @@ def bench_one(config, num_classes: int, device, warmup: int, iters: int) -> dict
         loss = trainer.step(batch)
     _sync(device)
     step_s = (time.perf_counter() - start) / iters
-    images = labeled + (unlabeled if method.uses_unlabeled else 0)
+    images = labeled + (unlabeled if views is not None else 0)
     return {
         "method": config.method.name, "depth": config.model.depth, "output_stride": config.model.output_stride,
         "crop": config.data.crop_size, "dtype": config.model.dtype, "labeled": labeled,
-        "unlabeled": unlabeled if method.uses_unlabeled else 0,
+        "unlabeled": unlabeled if views is not None else 0,
         "recipe": "bf16 autocast + channels_last" if bf16 else "float32 NCHW",
         "ms_per_step": 1e3 * step_s, "ms_per_step_synced": 1e3 * statistics.median(times),
         "ms_per_step_min": 1e3 * min(times), "images_per_s": images / step_s,

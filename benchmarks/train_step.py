@@ -49,11 +49,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.model_forward import random_variables
+from benchmarks.model_forward import random_like
 from configs import common, csl_pascal, supervised_pascal, unimatch_pascal
 from csl_jax import optim, parallel, train
 from csl_jax.methods import build_method
-from csl_jax.models import build_model
 
 METHOD_CONFIGS = {"supervised": supervised_pascal, "unimatch": unimatch_pascal, "csl": csl_pascal}
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
@@ -125,13 +124,19 @@ def make_config(method: str, depth: int, output_stride: int, crop: int, dtype: s
     return c
 
 
+def unlabeled_views(method) -> tuple[str, ...] | None:
+    """The views of a method's 'unlabeled' stream, or None when it has none (supervised)."""
+    spec = method.streams().get("unlabeled")
+    return None if spec is None else spec.views
+
+
 def synthetic_batch(views: tuple[str, ...] | None, labeled: int, unlabeled: int, crop: int, num_classes: int,
                     seed: int = 0) -> dict:
     """Random host batch with the pipeline's keys, shapes and dtypes (csl_jax/data/pipeline.py).
 
     labeled: image (B_l, crop, crop, 3) float32, label (B_l, crop, crop) int32 (255 on a border).
     Unless `views` is None (supervised), 'unlabeled' and 'mix' with B_u images each: weak and
-    `views` (a method's `unlabeled_views`; float32 images), ignore int32 (255 on a border), label
+    `views` (`unlabeled_views(method)`; float32 images), ignore int32 (255 on a border), label
     int32 (all 255), cutmix_box / cutmix_box2 / block_mask (B_u, crop, crop) bool.
     """
     rng = np.random.default_rng(seed)
@@ -221,19 +226,20 @@ def bench_one(config, devices, num_classes: int, warmup: int, iters: int, peak_t
     `profile_dir`: after timing, trace `profile_steps` more steps with `jax.profiler.trace` there.
     """
     mesh = parallel.make_mesh(devices)
-    model = build_model(config.model, num_classes, bn_axis_name=parallel.AXIS)
-    method = build_method(config, model, num_classes)
+    method = build_method(config, num_classes)
+    views = unlabeled_views(method)
     labeled, unlabeled = config.batch.labeled, config.batch.unlabeled
     parallel.check_divisible(labeled, "--labeled", mesh, config.loss.group_size)
-    if method.uses_unlabeled:
+    if views is not None:
         parallel.check_divisible(unlabeled, "--unlabeled", mesh, config.loss.group_size)
     crop = config.data.crop_size
-    tx = optim.make_optimizer(config.optim, total_steps=10 ** 6)
-    variables = random_variables(model, (1, crop, crop, 3))
-    state = parallel.replicate(train.create_train_state(variables, method, tx), mesh)
-    batch = parallel.to_global(synthetic_batch(
-        method.unlabeled_views if method.uses_unlabeled else None, labeled, unlabeled, crop, num_classes), mesh)
-    step = train.make_train_step(method, tx, mesh, config.seed)
+    tx = optim.make_optimizer(config.optim, total_steps=10 ** 6, param_labels=method.param_labels)
+    params, method_state = random_like(jax.eval_shape(lambda: method.init(jax.random.PRNGKey(0), (crop, crop, 3))))
+    state = parallel.replicate(train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                                opt_state=tx.init(params), state=method_state), mesh)
+    batch = parallel.to_global(synthetic_batch(views, labeled, unlabeled, crop, num_classes), mesh)
+    step = train.make_train_step(method, tx, mesh, config.seed, steps_per_epoch=1,
+                                 offsets=train.stream_offsets(method, config.batch))
 
     start = time.perf_counter()
     lowered = step.lower(state, batch)
@@ -241,11 +247,11 @@ def bench_one(config, devices, num_classes: int, warmup: int, iters: int, peak_t
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    images = labeled + (unlabeled if method.uses_unlabeled else 0)
+    images = labeled + (unlabeled if views is not None else 0)
     result = {
         "method": config.method.name, "depth": config.model.depth, "output_stride": config.model.output_stride,
         "crop": crop, "dtype": config.model.dtype, "remat": config.model.remat, "labeled": labeled,
-        "unlabeled": unlabeled if method.uses_unlabeled else 0, "devices": len(devices),
+        "unlabeled": unlabeled if views is not None else 0, "devices": len(devices),
         "lower_s": lower_s, "compile_s": compile_s, "compile_only": compile_only,
     }
     if compile_only:

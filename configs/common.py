@@ -2,7 +2,8 @@
 
 Batch sizes are GLOBAL (over all devices and hosts): one GPU and eight GPUs train the same recipe.
 Loss normalisation groups (`loss.group_size`) equal the reference per-GPU batch, so results do not
-depend on the device count either.
+depend on the device count either. `eval.evaluations` lists what each evaluation step runs (a predict
+function of the method, a split, a protocol) and `eval.best` the one that picks the best checkpoint.
 """
 
 import ml_collections
@@ -15,6 +16,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # --- model (csl_jax/models, docs/models.md) ---
     c.model = ml_collections.ConfigDict()
+    c.model.name = "deeplabv3plus"  # csl_jax.models registry
     c.model.depth = 101
     c.model.stem = "deep"
     c.model.output_stride = 16
@@ -81,9 +83,15 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optim.epochs = 80
     c.optim.total_steps = 0  # > 0 overrides epochs x iterations per epoch
 
-    # --- evaluation (csl_jax/evaluate.py, docs/protocol.md §4) ---
+    # --- evaluation (csl_jax/evaluation/protocols.py, docs/protocol.md §4) ---
     c.eval = ml_collections.ConfigDict()
     c.eval.protocol = "whole"  # whole | sliding | sliding_u2pl | sliding_cpcl | center_crop
+    # Evaluations at each eval step, comma-separated `PREDICT[@SPLIT][:PROTOCOL]` (split default
+    # val, protocol default eval.protocol), e.g. "teacher,student" or "model@test:sliding".
+    # "" = every predict function of the method on val. `best` names the one that picks the best
+    # checkpoint ("" = the method's: the EMA teacher, or the only network).
+    c.eval.evaluations = ""
+    c.eval.best = ""
     c.eval.every_steps = 0  # 0 = once per epoch
     c.eval.batch_size = 8  # images (or tiles) per evaluation batch, over all devices
     c.eval.max_images = 0  # 0 = the whole val set
@@ -150,11 +158,11 @@ def get_recipe(dataset: str, split: str, method: str) -> ml_collections.ConfigDi
         c.batch.labeled = 16
         c.optim.epochs = r["epochs"]
         return c
-    from csl_jax.methods import semi
+    from csl_jax.methods import weak_to_strong
 
     c.batch.labeled = c.batch.unlabeled = 8
     c.optim.epochs = r["semi_epochs"]
-    c.method = semi.default_options(method)
+    c.method = weak_to_strong.default_options(method)
     c.method.tau = r["tau"]
     if method == "csl":
         c.model.output_stride = 8

@@ -9,8 +9,10 @@ Splits (`:arg`): 1_16 (23 labeled / 344 unlabeled), 1_8 (46 / 321), 1_4 (92 / 27
 Pascal recipe (OS8, ASPP 12/24/36, bf16 convolutions, crop 321 of the 360x480 frames, global batch
 8 / 8 / 8, lr 1e-3 with head x10, plain CE: OHEM's min_kept 200000 would keep nearly every pixel
 of two 321 crops, whole-image evaluation) with 240 epochs instead of 80, because the unlabeled set
-is about 30x smaller than Pascal's (240 epochs = 10,320 iterations at 1_16, 5,280 at 1_2). Measured
-so far: tiny-model CPU runs only, in docs/results.md (CamVid 1/8).
+is about 30x smaller than Pascal's (240 epochs = 10,320 iterations at 1_16, 5,280 at 1_2). The EMA
+teacher and the student are both evaluated (--config.eval.evaluations), the teacher picks the best
+checkpoint; `--mode=eval --split=test` evaluates it on the test split when prepared. Measured so far:
+tiny-model CPU runs only, in docs/results.md (CamVid 1/8).
 """
 
 from configs import common

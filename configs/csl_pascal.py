@@ -8,8 +8,9 @@ u2pl_1_4 (use --config.data.crop_size=513 for the U2PL lists). DeepLabV3+ deep-s
 ASPP 12/24/36, bf16 convolutions; crop 321; global batch 8 labeled / 8 unlabeled / 8 mix; SGD lr
 1e-3 (head x10), poly, 80 epochs over the unlabeled set; CE; alpha 8; TMP p 0.5, cover 0.7, block
 32; FP; EMA teacher 0.99 (the official code's online teacher: --config.method.teacher=online);
-whole-image evaluation of the teacher. Targets: the CSL paper's tables. Not yet measured with
-csl_jax.
+whole-image evaluation of the teacher and the student (--config.eval.evaluations, default both),
+the teacher picks the best checkpoint (--config.eval.best). Targets: the CSL paper's tables. Not yet
+measured with csl_jax.
 """
 
 from configs import common

@@ -9,7 +9,8 @@ Splits (`:arg`): 1_16 (23 labeled / 344 unlabeled), 1_8 (46 / 321), 1_4 (92 / 27
 Pascal recipe (OS16, ASPP 6/12/18, crop 321, global batch 8 / 8 / 8, lr 1e-3 with head x10, CE,
 tau 0.95, whole-image evaluation) with 240 epochs over the small unlabeled set. FixMatch:
 --config.method.name=fixmatch --config.method.second_view=none --config.method.use_fp=False.
-Measured so far: tiny-model CPU runs only, in docs/results.md (CamVid 1/8).
+`--mode=eval --split=test` evaluates the best checkpoint on the test split when prepared. Measured
+so far: tiny-model CPU runs only, in docs/results.md (CamVid 1/8).
 """
 
 from configs import common

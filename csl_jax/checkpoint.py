@@ -39,21 +39,28 @@ class Checkpointer:
         step = self._latest.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self._latest.directory}")
-        restored = self._latest.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
-        )
+        try:
+            restored = self._latest.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                              data=ocp.args.JsonRestore()))
+        except (ValueError, KeyError) as error:  # orbax: the saved tree does not match the target
+            raise ValueError(
+                f"checkpoint {self._latest.directory}/{step} does not match this run's train state (another "
+                f"method, model or config, or a csl_jax before the method framework v2, whose states had "
+                f"'batch_stats'/'extra' fields); train in a new --workdir. orbax said: {error}") from error
         return restored.state, restored.data, step
 
-    def save_best(self, step: int, variables: Any, miou: float) -> None:
-        """Saves the evaluated model's variables as the best so far (val mIoU `miou`)."""
+    def save_best(self, step: int, variables: Any, miou: float, **meta: str) -> None:
+        """Saves the evaluated variables as the best so far (mIoU `miou`); `meta` (e.g. the
+        evaluation and predict function names) is stored beside them."""
         self._best.save(
             step, args=ocp.args.Composite(variables=ocp.args.StandardSave(variables),
-                                          meta=ocp.args.JsonSave({"step": step, "miou": miou})),
+                                          meta=ocp.args.JsonSave({"step": step, "miou": miou, **meta})),
             force=True,
         )
 
     def best_meta(self) -> dict | None:
-        """{'step', 'miou'} of the best checkpoint, or None when there is none."""
+        """{'step', 'miou', ...} of the best checkpoint, or None when there is none."""
         step = self._best.latest_step()
         if step is None:
             return None
@@ -64,7 +71,8 @@ class Checkpointer:
         step = self._best.latest_step()
         if step is None:
             raise FileNotFoundError(f"no best checkpoint in {self._best.directory}")
-        var_args = ocp.args.StandardRestore(abstract_variables) if abstract_variables is not None else ocp.args.StandardRestore()
+        var_args = ocp.args.StandardRestore(abstract_variables) if abstract_variables is not None else (
+            ocp.args.StandardRestore())
         restored = self._best.restore(step, args=ocp.args.Composite(variables=var_args, meta=ocp.args.JsonRestore()))
         return restored.variables, restored.meta
 

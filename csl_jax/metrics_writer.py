@@ -109,17 +109,21 @@ class MetricsWriter:
             parts.append(f"ETA {format_hms(eta_seconds(step, self.total_steps, rate))}")
         return " | ".join(parts)
 
-    def write_eval(self, step: int, results: Mapping[str, Any]) -> None:
-        """Logs an evaluation result (see csl_jax.evaluate.Evaluator.evaluate) at `step`.
+    def write_eval(self, step: int, results: Mapping[str, Any], name: str = "", is_best_metric: bool = True) -> None:
+        """Logs the result of evaluation `name` (see csl_jax.evaluation.Evaluator.evaluate) at `step`.
 
-        metrics.jsonl and TensorBoard get 'val/miou', 'val/pixel_acc', 'val/mean_acc' and
-        'val/iou/<class index>'; eval_results.jsonl gets the whole result (image samples dropped,
-        arrays as lists) with 'step' and 'time'.
+        metrics.jsonl and TensorBoard get, for the evaluation that picks the best checkpoint
+        (`is_best_metric`), 'val/miou', 'val/pixel_acc', 'val/mean_acc' and 'val/iou/<class index>';
+        for the others (e.g. the student of an EMA-teacher run) the same under 'eval/<name>/'.
+        eval_results.jsonl gets the whole result (image samples dropped, arrays as lists) with
+        'step' and 'time'.
         """
         if not self.enabled:
             return
-        scalars = {f"val/{k}": _scalar(k, results[k]) for k in EVAL_SCALARS if k in results}
-        scalars.update({f"val/iou/{c:02d}": _scalar(f"iou[{c}]", v) for c, v in enumerate(results.get("iou", ()))})
+        prefix = "val" if is_best_metric else f"eval/{name}"
+        scalars = {f"{prefix}/{k}": _scalar(k, results[k]) for k in EVAL_SCALARS if k in results}
+        scalars.update({f"{prefix}/iou/{c:02d}": _scalar(f"iou[{c}]", v)
+                        for c, v in enumerate(results.get("iou", ()))})
         self._append(step, scalars)
         full = {k: v for k, v in results.items() if k != "samples"}
         record = {"step": int(step), "time": time.time(), **full}

@@ -36,7 +36,8 @@ def check_divisible(global_batch: int, key: str, mesh: Mesh, multiple_of: int = 
     if global_batch <= 0 or global_batch % devices or global_batch % processes:
         raise ValueError(
             f"{key}={global_batch} must be a positive multiple of the number of devices ({devices}) "
-            f"and of processes ({processes}); choose e.g. {key}={max(devices, processes) * max(1, global_batch // devices)}"
+            f"and of processes ({processes}); choose e.g. "
+            f"{key}={max(devices, processes) * max(1, global_batch // devices)}"
         )
     per_device = global_batch // devices
     if per_device % multiple_of:

@@ -3,14 +3,14 @@
     train_and_evaluate(config, workdir)
 
 Sections: state, train step (jit of shard_map over the ("data",) mesh), input streams, the loop
-(log, evaluate, checkpoint, preemption). A method (csl_jax/methods) supplies its losses, its extra
-state and its BN policy; everything else lives here once.
+(log, evaluate, checkpoint, preemption). A method (csl_jax/methods) supplies its networks, streams,
+losses, state and predictions; the evaluation loop (csl_jax/evaluation) its evaluations; everything
+else lives here once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import signal
@@ -29,7 +29,6 @@ from jax.sharding import PartitionSpec as P
 from csl_jax import checkpoint, optim, parallel
 from csl_jax import data
 from csl_jax.methods import Method, StepContext, build_method
-from csl_jax.models import build_model
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -42,40 +41,22 @@ class NonFiniteLossError(FloatingPointError):
 class TrainState(flax.struct.PyTreeNode):
     """Everything a step changes. All leaves are replicated over the devices.
 
-    step: int32 scalar, optimizer steps done; params/batch_stats: the student (float32);
-    opt_state: optax state; extra: the method's state (EMA teacher, queues, ...).
+    step: int32 scalar, optimizer steps done; params: what the optimiser trains (float32 pytree,
+    one network or named trees); opt_state: optax state; state: the method's other variables
+    (BN statistics, EMA teacher, queues, ...), written by its loss and `after_update`.
     """
 
     step: jax.Array
     params: Any
-    batch_stats: Any
     opt_state: Any
-    extra: Any
+    state: Any
 
 
-def init_variables(model, config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
-    """Initial {'params', 'batch_stats'}: random, or loaded from `config.model.init_from`."""
-    crop = config.data.crop_size
-    init = jax.jit(functools.partial(model.init, train=False))  # one compile instead of op-by-op dispatch
-    variables = init({"params": rng, "dropout": rng}, jnp.zeros((1, crop, crop, 3), jnp.float32))
-    variables = flax.core.unfreeze(variables)
-    if config.model.init_from:
-        from csl_jax.models import convert
-
-        variables, report = convert.load_pretrained(variables, config.model.init_from, kind=config.model.init_kind)
-        logging.info("Initialised from %s: %s", config.model.init_from, report)
-    return variables
-
-
-def create_train_state(variables: dict, method: Method, tx: optax.GradientTransformation) -> TrainState:
-    """Step-0 train state of the student `variables`."""
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(variables["params"]),
-        extra=method.init_extra(variables),
-    )
+def create_train_state(method: Method, tx: optax.GradientTransformation, rng: jax.Array,
+                       image_shape) -> TrainState:
+    """Step-0 train state: the method's `init(rng, image_shape)` and the optimiser state of its params."""
+    params, state = method.init(rng, image_shape)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), state=state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,57 +67,66 @@ def _split_microbatches(tree: Any, accum_steps: int) -> Any:
     return jax.tree.map(lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), tree)
 
 
-def make_train_step(method: Method, tx: optax.GradientTransformation, mesh, seed: int,
+def stream_offsets(method: Method, batch_cfg: ml_collections.ConfigDict) -> dict[str, int]:
+    """Global id of each stream's first sample in a step: the streams one after the other (StepContext)."""
+    offsets, total = {}, 0
+    for name, spec in method.streams().items():
+        offsets[name] = total
+        total += int(batch_cfg[spec.batch])
+    return offsets
+
+
+def make_train_step(method: Method, tx: optax.GradientTransformation, mesh, seed: int, *,
+                    steps_per_epoch: int, offsets: dict[str, int],
                     accum_steps: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """jit(shard_map(per-device step)): (state, global batch) -> (new state, metrics).
 
     Per device, as PyTorch DDP: the method's loss is normalised per loss group on the local batch,
     BN statistics are synchronised by the model (axis "data"), grads and metrics are pmean'ed.
     With `accum_steps` > 1 the local batch is split into micro-batches whose gradients are
-    averaged (BN statistics chain through them). The state is donated.
+    averaged; the method's state (BN statistics, ...) is carried from one micro-batch to the next.
+    `offsets`: `stream_offsets` of the method and batch sizes. The state is donated.
     """
     seed_key = jax.random.PRNGKey(seed)
+    num_devices = mesh.devices.size
 
-    def per_device(state: TrainState, batch: dict):
-        step_rng = jax.random.fold_in(seed_key, state.step)
+    def per_device(ts: TrainState, batch: dict):
+        step_rng = jax.random.fold_in(seed_key, ts.step)
         device_index = jax.lax.axis_index(parallel.AXIS)
 
-        def loss_and_grads(batch_stats, micro_batch, rng):
-            ctx = StepContext(batch_stats=batch_stats, extra=state.extra, rng=rng, step=state.step,
-                              device_index=device_index)
-            (loss, aux), grads = jax.value_and_grad(method.loss, has_aux=True)(state.params, ctx, micro_batch)
-            return grads, aux["batch_stats"], aux["metrics"]
+        def loss_and_grads(state, micro_batch, rng):
+            ctx = StepContext(rng=rng, step=ts.step, device_index=device_index, num_devices=num_devices,
+                              steps_per_epoch=steps_per_epoch, stream_offsets=offsets)
+            (_, (state, metrics)), grads = jax.value_and_grad(method.loss, has_aux=True)(
+                ts.params, state, micro_batch, ctx)
+            return grads, state, metrics
 
         if accum_steps == 1:
-            grads, batch_stats, metrics = loss_and_grads(state.batch_stats, batch, step_rng)
+            grads, state, metrics = loss_and_grads(ts.state, batch, step_rng)
         else:
             def micro_step(carry, inputs):
-                batch_stats, grad_sum, metric_sum = carry
+                state, grad_sum, metric_sum = carry
                 index, micro_batch = inputs
-                grads, batch_stats, metrics = loss_and_grads(
-                    batch_stats, micro_batch, jax.random.fold_in(step_rng, index))
-                return (batch_stats, jax.tree.map(jnp.add, grad_sum, grads),
-                        jax.tree.map(jnp.add, metric_sum, metrics)), None
+                grads, state, metrics = loss_and_grads(state, micro_batch, jax.random.fold_in(step_rng, index))
+                return (state, jax.tree.map(jnp.add, grad_sum, grads), jax.tree.map(jnp.add, metric_sum, metrics)), None
 
-            zeros_grads = jax.tree.map(jnp.zeros_like, state.params)
+            micro_batches = _split_microbatches(batch, accum_steps)
             metric_shapes = jax.eval_shape(
-                lambda: loss_and_grads(state.batch_stats, jax.tree.map(lambda x: x[0], _split_microbatches(batch, accum_steps)), step_rng)[2])
-            zeros_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-            (batch_stats, grad_sum, metric_sum), _ = jax.lax.scan(
-                micro_step, (state.batch_stats, zeros_grads, zeros_metrics),
-                (jnp.arange(accum_steps), _split_microbatches(batch, accum_steps)))
+                lambda: loss_and_grads(ts.state, jax.tree.map(lambda x: x[0], micro_batches), step_rng)[2])
+            zeros = (jax.tree.map(jnp.zeros_like, ts.params),
+                     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+            (state, grad_sum, metric_sum), _ = jax.lax.scan(
+                micro_step, (ts.state, *zeros), (jnp.arange(accum_steps), micro_batches))
             grads = jax.tree.map(lambda g: g / accum_steps, grad_sum)
             metrics = jax.tree.map(lambda m: m / accum_steps, metric_sum)
 
         grads = jax.lax.pmean(grads, parallel.AXIS)
         metrics = jax.lax.pmean(metrics, parallel.AXIS)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        extra = method.update_extra(state.extra, params, batch_stats, state.step)
+        updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
+        params = optax.apply_updates(ts.params, updates)
+        state = method.after_update(state, params, ts.step)
         metrics = dict(metrics, grad_norm=jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))))
-        new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                               extra=extra)
-        return new_state, metrics
+        return TrainState(step=ts.step + 1, params=params, opt_state=opt_state, state=state), metrics
 
     step_fn = parallel.shard_map(per_device, mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=(P(), P()))
     return jax.jit(step_fn, donate_argnums=(0,))
@@ -147,7 +137,7 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, mesh, seed
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Streams:
-    """The labeled stream and, for semi-supervised methods, the unlabeled 'main' and 'mix' streams."""
+    """The iterators of the method's streams (`Method.streams()`), by name."""
 
     iterators: dict
 
@@ -167,24 +157,17 @@ class Streams:
 
 
 def make_streams(config: ml_collections.ConfigDict, method: Method) -> Streams:
-    """Per-process iterators of every stream the method needs, seeded from `config.seed`."""
-    common = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    iterators = {"labeled": iter(data.labeled_iterator(
-        config.data, seed=config.seed, global_batch=config.batch.labeled, semi=method.uses_unlabeled, **common))}
-    if method.uses_unlabeled:
-        for stream in ("unlabeled", "mix"):
-            iterators[stream] = iter(data.unlabeled_iterator(
-                config.data, seed=config.seed, global_batch=config.batch.unlabeled, views=method.unlabeled_views,
-                stream="main" if stream == "unlabeled" else "mix", **common))
-    return Streams(iterators)
+    """Per-process iterators of every stream the method declares, seeded from `config.seed`."""
+    return Streams({name: iter(data.stream_iterator(
+        config.data, spec, name=name, seed=config.seed, global_batch=int(config.batch[spec.batch]),
+        process_index=jax.process_index(), process_count=jax.process_count()))
+        for name, spec in method.streams().items()})
 
 
 def schedule_length(config: ml_collections.ConfigDict, method: Method) -> tuple[int, int]:
-    """(iterations per epoch, total steps) as defined by protocol.md §3."""
-    if method.uses_unlabeled:
-        per_epoch = data.iterations_per_epoch(config.data, config.batch.unlabeled, semi=True)
-    else:
-        per_epoch = data.iterations_per_epoch(config.data, config.batch.labeled, semi=False)
+    """(iterations per epoch of the method's `epoch_stream`, total steps), as defined by protocol.md §3."""
+    spec = method.streams()[method.epoch_stream]
+    per_epoch = data.epoch_length(config.data, spec, int(config.batch[spec.batch]))
     total = config.optim.total_steps or config.optim.epochs * per_epoch
     return per_epoch, total
 
@@ -228,22 +211,27 @@ def _mean_metrics(pending: list[tuple[int, dict]], start_step: int) -> dict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final eval."""
-    from csl_jax import evaluation_loop
+    """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final eval.
+
+    Returns the results of the evaluation that picks the best checkpoint (`config.eval.best`) at the
+    last step, with 'best_miou' and 'evaluations' ({name: mIoU} of every evaluation); {} when this
+    invocation did not reach an evaluation.
+    """
+    from csl_jax.evaluation.loop import EvalLoop
     from csl_jax.metrics_writer import MetricsWriter
 
     mesh = parallel.make_mesh()
     info = data.dataset_info(config.data)
-    model = build_model(config.model, info.num_classes, bn_axis_name=parallel.AXIS)
-    method = build_method(config, model, info.num_classes)
+    method = build_method(config, info.num_classes)
     group = config.loss.group_size * config.batch.accum_steps
-    parallel.check_divisible(config.batch.labeled, "config.batch.labeled", mesh, group)
-    if method.uses_unlabeled:
-        parallel.check_divisible(config.batch.unlabeled, "config.batch.unlabeled", mesh, group)
+    for spec in {spec.batch for spec in method.streams().values()}:
+        parallel.check_divisible(config.batch[spec], f"config.batch.{spec}", mesh, group)
     steps_per_epoch, total_steps = schedule_length(config, method)
     tx = optim.make_optimizer(config.optim, total_steps, param_labels=method.param_labels)
+    evaluator = EvalLoop(config, info, workdir, mesh, method)  # checks the evaluations before training
 
-    state = create_train_state(init_variables(model, config, jax.random.PRNGKey(config.seed)), method, tx)
+    crop = config.data.crop_size
+    state = create_train_state(method, tx, jax.random.PRNGKey(config.seed), (crop, crop, 3))
     state = parallel.replicate(state, mesh)
     streams = make_streams(config, method)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -253,8 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("Resumed from %s at step %d.", workdir, restored)
     start_step = int(state.step)
 
-    train_step = make_train_step(method, tx, mesh, config.seed, config.batch.accum_steps)
-    evaluator = evaluation_loop.EvalLoop(config, info, workdir, mesh, method)
+    train_step = make_train_step(method, tx, mesh, config.seed, steps_per_epoch=steps_per_epoch,
+                                 offsets=stream_offsets(method, config.batch), accum_steps=config.batch.accum_steps)
     writer = MetricsWriter(workdir, total_steps=total_steps, is_main_process=jax.process_index() == 0)
     eval_every = config.eval.every_steps or steps_per_epoch
     best = (ckpt.best_meta() or {}).get("miou", -1.0)
@@ -290,12 +278,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 flush(done)
             if done % eval_every == 0 or is_last:
                 flush(done)
-                variables = method.eval_variables(state.params, state.batch_stats, state.extra)
-                results = evaluator.run(done, variables, state, streams_sample=batch)
-                writer.write_eval(done, results)
+                evaluations = evaluator.run(done, state, train_batch=batch)
+                for evaluation, result in evaluations.items():
+                    writer.write_eval(done, result, name=evaluation, is_best_metric=evaluation == evaluator.best.name)
+                results = evaluations[evaluator.best.name]
                 if results["miou"] > best:
                     best = results["miou"]
-                    ckpt.save_best(done, variables, best)
+                    ckpt.save_best(done, method.eval_variables(state, evaluator.best.predict), best,
+                                   evaluation=evaluator.best.name, predict=evaluator.best.predict)
+                results = dict(results, evaluations={k: v["miou"] for k, v in evaluations.items()})
                 timer = time.perf_counter()  # steps/s and data-wait exclude evaluation time
             stop = preemption.requested or done - start_step == config.stop_after_steps
             if done % config.checkpoint_every_steps == 0 or is_last or stop:

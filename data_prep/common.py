@@ -5,7 +5,7 @@ Record format v1 (one TFDS example per image, ArrayRecord files, no TensorFlow n
 | key | TFDS feature | content |
 |---|---|---|
 | `image` | `Image(shape=(None, None, 3))` | the source file's original encoded bytes (JPEG or PNG), never re-encoded |
-| `label` | `Image(shape=(None, None, 1), png)` | PNG of uint8 class indices, 255 = ignore; empty bytes when the image has no mask |
+| `label` | `Image(shape=(None, None, 1), png)` | PNG of uint8 class indices, 255 = ignore; empty bytes without mask |
 | `id` | `Text` | image id (file stem, `_leftImg8bit` removed) |
 | `height`, `width` | `int32` | image size |
 

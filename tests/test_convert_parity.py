@@ -175,7 +175,8 @@ def test_eval_logits_match_pytorch(stem, output_stride, size, ceil, multi_grid):
     assert model.stem == stem  # inferred from the keys
     x = _images(size)
     expected = _torch_forward(tmodel, x)
-    got = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    got, out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    assert out == {}
     assert got.shape == expected.shape == (2, size, size, 5)
     assert got.dtype == jnp.float32
     assert expected.std() > 0.3  # the comparison is not trivially small
@@ -188,7 +189,7 @@ def test_train_mode_output_and_running_stats_match_pytorch():
     x = _images(161)
     tmodel.train()
     expected = _torch_forward(tmodel, x)
-    got, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+    (got, _), updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
         variables, x)
     # Batch statistics are float32 sums over ~50k values in a different order than PyTorch's,
     # and train-mode BN amplifies their rounding: compare relative to the logit range.

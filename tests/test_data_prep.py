@@ -256,6 +256,7 @@ def test_camvid_real_split_selection(camvid_prepared):
     cfg = ml_collections.ConfigDict({"name": "camvid", "root": str(vdir.parent.parent), "split": "1_8"})
     labeled, unlabeled = sources.split_ids(cfg)
     assert (len(labeled), len(unlabeled)) == (46, 321)
-    assert pipeline.iterations_per_epoch(cfg, 8, semi=True) == 321 // 8
-    assert pipeline.iterations_per_epoch(cfg, 8, semi=False) == 46 // 8
+    semi = pipeline.StreamSpec(source="labeled", batch="labeled", epoch_of="unlabeled")
+    assert pipeline.epoch_length(cfg, semi, 8) == 321 // 8
+    assert pipeline.epoch_length(cfg, pipeline.StreamSpec(source="labeled", batch="labeled"), 8) == 46 // 8
     assert len(pipeline.eval_dataset(cfg)) == 101

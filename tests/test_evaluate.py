@@ -1,5 +1,7 @@
-"""Evaluation protocols, confusion matrix and mIoU against NumPy float64 references."""
+"""Evaluation protocols (records and registry), confusion matrix and mIoU against NumPy float64 references;
+folder prediction."""
 
+import dataclasses
 import logging
 
 import jax
@@ -7,7 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from csl_jax import evaluate as ev
+from csl_jax import evaluation
+from csl_jax.evaluation import folder, metrics, protocols
+from csl_jax.evaluation.evaluator import Evaluator
+from csl_jax.evaluation.protocols import Protocol, get_protocol
 
 C = 4
 MEAN = np.array([0.485, 0.456, 0.406])
@@ -110,7 +115,7 @@ def test_confusion_matrix_matches_numpy_with_ignore():
     labels = rng.integers(0, 6, size=(3, 17, 11)).astype(np.uint8)
     labels[rng.random(labels.shape) < 0.3] = 255
     preds = rng.integers(0, 6, size=labels.shape).astype(np.int32)
-    got = np.asarray(jax.jit(ev.confusion_matrix, static_argnums=2)(labels, preds, 6))
+    got = np.asarray(jax.jit(metrics.confusion_matrix, static_argnums=2)(labels, preds, 6))
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, np_confusion(labels, preds, 6))
 
@@ -119,7 +124,7 @@ def test_segmentation_metrics_vs_hand_computed_and_absent_class_warns(caplog):
     # class 2 never appears in ground truth nor prediction
     conf = np.array([[5, 1, 0, 2], [0, 3, 0, 1], [0, 0, 0, 0], [1, 0, 0, 4]], np.int64)
     with caplog.at_level(logging.WARNING):
-        m = ev.segmentation_metrics(conf, class_names=["a", "b", "c", "d"])
+        m = metrics.segmentation_metrics(conf, class_names=["a", "b", "c", "d"])
     iou = [5 / (8 + 6 - 5), 3 / (4 + 4 - 3), 0.0, 4 / (5 + 7 - 4)]
     np.testing.assert_allclose(m["iou"], iou, rtol=1e-9)
     assert m["miou"] == pytest.approx(np.mean(iou), rel=1e-9)
@@ -132,10 +137,10 @@ def test_segmentation_metrics_vs_hand_computed_and_absent_class_warns(caplog):
 
 
 def test_cityscapes_801_gives_8_tiles_of_4_shapes():
-    assert ev.sliding_stride(801, "sliding") == 534
-    assert ev.sliding_stride(769, "sliding_u2pl") == 513
-    assert ev.sliding_stride(800, "sliding_cpcl") == 534
-    tiles = ev.sliding_tiles(1024, 2048, 801, 534)
+    assert get_protocol("sliding").stride(801) == 534
+    assert get_protocol("sliding_u2pl").stride(769) == 513
+    assert get_protocol("sliding_cpcl").stride(800) == 534
+    tiles = protocols.sliding_tiles(1024, 2048, 801, 534)
     assert len(tiles) == 8
     assert {(y1 - y0, x1 - x0) for y0, y1, x0, x1 in tiles} == {(801, 801), (801, 446), (490, 801), (490, 446)}
 
@@ -145,7 +150,7 @@ def test_cityscapes_801_gives_8_tiles_of_4_shapes():
         seen.append(x.shape)
         return jnp.zeros(x.shape[:3] + (19,), jnp.float32)
 
-    evaluator = ev.Evaluator(shape_fake, num_classes=19, protocol="sliding", crop_size=801, batch_size=8)
+    evaluator = Evaluator(shape_fake, num_classes=19, protocol="sliding", crop_size=801, batch_size=8)
     out = jax.eval_shape(lambda x: evaluator.scores(None, x), jax.ShapeDtypeStruct((1, 1024, 2048, 3), jnp.float32))
     assert out.shape == (1, 1024, 2048, 19)
     assert sum(s[0] for s in seen) == 8  # 8 tiles, one apply per distinct shape
@@ -153,11 +158,88 @@ def test_cityscapes_801_gives_8_tiles_of_4_shapes():
 
 
 def test_u2pl_tiles_at_cityscapes_size():
-    tiles = ev.shifted_tiles(1024, 2048, 769, 513)
+    tiles = protocols.shifted_tiles(1024, 2048, 769, 513)
     # rows: ceil(255/513)+1 = 2 -> starts 0, 255; cols: ceil(1279/513)+1 = 4 -> 0, 513, 1026, 1279
     assert [t[0] for t in tiles[::4]] == [0, 255]
     assert [t[2] for t in tiles[:4]] == [0, 513, 1026, 1279]
     assert all(t[1] - t[0] == 769 and t[3] - t[2] == 769 for t in tiles)
+
+
+# --- protocol records and registry ----------------------------------------------------------------
+
+
+def test_registry_names_and_unknown_name_lists_them():
+    assert list(protocols.PROTOCOLS) == ["whole", "sliding", "sliding_u2pl", "sliding_cpcl", "center_crop"]
+    assert evaluation.PROTOCOLS is protocols.PROTOCOLS and evaluation.get_protocol is get_protocol
+    assert all(get_protocol(name).name == name for name in protocols.PROTOCOLS)
+    valid = "whole, sliding, sliding_u2pl, sliding_cpcl, center_crop"
+    with pytest.raises(ValueError, match=f"'slide' is not one of {valid}$"):
+        get_protocol("slide")
+    with pytest.raises(ValueError, match="'slide' is not one of whole, sliding"):
+        Evaluator(fake_apply, num_classes=C, protocol="slide")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        get_protocol("whole").tiling = "sliding"
+
+
+def test_record_fields():
+    whole, sliding, u2pl, cpcl, crop = (get_protocol(n) for n in protocols.PROTOCOLS)
+    records = (whole, sliding, u2pl, cpcl, crop)
+    assert [p.tiling for p in records] == ["none", "sliding", "shifted", "shifted", "none"]
+    assert [p.stride(7) for p in records] == [None, 4, 5, 5, None]  # floor/ceil(14/3)
+    assert sliding.tile_softmax and not u2pl.tile_softmax and not cpcl.tile_softmax
+    assert u2pl.average_overlaps and not cpcl.average_overlaps and not sliding.average_overlaps
+    assert [p.needs_window for p in records] == [False, True, True, True, True]
+    assert [p.covers_image for p in records] == [True, True, True, True, False]
+    with pytest.raises(ValueError, match="stride_rounding"):
+        Protocol("bad", tiling="sliding")
+    with pytest.raises(ValueError, match="tiling 'grid'"):
+        Protocol("bad", tiling="grid", stride_rounding="floor")
+    with pytest.raises(ValueError, match="need a tiling"):
+        Protocol("bad", average_overlaps=True)
+    with pytest.raises(ValueError, match="crops_center"):
+        Protocol("bad", tiling="shifted", stride_rounding="ceil", crops_center=True)
+
+
+def test_sliding_vs_shifted_tiles_by_hand():
+    # 5 x 7 image, window 4. Sliding: stride int(8/3) = 2, starts < n, truncated:
+    # rows [0,4) [2,5) [4,5); columns [0,4) [2,6) [4,7) [6,7).
+    tiles = protocols.sliding_tiles(5, 7, 4, 2)
+    rows, cols = [(0, 4), (2, 5), (4, 5)], [(0, 4), (2, 6), (4, 7), (6, 7)]
+    assert tiles == [(y0, y1, x0, x1) for y0, y1 in rows for x0, x1 in cols]
+    # Shifted: stride ceil(8/3) = 3; rows ceil(1/3)+1 = 2 -> 0, min(3+4, 5)-4 = 1; columns ceil(3/3)+1 = 2 -> 0, 3.
+    assert protocols.shifted_tiles(5, 7, 4, 3) == [(0, 4, 0, 4), (0, 4, 3, 7), (1, 5, 0, 4), (1, 5, 3, 7)]
+    with pytest.raises(ValueError, match="at least 4x4"):
+        protocols.shifted_tiles(3, 7, 4, 3)
+
+
+def test_record_fields_drive_the_scores():
+    """Constant logits make the scores the per-pixel tile count (logits summed), count / C (softmax
+    summed) or 1 (averaged); a custom record that is in no registry is honoured field by field."""
+
+    def ones(variables, x):
+        return jnp.ones(x.shape[:3] + (C,), jnp.float32)
+
+    def scores(protocol, h, w, g=4):
+        evaluator = Evaluator(ones, num_classes=C, protocol=protocol, crop_size=g, batch_size=8)
+        out = np.asarray(jax.jit(evaluator.scores)(None, jnp.zeros((1, h, w, 3), jnp.float32)))[0]
+        np.testing.assert_array_equal(out, out[..., :1].repeat(C, -1))
+        return out[..., 0]
+
+    sliding_count = np.outer([1, 1, 2, 2, 2], [1, 1, 2, 2, 2, 2, 2])  # tiles of the test above
+    shifted_count = np.outer([1, 2, 2, 2, 1], [1, 1, 1, 2, 1, 1, 1])
+    np.testing.assert_allclose(scores("sliding", 5, 7), sliding_count / C, rtol=1e-6)
+    np.testing.assert_array_equal(scores("sliding_cpcl", 5, 7), shifted_count)
+    np.testing.assert_array_equal(scores("sliding_u2pl", 5, 7), np.ones((5, 7)))
+    # 3 x 7 is padded to 4 x 7 (0 rows above, 1 below): one row of windows, cropped back to 3 rows.
+    np.testing.assert_array_equal(scores("sliding_cpcl", 3, 7), np.outer([1, 1, 1], [1, 1, 1, 2, 1, 1, 1]))
+    averaged_logits = Protocol("sliding_mean", tiling="sliding", stride_rounding="floor", average_overlaps=True)
+    np.testing.assert_array_equal(scores(averaged_logits, 5, 7), np.ones((5, 7)))
+    summed_logits = Protocol("sliding_sum", tiling="sliding", stride_rounding="floor")
+    np.testing.assert_array_equal(scores(summed_logits, 5, 7), sliding_count)
+    shifted_softmax = Protocol("shifted_softmax", tiling="shifted", stride_rounding="ceil", tile_softmax=True)
+    np.testing.assert_allclose(scores(shifted_softmax, 5, 7), shifted_count / C, rtol=1e-6)
+    info = Evaluator(ones, num_classes=C, protocol=summed_logits, crop_size=4).protocol_info
+    assert info == {"name": "sliding_sum", "window": 4, "stride": 2}
 
 
 # --- sliding-window stitching vs NumPy -------------------------------------------------------------
@@ -175,7 +257,7 @@ def test_u2pl_tiles_at_cityscapes_size():
 )
 def test_sliding_scores_match_numpy(protocol, shape, g):
     data = make_dataset([shape], seed=3)
-    evaluator = ev.Evaluator(fake_apply, num_classes=C, protocol=protocol, crop_size=g, batch_size=8)
+    evaluator = Evaluator(fake_apply, num_classes=C, protocol=protocol, crop_size=g, batch_size=8)
     x = np_normalize(data[0]["image"])
     got = np.asarray(jax.jit(evaluator.scores)(VARIABLES, x[None].astype(np.float32)))[0]
     if protocol == "sliding":
@@ -194,7 +276,7 @@ def test_sliding_evaluate_confusion_matches_numpy(protocol):
         x = np_normalize(d["image"])
         scores = np_unimatch_sliding(x, g) if protocol == "sliding" else np_u2pl_sliding(x, g, True)
         want += np_confusion(d["label"], scores.argmax(-1), C)
-    res = ev.evaluate(fake_apply, VARIABLES, data, num_classes=C, protocol=protocol, crop_size=g, batch_size=8)
+    res = Evaluator(fake_apply, num_classes=C, protocol=protocol, crop_size=g, batch_size=8).evaluate(VARIABLES, data)
     np.testing.assert_array_equal(res["confusion"], want)
     stride = 4 if protocol == "sliding" else 5
     assert res["protocol"] == {"name": protocol, "window": g, "stride": stride, "num_images": 3}
@@ -209,7 +291,7 @@ def test_whole_image_different_sizes_and_batch_padding():
     want = np.zeros((C, C), np.int64)
     for d in data:
         want += np_confusion(d["label"], np_apply(np_normalize(d["image"])).argmax(-1), C)
-    evaluator = ev.Evaluator(fake_apply, num_classes=C, protocol="whole", batch_size=16)
+    evaluator = Evaluator(fake_apply, num_classes=C, protocol="whole", batch_size=16)
     before = fake_apply.traces
     res = evaluator.evaluate(VARIABLES, data, num_samples=4)
     np.testing.assert_array_equal(res["confusion"], want)
@@ -221,8 +303,8 @@ def test_whole_image_different_sizes_and_batch_padding():
         np.testing.assert_array_equal(image, d["image"])
         np.testing.assert_array_equal(label, d["label"])
         np.testing.assert_array_equal(pred, np_apply(np_normalize(d["image"])).argmax(-1))
-    metrics = ev.segmentation_metrics(want)
-    assert res["miou"] == pytest.approx(metrics["miou"])
+    want_metrics = metrics.segmentation_metrics(want)
+    assert res["miou"] == pytest.approx(want_metrics["miou"])
     # a second call reuses the compiled programs; max_images truncates
     res2 = evaluator.evaluate(VARIABLES, data, max_images=3)
     assert fake_apply.traces - before == 2
@@ -242,7 +324,7 @@ def test_pad_to_multiple_compiles_once_and_crops_back():
         return np_apply(np_normalize(canvas)).argmax(-1)[: image.shape[0], : image.shape[1]]
 
     want = sum(np_confusion(d["label"], padded_prediction(d["image"]), C) for d in data)
-    evaluator = ev.Evaluator(fake_apply, num_classes=C, protocol="whole", batch_size=8, pad_to_multiple=8)
+    evaluator = Evaluator(fake_apply, num_classes=C, protocol="whole", batch_size=8, pad_to_multiple=8)
     before = fake_apply.traces
     res = evaluator.evaluate(VARIABLES, data, num_samples=4)
     assert fake_apply.traces - before == 1  # every image pads to 16 x 16: one program
@@ -254,12 +336,12 @@ def test_pad_to_multiple_compiles_once_and_crops_back():
     for pred, d in zip(evaluator.predict(VARIABLES, (d["image"] for d in data)), data):
         np.testing.assert_array_equal(pred, padded_prediction(d["image"]))
     with pytest.raises(ValueError, match="pad_to_multiple applies to protocol 'whole' only"):
-        ev.Evaluator(fake_apply, num_classes=C, protocol="sliding", crop_size=4, pad_to_multiple=8)
+        Evaluator(fake_apply, num_classes=C, protocol="sliding", crop_size=4, pad_to_multiple=8)
 
 
 def test_predict_yields_whole_image_predictions_in_order():
     data = make_dataset([(6, 5), (8, 3), (8, 3)], seed=6)
-    evaluator = ev.Evaluator(fake_apply, num_classes=C, protocol="sliding", crop_size=4, batch_size=8)
+    evaluator = Evaluator(fake_apply, num_classes=C, protocol="sliding", crop_size=4, batch_size=8)
     preds = list(evaluator.predict(VARIABLES, (d["image"] for d in data)))
     for pred, d in zip(preds, data):
         np.testing.assert_array_equal(pred, np_unimatch_sliding(np_normalize(d["image"]), 4).argmax(-1))
@@ -272,11 +354,11 @@ def test_predict_yields_whole_image_predictions_in_order():
 def test_center_crop_geometry():
     image = np.arange(9 * 13 * 3, dtype=np.uint8).reshape(9, 13, 3)
     label = (np.arange(9 * 13) % 7).astype(np.uint8).reshape(9, 13)
-    img, lbl = ev.center_crop(image, label, 6)
+    img, lbl = protocols.center_crop(image, label, 6)
     np.testing.assert_array_equal(img, image[1:7, 3:9])  # start ((9-6)//2, (13-6)//2) = (1, 3)
     np.testing.assert_array_equal(lbl, label[1:7, 3:9])
     # 4 x 5 -> pad 2 rows (1 above, 1 below) and 1 column (0 left, 1 right)
-    img, lbl = ev.center_crop(image[:4, :5], label[:4, :5], 6, pad_label=0)
+    img, lbl = protocols.center_crop(image[:4, :5], label[:4, :5], 6, pad_label=0)
     np.testing.assert_array_equal(lbl[1:5, 0:5], label[:4, :5])
     np.testing.assert_array_equal(img[1:5, 0:5], image[:4, :5])
     assert (lbl[0] == 0).all() and (lbl[5] == 0).all() and (lbl[:, 5] == 0).all()
@@ -287,9 +369,10 @@ def test_center_crop_evaluate():
     data = make_dataset([(9, 13), (4, 5)], seed=7)
     want = np.zeros((C, C), np.int64)
     for d in data:
-        img, lbl = ev.center_crop(d["image"], d["label"], 6)
+        img, lbl = protocols.center_crop(d["image"], d["label"], 6)
         want += np_confusion(lbl, np_apply(np_normalize(img)).argmax(-1), C)
-    res = ev.evaluate(fake_apply, VARIABLES, data, num_classes=C, protocol="center_crop", crop_size=6, batch_size=8)
+    evaluator = Evaluator(fake_apply, num_classes=C, protocol="center_crop", crop_size=6, batch_size=8)
+    res = evaluator.evaluate(VARIABLES, data)
     np.testing.assert_array_equal(res["confusion"], want)
     assert res["protocol"]["window"] == 6 and res["protocol"]["stride"] is None
 
@@ -299,25 +382,25 @@ def test_center_crop_evaluate():
 
 def test_user_errors_are_named():
     with pytest.raises(ValueError, match="batch_size"):
-        ev.Evaluator(fake_apply, num_classes=C, batch_size=3)
+        Evaluator(fake_apply, num_classes=C, batch_size=3)
     with pytest.raises(ValueError, match="crop_size"):
-        ev.Evaluator(fake_apply, num_classes=C, protocol="sliding")
+        Evaluator(fake_apply, num_classes=C, protocol="sliding")
     with pytest.raises(ValueError, match="protocol"):
-        ev.Evaluator(fake_apply, num_classes=C, protocol="slide")
+        Evaluator(fake_apply, num_classes=C, protocol="slide")
     data = make_dataset([(4, 4)])
     data[0]["label"][0, 0] = 7
     with pytest.raises(ValueError, match=r"img0.*\[7\]"):
-        ev.evaluate(fake_apply, VARIABLES, data, num_classes=C)
-    assert ev.sliding_stride(712, "sliding") == 474
+        Evaluator(fake_apply, num_classes=C).evaluate(VARIABLES, data)
+    assert get_protocol("sliding").stride(712) == 474
 
 
-# --- folder prediction (csl_jax/predict.py) ------------------------------------------------------
+# --- folder prediction (csl_jax/evaluation/folder.py) -------------------------------------------
 
 
 def test_predict_folder(tmp_path):
     from PIL import Image
 
-    from csl_jax import predict, visualize
+    from csl_jax import visualize
 
     in_dir, out_dir = tmp_path / "in", tmp_path / "out"
     in_dir.mkdir()
@@ -328,7 +411,7 @@ def test_predict_folder(tmp_path):
     Image.fromarray(images["b"]).save(in_dir / "b.BMP")
     (in_dir / "notes.txt").write_text("not an image")
     palette = visualize.voc_palette(C)
-    written = predict.predict_folder(fake_apply, VARIABLES, str(in_dir), str(out_dir), palette=palette, num_classes=C)
+    written = folder.predict_folder(fake_apply, VARIABLES, str(in_dir), str(out_dir), palette=palette, num_classes=C)
     assert written == [str(out_dir / "a_mask.png"), str(out_dir / "b_mask.png")]
     for name, image in images.items():
         want = np_apply(np_normalize(image)).argmax(-1)
@@ -341,10 +424,30 @@ def test_predict_folder(tmp_path):
 
     (in_dir / "c.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
     with pytest.raises(ValueError, match=r"c\.jpg"):
-        predict.predict_folder(fake_apply, VARIABLES, str(in_dir), str(out_dir), palette=palette, num_classes=C)
+        folder.predict_folder(fake_apply, VARIABLES, str(in_dir), str(out_dir), palette=palette, num_classes=C)
     with pytest.raises(FileNotFoundError, match="missing"):
-        predict.predict_folder(fake_apply, VARIABLES, str(tmp_path / "missing"), str(out_dir), palette=palette,
+        folder.predict_folder(fake_apply, VARIABLES, str(tmp_path / "missing"), str(out_dir), palette=palette,
                                num_classes=C)
     with pytest.raises(ValueError, match="center_crop"):
-        predict.predict_folder(fake_apply, VARIABLES, str(in_dir), str(out_dir), palette=palette, num_classes=C,
+        folder.predict_folder(fake_apply, VARIABLES, str(in_dir), str(out_dir), palette=palette, num_classes=C,
                                protocol="center_crop", crop_size=4)
+
+
+def test_folder_prediction_refuses_protocols_that_do_not_cover_the_image(tmp_path):
+    from PIL import Image
+
+    from csl_jax import visualize
+
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(tmp_path / "in" / "a.png")
+    kwargs = dict(palette=visualize.voc_palette(C), num_classes=C, crop_size=4)
+    args = (fake_apply, VARIABLES, str(tmp_path / "in"), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="protocol 'center_crop' predicts only the centre; use 'whole' or a sliding"):
+        folder.predict_folder(*args, protocol="center_crop", **kwargs)
+    # the record field decides, not the name
+    with pytest.raises(ValueError, match="protocol 'my_crop' predicts only the centre"):
+        folder.predict_folder(*args, protocol=Protocol("my_crop", crops_center=True), **kwargs)
+    assert not (tmp_path / "out" / "a_mask.png").exists()
+    assert folder.predict_folder(*args, protocol=get_protocol("sliding_cpcl"), **kwargs) == [
+        str(tmp_path / "out" / "a_mask.png")
+    ]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
-from csl_jax import losses
+from csl_jax.methods.parts import losses
 
 IGNORE = 255
 

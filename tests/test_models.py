@@ -1,5 +1,6 @@
 """DeepLabV3+ / ResNet / layers: sizes, parameter counts, numerics against NumPy references."""
 import functools
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from csl_jax.models import DeepLabV3Plus, ResNet, build_model
+from csl_jax.models import MODELS, DeepLabV3Plus, ResNet, build_model, register_model
 from csl_jax.models.layers import BatchNorm, Dropout2d, resize_align_corners
 from csl_jax.models.resnet import block_schedule
 
@@ -91,8 +92,8 @@ def test_cityscapes_frame_sizes_and_logits_shape():
         (c1, _, c4), _ = jax.eval_shape(lambda x: net.init_with_output(KEY, x, train=False), x)
         assert c1.shape[1:3] == c1_hw and c4.shape[1:3] == c4_hw
     model = DeepLabV3Plus(19, output_stride=8, maxpool_ceil=True, **TINY)
-    logits, _ = jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False), x)
-    assert logits.shape == (1, 1024, 2048, 19) and logits.dtype == jnp.float32
+    (logits, out), _ = jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False), x)
+    assert logits.shape == (1, 1024, 2048, 19) and logits.dtype == jnp.float32 and out == {}
 
 
 # ----------------------------------------------------------------------------- resize
@@ -256,7 +257,9 @@ def tiny():
 @pytest.fixture(scope="module")
 def tiny_eval_logits(tiny):
     model, v, x = tiny
-    return np.asarray(_apply(model, v, x, train=False))
+    logits, out = _apply(model, v, x, train=False)
+    assert out == {}
+    return np.asarray(logits)
 
 
 def _apply(model, v, x, **kw):
@@ -264,17 +267,24 @@ def _apply(model, v, x, **kw):
     return jax.jit(lambda v, x: model.apply(v, x, **kw))(v, x)
 
 
-def test_feature_perturbation(tiny, tiny_eval_logits):
+@pytest.fixture(scope="module")
+def tiny_fp_train(tiny):
+    """Train-mode FP pass: ((logits, out), {'batch_stats', 'intermediates'})."""
     model, v, x = tiny
-    rngs = {"dropout": jax.random.PRNGKey(1)}
+    return _apply(model, v, x, train=True, feature_perturb=True, rngs={"dropout": jax.random.PRNGKey(1)},
+                  mutable=["batch_stats", "intermediates"], capture_intermediates=True)
+
+
+def test_feature_perturbation(tiny, tiny_eval_logits, tiny_fp_train):
+    model, v, x = tiny
     # eval mode: dropout is off, both outputs equal the plain pass
-    clean, pert = _apply(model, v, x, train=False, feature_perturb=True)
+    clean, out = _apply(model, v, x, train=False, feature_perturb=True)
+    pert = out["logits_fp"]
     np.testing.assert_allclose(clean, tiny_eval_logits, atol=1e-5)
     np.testing.assert_allclose(pert, tiny_eval_logits, atol=1e-5)
 
-    (clean, pert), state = _apply(model, v, x, train=True, feature_perturb=True, rngs=rngs,
-                                       mutable=["batch_stats", "intermediates"],
-                                       capture_intermediates=True)
+    (clean, out), state = tiny_fp_train
+    pert = out["logits_fp"]
     assert clean.shape == pert.shape == (2, 33, 33, 5) and clean.dtype == jnp.float32
     inter = state["intermediates"]
     c1, _, c4 = inter["backbone"]["__call__"][0]
@@ -288,21 +298,49 @@ def test_feature_perturbation(tiny, tiny_eval_logits):
     # train-mode pass without FP (same backbone features, BN statistics differ after it)
     red = inter["reduce_0"]["__call__"][0]
     assert red.shape[0] == 4
-    _, plain_state = _apply(model, v, x, train=True, mutable=["batch_stats", "intermediates"],
-                            capture_intermediates=True)
+    (_, plain_out), plain_state = _apply(model, v, x, train=True, mutable=["batch_stats", "intermediates"],
+                                         capture_intermediates=True)
+    assert plain_out == {}
     np.testing.assert_allclose(red[:2], plain_state["intermediates"]["reduce_0"]["__call__"][0],
                                atol=1e-6)
     assert not np.allclose(clean, pert, atol=1e-3)
 
 
+def test_out_dict_keys_and_logits_fp_is_the_decoder_on_dropped_features(tiny, tiny_fp_train):
+    model, v, x = tiny
+    (clean, out), state = tiny_fp_train
+    assert set(out) == {"logits_fp"}  # without FP out is {} (tiny_eval_logits, test_feature_perturbation)
+    # Reference: one train-mode decoder pass (BN statistics over 2B samples) on the captured clean
+    # features stacked over the captured Dropout2d outputs; clean logits are its first half,
+    # logits_fp its second.
+    inter = state["intermediates"]
+    c1, _, c4 = inter["backbone"]["__call__"][0]
+    d1 = inter["fp_dropout_c1"]["__call__"][0]
+    d4 = inter["fp_dropout_c4"]["__call__"][0]
+
+    class DecoderOnly(DeepLabV3Plus):
+        @nn.compact
+        def __call__(self, c1, c4):
+            return self.classify(self.decoder_features(c1, c4, True)[1], x.shape[1:3])
+
+    decoder = DecoderOnly(**{f: getattr(model, f) for f in
+                             ("num_classes", "output_stride", "multi_grid", "width", "blocks", "head_width",
+                              "reduce_width")})
+    ref, _ = jax.jit(lambda v, c1, c4: decoder.apply(v, c1, c4, mutable=["batch_stats"]))(
+        v, jnp.concatenate([c1, d1]), jnp.concatenate([c4, d4]))
+    np.testing.assert_allclose(clean, ref[:2], atol=1e-5)
+    np.testing.assert_allclose(out["logits_fp"], ref[2:], atol=1e-5)
+    assert not np.allclose(ref[:2], ref[2:], atol=1e-3)
+
+
 def test_bfloat16_compute_keeps_float32_params_stats_and_logits(tiny, tiny_eval_logits):
     model, v, x = tiny
     model16 = model.clone(dtype=jnp.bfloat16)
-    out16, upd = _apply(model16, v, x, train=True, mutable=["batch_stats"])
+    (out16, _), upd = _apply(model16, v, x, train=True, mutable=["batch_stats"])
     assert out16.dtype == jnp.float32
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(upd))
     # eval mode: bf16 rounding (2^-8 relative) through ~20 layers, no batch-statistic amplification
-    out16, out32 = np.asarray(_apply(model16, v, x, train=False)), tiny_eval_logits
+    out16, out32 = np.asarray(_apply(model16, v, x, train=False)[0]), tiny_eval_logits
     err = np.abs(out16 - out32).max() / np.abs(out32).max()
     assert err < 0.05
 
@@ -330,7 +368,7 @@ def test_variant_reuses_stages_without_copying(tiny, tiny_eval_logits):
             c1, _, c4 = self.encode(x, train)
             _, feats = self.decoder_features(c1, c4, train)
             rep = nn.Conv(7, (1, 1), name="representation")(feats)
-            return self.classify(feats, x.shape[1:3]), rep
+            return self.classify(feats, x.shape[1:3]), {"rep": rep}
 
     variant = WithRepresentation(**{f: getattr(model, f) for f in
                                     ("num_classes", "output_stride", "multi_grid", "width",
@@ -338,10 +376,10 @@ def test_variant_reuses_stages_without_copying(tiny, tiny_eval_logits):
     vv = jax.eval_shape(lambda: variant.init(KEY, x, train=False))
     assert set(vv["params"]) == set(v["params"]) | {"representation"}
     rep_params = {"representation": {"kernel": jnp.ones((1, 1, 16, 7)), "bias": jnp.zeros(7)}}
-    logits, rep = _apply(variant, {"params": {**v["params"], **rep_params},
+    logits, out = _apply(variant, {"params": {**v["params"], **rep_params},
                                    "batch_stats": v["batch_stats"]}, x, train=False)
     np.testing.assert_allclose(logits, tiny_eval_logits, atol=1e-5)
-    assert rep.shape == (2, 9, 9, 7)
+    assert set(out) == {"rep"} and out["rep"].shape == (2, 9, 9, 7)
 
 
 def test_build_model_from_config():
@@ -353,3 +391,40 @@ def test_build_model_from_config():
     assert (model.stem, model.width, model.head_width, model.blocks) == ("deep", 64, 256, None)
     with pytest.raises(ValueError, match="config.model.dtype"):
         build_model(ml_collections.ConfigDict({"dtype": "float16"}), 19)
+    assert isinstance(build_model(ml_collections.ConfigDict({"name": "deeplabv3plus"}), 19), DeepLabV3Plus)
+
+
+def test_build_model_unknown_name_lists_the_registered_ones():
+    with pytest.raises(ValueError, match=r"unknown config.model.name 'segformer'.*\['deeplabv3plus'"):
+        build_model(ml_collections.ConfigDict({"name": "segformer"}), 19)
+
+
+class _Toy(nn.Module):
+    num_classes: int
+    bn_axis_name: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x, train):
+        return nn.Conv(self.num_classes, (1, 1))(x), {"features": x}
+
+
+def test_build_model_uses_a_registered_builder():
+    calls = []
+
+    def toy_builder(model_cfg, num_classes, bn_axis_name):
+        calls.append((model_cfg.width, num_classes, bn_axis_name))
+        return _Toy(num_classes, bn_axis_name)
+
+    assert register_model("toy", toy_builder) is toy_builder
+    try:
+        assert MODELS["toy"] is toy_builder
+        with pytest.raises(ValueError, match="'toy' is already registered"):
+            register_model("toy", toy_builder)
+        model = build_model(ml_collections.ConfigDict({"name": "toy", "width": 3}), 4, bn_axis_name="data")
+        assert isinstance(model, _Toy) and calls == [(3, 4, "data")]
+        assert (model.num_classes, model.bn_axis_name) == (4, "data")
+        x = jnp.ones((1, 5, 5, 3))
+        (logits, out), _ = jax.eval_shape(lambda: model.init_with_output(KEY, x, train=False))
+        assert logits.shape == (1, 5, 5, 4) and set(out) == {"features"}
+    finally:
+        MODELS.pop("toy")

@@ -56,11 +56,14 @@ def run(devices, process_index, process_count):
     """STEPS supervised steps on a mesh over `devices`; returns ({param path: array}, losses)."""
     config = tiny_config()
     mesh = parallel.make_mesh(devices)
-    method = build_method(config, build_model(config.model, NUM_CLASSES, bn_axis_name=parallel.AXIS), NUM_CLASSES)
+    method = build_method(config, NUM_CLASSES)
     tx = optim.make_optimizer(config.optim, total_steps=10)
     variables = init_variables(config)
-    state = parallel.replicate(train.create_train_state(variables, method, tx), mesh)
-    step_fn = train.make_train_step(method, tx, mesh, seed=0)
+    state = parallel.replicate(train.TrainState(step=np.int32(0), params=variables["params"],
+                                                opt_state=tx.init(variables["params"]),
+                                                state={"batch_stats": variables["batch_stats"]}), mesh)
+    step_fn = train.make_train_step(method, tx, mesh, seed=0, steps_per_epoch=1,
+                                    offsets=train.stream_offsets(method, config.batch))
     share = GLOBAL_BATCH // process_count
     losses = []
     for step in range(STEPS):

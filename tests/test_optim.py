@@ -134,10 +134,10 @@ def test_method_labels_reach_the_optimizer():
 
     params = one_net(np.random.default_rng(0))
     grads = grads_like(params, 2)
-    base = Method(ml_collections.ConfigDict(), None, 2)
+    base = Method(ml_collections.ConfigDict({"model": {}}), 2)
     assert base.param_labels(params) == optim.param_groups(params)
 
-    method = OnlyClassifierIsHead(ml_collections.ConfigDict(), None, 2)
+    method = OnlyClassifierIsHead(ml_collections.ConfigDict({"model": {}}), 2)
     got = run_optax(optim.make_optimizer(cfg(), T, param_labels=method.param_labels), params, grads)
     want = reference_sgd(params, grads, **cfg().to_dict(), is_backbone=lambda n: not n.startswith("classifier/"))
     assert_close(got, want)

@@ -1,5 +1,7 @@
-"""csl_jax.data pipelines on the synthetic dataset: shapes, determinism, workers, resume, sharding."""
+"""csl_jax.data pipelines on the synthetic dataset: shapes, determinism, workers, resume, sharding,
+stream specs and the view/geometry registries (checked against a direct computation of the seeding rule)."""
 import io
+import zlib
 
 import ml_collections
 import numpy as np
@@ -7,10 +9,12 @@ import pytest
 from PIL import Image
 
 from csl_jax import data
-from csl_jax.data import pipeline, transforms
+from csl_jax.data import pipeline, sources, transforms, views
 from data_prep import synthetic
 
 NORM_BLACK = transforms.normalize(np.zeros(3, np.uint8))
+SEMI_LABELED = data.StreamSpec("labeled", "labeled", epoch_of="unlabeled")
+SUP_LABELED = data.StreamSpec("labeled", "labeled")
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +32,26 @@ def _take(it, n):
     return [next(it) for _ in range(n)]
 
 
+def _labeled(cfg, seed, global_batch, spec=SEMI_LABELED, **kw):
+    return data.stream_iterator(cfg, spec, name="labeled", seed=seed, global_batch=global_batch, **kw)
+
+
+def _unlabeled(cfg, seed, global_batch, views, name="unlabeled", **kw):
+    spec = data.StreamSpec("unlabeled", "unlabeled", views=views)
+    return data.stream_iterator(cfg, spec, name=name, seed=seed, global_batch=global_batch, **kw)
+
+
+@pytest.fixture
+def registries():
+    """Restores the view and geometry registries after a test that registers."""
+    saved_views, saved_geometries = dict(views.VIEWS), dict(transforms.GEOMETRIES)
+    yield
+    views.VIEWS.clear()
+    views.VIEWS.update(saved_views)
+    transforms.GEOMETRIES.clear()
+    transforms.GEOMETRIES.update(saved_geometries)
+
+
 def _assert_same(a, b):
     assert len(a) == len(b)
     for x, y in zip(a, b):
@@ -39,13 +63,14 @@ def _assert_same(a, b):
 def test_info_epochs_and_batch_structure(root):
     cfg = _cfg(root)
     assert data.dataset_info(cfg) == data.DatasetInfo("synthetic", 5, synthetic.CLASS_NAMES, 255)
-    assert data.iterations_per_epoch(cfg, 4, semi=True) == 18 // 4  # |U| = 24 - 24 // 4
-    assert data.iterations_per_epoch(cfg, 4, semi=False) == 6 // 4
-    (lab,) = _take(data.labeled_iterator(cfg, seed=0, global_batch=4), 1)
+    assert data.epoch_length(cfg, SEMI_LABELED, 4) == 18 // 4  # |U| = 24 - 24 // 4
+    assert data.epoch_length(cfg, data.StreamSpec("unlabeled", "unlabeled"), 4) == 18 // 4
+    assert data.epoch_length(cfg, SUP_LABELED, 4) == 6 // 4
+    (lab,) = _take(_labeled(cfg, seed=0, global_batch=4), 1)
     assert lab["image"].shape == (4, 48, 48, 3) and lab["image"].dtype == np.float32
     assert lab["label"].shape == (4, 48, 48) and lab["label"].dtype == np.int32
     assert set(np.unique(lab["label"])) <= set(range(5)) | {255}
-    (u,) = _take(data.unlabeled_iterator(cfg, seed=0, global_batch=4, views=("strong", "strong2", "tmp")), 1)
+    (u,) = _take(_unlabeled(cfg, seed=0, global_batch=4, views=("strong", "strong2", "tmp")), 1)
     shapes = {k: (v.shape, v.dtype) for k, v in u.items()}
     img, mask = ((4, 48, 48, 3), np.float32), ((4, 48, 48), np.bool_)
     assert shapes == {"weak": img, "strong": img, "strong2": img, "tmp": img, "ignore": ((4, 48, 48), np.int32),
@@ -55,21 +80,21 @@ def test_info_epochs_and_batch_structure(root):
 
 def test_padding_is_ignore_and_black_in_every_view(root):
     cfg = _cfg(root, crop_size=128)  # images <= 56 px, rescaled <= 112 px: always padded
-    (u,) = _take(data.unlabeled_iterator(cfg, seed=1, global_batch=4, views=("strong", "tmp")), 1)
+    (u,) = _take(_unlabeled(cfg, seed=1, global_batch=4, views=("strong", "tmp")), 1)
     pad = u["ignore"] == 255
     assert pad.any() and (~pad).any() and set(np.unique(u["ignore"])) == {0, 255}
     assert (u["label"][pad] == 255).all() and (u["label"][~pad] != 255).mean() > 0.9
     for view in ("weak", "strong", "tmp"):
         np.testing.assert_allclose(u[view][pad], np.broadcast_to(NORM_BLACK, u[view][pad].shape), atol=1e-6)
-    (lab,) = _take(data.labeled_iterator(cfg, seed=1, global_batch=4), 1)
+    (lab,) = _take(_labeled(cfg, seed=1, global_batch=4), 1)
     lpad = (lab["image"] == NORM_BLACK).all(-1)
     assert (lab["label"][lpad] == 255).all() and lpad.any()
 
 
 def test_views_share_geometry_and_are_independent_of_other_views(root):
     cfg = _cfg(root)
-    (a,) = _take(data.unlabeled_iterator(cfg, seed=2, global_batch=4, views=("strong",)), 1)
-    (b,) = _take(data.unlabeled_iterator(cfg, seed=2, global_batch=4, views=("tmp", "strong")), 1)
+    (a,) = _take(_unlabeled(cfg, seed=2, global_batch=4, views=("strong",)), 1)
+    (b,) = _take(_unlabeled(cfg, seed=2, global_batch=4, views=("tmp", "strong")), 1)
     for k in ("weak", "ignore", "label", "strong", "cutmix_box"):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     # Strong views keep the weak view's geometry: gradients of the grayscale images correlate.
@@ -82,21 +107,21 @@ def test_views_share_geometry_and_are_independent_of_other_views(root):
 
 def test_streams_and_seeds_differ(root):
     cfg = _cfg(root)
-    main = _take(data.unlabeled_iterator(cfg, seed=3, global_batch=4, views=()), 1)[0]["weak"]
-    mix = _take(data.unlabeled_iterator(cfg, seed=3, global_batch=4, views=(), stream="mix"), 1)[0]["weak"]
-    other = _take(data.unlabeled_iterator(cfg, seed=4, global_batch=4, views=()), 1)[0]["weak"]
+    main = _take(_unlabeled(cfg, seed=3, global_batch=4, views=()), 1)[0]["weak"]
+    mix = _take(_unlabeled(cfg, seed=3, global_batch=4, views=(), name="mix"), 1)[0]["weak"]
+    other = _take(_unlabeled(cfg, seed=4, global_batch=4, views=()), 1)[0]["weak"]
     assert not np.array_equal(main, mix) and not np.array_equal(main, other)
 
 
 def test_deterministic_across_workers_and_processes(root):
     cfg = _cfg(root)
     views = ("strong", "tmp")
-    ref = _take(data.unlabeled_iterator(cfg, seed=5, global_batch=4, views=views), 3)
-    _assert_same(ref, _take(data.unlabeled_iterator(cfg, seed=5, global_batch=4, views=views), 3))
-    mp = data.unlabeled_iterator(_cfg(root, num_workers=2), seed=5, global_batch=4, views=views)
+    ref = _take(_unlabeled(cfg, seed=5, global_batch=4, views=views), 3)
+    _assert_same(ref, _take(_unlabeled(cfg, seed=5, global_batch=4, views=views), 3))
+    mp = _unlabeled(_cfg(root, num_workers=2), seed=5, global_batch=4, views=views)
     _assert_same(ref, _take(mp, 3))
-    halves = [_take(data.unlabeled_iterator(cfg, seed=5, global_batch=4, views=views, process_index=p,
-                                            process_count=2), 3) for p in range(2)]
+    halves = [_take(_unlabeled(cfg, seed=5, global_batch=4, views=views, process_index=p, process_count=2), 3)
+              for p in range(2)]
     merged = [{k: np.concatenate([h0[k], h1[k]]) for k in h0} for h0, h1 in zip(*halves)]
     _assert_same(ref, merged)
 
@@ -104,19 +129,19 @@ def test_deterministic_across_workers_and_processes(root):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_from_iterator_state(root, workers):
     cfg = _cfg(root, num_workers=workers)
-    it = data.labeled_iterator(cfg, seed=6, global_batch=4)
+    it = _labeled(cfg, seed=6, global_batch=4)
     _take(it, 2)
     state = it.get_state()
     expected = _take(it, 3)
-    fresh = data.labeled_iterator(cfg, seed=6, global_batch=4)
+    fresh = _labeled(cfg, seed=6, global_batch=4)
     fresh.set_state(state)
     _assert_same(expected, _take(fresh, 3))
 
 
 def test_epoch_orders():
-    base = pipeline._labeled_base(n_labeled=4, n_unlabeled=10, semi=True)
+    base = pipeline._epoch_base(n_source=4, n_unlabeled=10, epoch_of="unlabeled")
     np.testing.assert_array_equal(np.bincount(base), [3, 3, 2, 2])  # ceil(10/4) = 3 repeats, truncated
-    assert len(pipeline._labeled_base(4, 10, semi=False)) == 4
+    assert len(pipeline._epoch_base(4, 10, epoch_of="own")) == 4
     order = pipeline._EpochOrder(np.arange(7), seed=0, stream=1)
     epochs = [[order(e * 7 + p) for p in range(7)] for e in range(3)]
     assert all(sorted(e) == list(range(7)) for e in epochs)  # each epoch is a permutation
@@ -141,15 +166,15 @@ def test_config_errors_name_the_valid_choices(root):
     with pytest.raises(ValueError, match="valid: pascal, cityscapes, camvid, synthetic, custom"):
         data.dataset_info(_cfg(root, name="voc"))
     with pytest.raises(ValueError, match=r"^unknown synthetic split '1_3'; valid: 1_2, 1_4, 1_8$"):
-        data.labeled_iterator(_cfg(root, split="1_3"), seed=0, global_batch=4)
+        _labeled(_cfg(root, split="1_3"), seed=0, global_batch=4)
     with pytest.raises(ValueError, match="valid: strong, strong2, tmp"):
-        data.unlabeled_iterator(_cfg(root), seed=0, global_batch=4, views=("cutmix",))
+        _unlabeled(_cfg(root), seed=0, global_batch=4, views=("cutmix",))
     with pytest.raises(ValueError, match="multiple of process_count"):
-        data.labeled_iterator(_cfg(root), seed=0, global_batch=3, process_count=2)
+        _labeled(_cfg(root), seed=0, global_batch=3, process_count=2)
     with pytest.raises(FileNotFoundError, match="python -m data_prep camvid"):
         data.dataset_info(_cfg(root, name="camvid"))
     with pytest.raises(ValueError, match="unknown split '1_5' for family 'pascal'; valid: .*1_16"):
-        data.iterations_per_epoch(_cfg(root, name="pascal", split="1_5"), 8, semi=True)
+        data.epoch_length(_cfg(root, name="pascal", split="1_5"), SEMI_LABELED, 8)
 
 
 def test_synthetic_data_is_generated_by_process_0_only(tmp_path, monkeypatch):
@@ -214,27 +239,174 @@ def test_custom_dataset_from_list_files(tmp_path):
                                      "unlabeled_list": str(tmp_path / "u.txt"),
                                      "val_list": str(tmp_path / "v.txt")})
     assert data.dataset_info(cfg).class_names == ("class_0", "class_1", "class_2")
-    (lab,) = _take(data.labeled_iterator(cfg, seed=0, global_batch=2), 1)
+    (lab,) = _take(_labeled(cfg, seed=0, global_batch=2), 1)
     assert set(np.unique(lab["label"])) <= {0, 1, 2, 255}
-    (u,) = _take(data.unlabeled_iterator(cfg, seed=0, global_batch=2, views=("strong",)), 1)
+    (u,) = _take(_unlabeled(cfg, seed=0, global_batch=2, views=("strong",)), 1)
     assert (u["label"] == 255).all()  # no masks for unlabeled images
     item = data.eval_dataset(cfg)[0]
     with Image.open(io.BytesIO((tmp_path / "mask" / "3.png").read_bytes())) as m:
         np.testing.assert_array_equal(item["label"], np.asarray(m))
     _write_png(tmp_path / "mask" / "0.png", np.full((30, 40), 9, np.uint8))
     with pytest.raises(ValueError, match=r"mask of img/0.png: values \[9\]"):
-        _take(data.labeled_iterator(cfg, seed=0, global_batch=2, semi=False), 1)
+        _take(_labeled(cfg, seed=0, global_batch=2, spec=SUP_LABELED), 1)
 
 
 def test_tmp_view_branches():
     """One coin per sample: branch (a) with p = tmp_prob has a block mask (G = 2 here), branch (b)
     an all-False mask; P(all False) = (1 - p) + p * 0.3**4."""
-    sample = pipeline._Sample(None, None, num_classes=5, crop=64, seed=0, stream=1, local_batch=1,
-                              global_batch=1, process_index=0,
-                              options={"tmp_prob": 0.5, "cover_ratio": 0.7, "block_size": 32})
+    options = {"tmp_prob": 0.5, "cover_ratio": 0.7, "block_size": 32}
+    assert views.VIEWS["tmp"].options == options  # the defaults
     weak = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
     valid = np.ones((64, 64), bool)
-    empty = [not sample._view("tmp", weak, valid, np.random.default_rng([9, i]))["block_mask"].any()
+    empty = [not views.tmp(weak, valid, np.random.default_rng([9, i]), 64, options)["block_mask"].any()
              for i in range(400)]
     p_empty = 0.5 + 0.5 * 0.3**4
     assert abs(np.mean(empty) - p_empty) < 4 * np.sqrt(p_empty * (1 - p_empty) / 400)
+
+
+# ------------------------------------------------------------------ streams against the seeding rule
+def _reference(cfg, spec, stream, seed, global_batch, num_batches, process_index=0, process_count=1,
+               geometry=transforms.sample_geometry):
+    """Batches computed directly from the documented rule (not through the pipeline): epoch e of the
+    stream's list (cyclically extended to |U| when epoch_of='unlabeled') is permuted by (seed, stream, 1, e);
+    sample i's geometry is drawn from (seed, stream, 2, i, 0) and view v's from (seed, stream, 2, i, id_v)."""
+    labeled, unlabeled = sources.train_sources(cfg)
+    records = labeled if spec.source == "labeled" else unlabeled
+    base = np.resize(np.arange(len(records)), len(unlabeled) if spec.epoch_of == "unlabeled" else len(records))
+    crop, b = cfg.crop_size, global_batch // process_count
+    batches = []
+    for k in range(num_batches):
+        samples = []
+        for i in range(k * global_batch + process_index * b, k * global_batch + (process_index + 1) * b):
+            epoch, pos = divmod(i, len(base))
+            perm = np.random.default_rng([seed, stream, 1, epoch]).permutation(len(base))
+            image, label = sources.decode(records[base[perm[pos]]], 5)
+            g = geometry(np.random.default_rng([seed, stream, 2, i, 0]), image.height, image.width, crop)
+            weak, label, valid = transforms.apply_geometry(image, label, g, crop)
+            if spec.source == "labeled":
+                out = {"image": transforms.normalize(weak), "label": label.astype(np.int32)}
+            else:
+                out = {"weak": transforms.normalize(weak), "label": label.astype(np.int32),
+                       "ignore": np.where(valid, 0, 255).astype(np.int32)}
+
+            def black_pad(x):
+                return transforms.normalize(np.where(valid[..., None], x, 0).astype(np.uint8))
+
+            for view, view_id in (("strong", 1), ("strong2", 2), ("tmp", 3)):
+                if view not in spec.views:
+                    continue
+                rng = np.random.default_rng([seed, stream, 2, i, view_id])
+                suffix = view[len("strong"):]
+                if view != "tmp":
+                    out[view] = black_pad(transforms.strong_photometric(weak, rng))
+                    out["cutmix_box" + suffix] = transforms.cutmix_box(rng, crop, cfg.cutmix_prob)
+                elif rng.random() < cfg.tmp_prob:
+                    out["tmp"] = black_pad(transforms.mild_photometric(weak, rng))
+                    out["block_mask"] = transforms.block_mask(rng, crop, cfg.block_size, cfg.cover_ratio)
+                else:
+                    out["tmp"] = black_pad(transforms.strong_photometric(weak, rng))
+                    out["block_mask"] = np.zeros((crop, crop), bool)
+            samples.append(out)
+        batches.append({key: np.stack([s[key] for s in samples]) for key in samples[0]})
+    return batches
+
+
+ALL_VIEWS = data.StreamSpec("unlabeled", "unlabeled", views=("strong", "strong2", "tmp"))
+
+
+@pytest.mark.parametrize("name,spec,stream", [
+    ("labeled", SEMI_LABELED, 0), ("labeled", SUP_LABELED, 0), ("unlabeled", ALL_VIEWS, 1), ("mix", ALL_VIEWS, 2),
+    ("css_flip", ALL_VIEWS, zlib.crc32(b"css_flip") + 3),
+    ("labeled", data.StreamSpec("labeled", "labeled", views=("strong",), epoch_of="unlabeled"), 0)])
+@pytest.mark.parametrize("process_index,process_count", [(0, 1), (1, 2)])
+def test_streams_follow_the_seeding_rule(root, name, spec, stream, process_index, process_count):
+    """The labeled, unlabeled and mix streams are today's (ids 0, 1, 2) sample for sample, across epochs,
+    views and process shards; non-default view options are read from the config."""
+    cfg = _cfg(root, cutmix_prob=0.7, tmp_prob=0.3, cover_ratio=0.6, block_size=16)
+    it = data.stream_iterator(cfg, spec, name=name, seed=7, global_batch=4, process_index=process_index,
+                              process_count=process_count)
+    _assert_same(_reference(cfg, spec, stream, 7, 4, 6, process_index, process_count), _take(it, 6))
+
+
+def test_labeled_stream_with_a_strong_view(root):
+    cfg = _cfg(root, crop_size=128)  # always padded
+    spec = data.StreamSpec("labeled", "labeled", views=("strong",), epoch_of="unlabeled")
+    (lab,) = _take(data.stream_iterator(cfg, spec, name="labeled", seed=1, global_batch=4), 1)
+    assert sorted(lab) == ["cutmix_box", "image", "label", "strong"]
+    (plain,) = _take(_labeled(cfg, seed=1, global_batch=4), 1)
+    _assert_same([plain], [{k: lab[k] for k in ("image", "label")}])  # the view changes no base array
+    pad = (lab["image"] == NORM_BLACK).all(-1)
+    assert pad.any() and (lab["label"][pad] == 255).all()
+    np.testing.assert_allclose(lab["strong"][pad], np.broadcast_to(NORM_BLACK, lab["strong"][pad].shape), atol=1e-6)
+
+
+def _probe(weak, valid, rng, crop, options):
+    """A test view that draws many numbers first: 'probe' (crop, crop) float32."""
+    rng.random(1000)
+    return {"probe": (options["probe_scale"] * rng.random((crop, crop))).astype(np.float32)}
+
+
+def test_a_registered_view_changes_no_other_view(root, registries):
+    data.register_view("probe", 9, _probe, {"probe_scale": 2.0})
+    cfg = _cfg(root, probe_scale=3.0)
+    (a,) = _take(_unlabeled(cfg, seed=2, global_batch=4, views=("strong", "tmp")), 1)
+    (b,) = _take(_unlabeled(cfg, seed=2, global_batch=4, views=("probe", "strong", "tmp")), 1)
+    _assert_same([a], [{k: b[k] for k in a}])
+    rng = np.random.default_rng([2, 1, 2, 3, 9])  # sample 3 of stream 'unlabeled' (1), view id 9
+    rng.random(1000)
+    np.testing.assert_array_equal(b["probe"][3], (3.0 * rng.random((48, 48))).astype(np.float32))
+
+
+def test_a_registered_geometry_is_used(root, registries):
+    def top_left_flipped(rng, height, width, crop):
+        return transforms.Geometry(height, width, 0, 0, True)
+
+    data.register_geometry("top_left_flipped", top_left_flipped)
+    spec = data.StreamSpec("unlabeled", "unlabeled", views=("strong",), geometry="top_left_flipped")
+    expected = _reference(_cfg(root, cutmix_prob=0.5), spec, 1, 3, 4, 2, geometry=top_left_flipped)
+    it = data.stream_iterator(_cfg(root), spec, name="unlabeled", seed=3, global_batch=4)  # default cutmix_prob
+    _assert_same(expected, _take(it, 2))
+
+
+def test_custom_stream_names_get_distinct_stable_ids(root, monkeypatch):
+    assert [data.stream_id(n) for n in ("labeled", "unlabeled", "mix")] == [0, 1, 2]
+    assert data.stream_id("css_flip") == data.stream_id("css_flip") == zlib.crc32(b"css_flip") + 3
+    assert data.stream_id("css_warp") not in (0, 1, 2, data.stream_id("css_flip"))
+    (a,) = _take(_unlabeled(_cfg(root), seed=3, global_batch=4, views=()), 1)
+    (b,) = _take(_unlabeled(_cfg(root), seed=3, global_batch=4, views=(), name="css_flip"), 1)
+    assert not np.array_equal(a["weak"], b["weak"])
+    monkeypatch.setattr(pipeline, "_STREAM_NAMES", dict(pipeline._STREAM_NAMES))
+    assert zlib.crc32(b"plumless") == zlib.crc32(b"buckeroo")
+    data.stream_id("plumless")
+    with pytest.raises(ValueError, match=r"^stream names 'plumless' and 'buckeroo' have the same id \d+"):
+        data.stream_id("buckeroo")
+
+
+def test_registry_and_spec_errors_name_the_valid_choices(root, registries):
+    with pytest.raises(ValueError, match=r"^view 'strong' is already registered \(id 1\); registered: strong, "
+                                         r"strong2, tmp$"):
+        data.register_view("strong", 7, _probe)
+    with pytest.raises(ValueError, match=r"^view 'flip': id 3 is taken by view 'tmp'; ids in use: strong=1, "
+                                         r"strong2=2, tmp=3$"):
+        data.register_view("flip", 3, _probe)
+    with pytest.raises(ValueError, match=r"must be an integer >= 1 \(0 seeds the geometry\)"):
+        data.register_view("flip", 0, _probe)
+    assert sorted(data.VIEWS) == ["strong", "strong2", "tmp"]
+    with pytest.raises(ValueError, match=r"^geometry 'unimatch' is already registered; registered: unimatch$"):
+        data.register_geometry("unimatch", transforms.sample_geometry)
+    with pytest.raises(ValueError, match=r"^StreamSpec.source='train'; valid: labeled, unlabeled$"):
+        data.StreamSpec("train", "labeled")
+    with pytest.raises(ValueError, match=r"^StreamSpec.batch='mix'; valid: labeled, unlabeled$"):
+        data.StreamSpec("unlabeled", "mix")
+    with pytest.raises(ValueError, match=r"^StreamSpec.epoch_of='labeled'; valid: own, unlabeled$"):
+        data.StreamSpec("labeled", "labeled", epoch_of="labeled")
+    with pytest.raises(ValueError, match="strong requested more than once"):
+        data.StreamSpec("unlabeled", "unlabeled", views=("strong", "tmp", "strong"))
+    with pytest.raises(ValueError, match=r"^StreamSpec.geometry='u2pl'; valid: unimatch$"):
+        data.stream_iterator(_cfg(root), data.StreamSpec("unlabeled", "unlabeled", geometry="u2pl"), name="unlabeled",
+                             seed=0, global_batch=4)
+    data.register_view("reweak", 8, lambda weak, valid, rng, crop, options: {"weak": weak})
+    with pytest.raises(ValueError, match=r"view 'reweak' returns \['weak'\], already in the sample"):
+        next(_unlabeled(_cfg(root), seed=0, global_batch=4, views=("reweak",)))
+    with pytest.raises(ValueError, match=r"^labeled set of split '1_4' has 6 images, fewer than global_batch=8$"):
+        data.epoch_length(_cfg(root), SUP_LABELED, 8)

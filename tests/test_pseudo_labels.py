@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
-from csl_jax import pseudo_labels as pl
+from csl_jax.methods.parts import pseudo_labels as pl
 
 ALPHA, EPS = 8.0, 1e-8
 

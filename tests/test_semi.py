@@ -1,8 +1,7 @@
-"""csl_jax.methods.semi: loss composition and BN policy against a NumPy reference, pseudo-label
+"""csl_jax.methods.weak_to_strong: loss composition and BN policy against a NumPy reference, pseudo-label
 metrics, and device-count independence of the whole train step (CSL, UniMatch, FixMatch)."""
 
 import functools
-import types
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +11,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import common
-from csl_jax import parallel, pseudo_labels
-from csl_jax.methods import StepContext, build_method
-from csl_jax.methods import semi
+from csl_jax import parallel
+from csl_jax.evaluation import loop
+from csl_jax.methods import StepContext, build_method, weak_to_strong
+from csl_jax.methods.parts import passes, pseudo_labels
 from csl_jax.models import build_model
 
 NUM_CLASSES = 3
@@ -29,7 +29,7 @@ def make_config(preset, group_size=2, batch=2, **options):
     c.batch.labeled = batch
     c.batch.unlabeled = batch
     c.loss.group_size = group_size
-    c.method = semi.default_options(preset)
+    c.method = weak_to_strong.default_options(preset)
     c.method.tau = TAU
     c.method.update(options)
     return c
@@ -84,13 +84,13 @@ def init_variables(model, seed):
 # ---------------------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("train", "feature_perturb"))
 def apply_model(model, variables, x, rng=None, *, train, feature_perturb=False):
-    """model.apply under jit: logits (eval mode) or (outputs, new batch_stats) (train mode)."""
+    """model.apply under jit: logits (eval mode) or (logits or (logits, logits_fp), new batch_stats) (train)."""
     if not train:
-        return model.apply(variables, x, train=False)
+        return model.apply(variables, x, train=False)[0]
     ids = jnp.arange(x.shape[0]) if feature_perturb else None
-    out, new = model.apply(variables, x, train=True, feature_perturb=feature_perturb, sample_ids=ids,
-                           rngs={"dropout": rng}, mutable=["batch_stats"])
-    return out, new["batch_stats"]
+    (logits, out), new = model.apply(variables, x, train=True, feature_perturb=feature_perturb, sample_ids=ids,
+                                     rngs={"dropout": rng}, mutable=["batch_stats"])
+    return ((logits, out["logits_fp"]) if feature_perturb else logits), new["batch_stats"]
 
 
 csl_weights = jax.jit(pseudo_labels.csl_weights, static_argnums=(2, 3, 4))
@@ -186,16 +186,18 @@ def reference_step(config, model, variables, teacher, batch, rng):
 
 
 def method_step(method, variables, extra, batch, rng):
-    """method.loss on a 1-device mesh (its BN is SyncBN over 'data')."""
+    """method.loss on a 1-device mesh (its BN is SyncBN over 'data'): (loss, {'metrics', 'batch_stats'})."""
     mesh = parallel.make_mesh(jax.devices()[:1])
+    n = batch["labeled"]["image"].shape[0]
 
-    def per_device(params, batch_stats, extra, batch):
-        ctx = StepContext(batch_stats=batch_stats, extra=extra, rng=rng, step=jnp.int32(0),
-                          device_index=jax.lax.axis_index(parallel.AXIS))
-        return method.loss(params, ctx, batch)
+    def per_device(params, state, batch):
+        ctx = StepContext(rng=rng, step=jnp.int32(0), device_index=jax.lax.axis_index(parallel.AXIS), num_devices=1,
+                          steps_per_epoch=1, stream_offsets={"labeled": 0, "unlabeled": n, "mix": 2 * n})
+        loss, (state, metrics) = method.loss(params, state, batch, ctx)
+        return loss, {"metrics": metrics, "batch_stats": state["batch_stats"]}
 
-    fn = parallel.shard_map(per_device, mesh, in_specs=(P(), P(), P(), P(parallel.AXIS)), out_specs=P())
-    return jax.jit(fn)(variables["params"], variables["batch_stats"], extra, batch)
+    fn = parallel.shard_map(per_device, mesh, in_specs=(P(), P(), P(parallel.AXIS)), out_specs=P())
+    return jax.jit(fn)(variables["params"], dict(extra, batch_stats=variables["batch_stats"]), batch)
 
 
 PRESETS = {
@@ -211,7 +213,7 @@ def test_loss_and_bn_policy_match_numpy_reference(name):
     preset, options = PRESETS[name]
     config = make_config(preset, **options)
     local_model = build_model(config.model, NUM_CLASSES)
-    method = build_method(config, build_model(config.model, NUM_CLASSES, bn_axis_name="data"), NUM_CLASSES)
+    method = build_method(config, NUM_CLASSES)
     variables = init_variables(local_model, 1)
     teacher = init_variables(local_model, 2)  # differs from the student: the test sees which one is used
     extra = {"teacher": teacher} if config.method.teacher == "ema" else {}
@@ -235,15 +237,15 @@ def test_loss_and_bn_policy_match_numpy_reference(name):
 
 
 def test_unlabeled_views_and_presets():
-    assert build_method(make_config("csl"), None, NUM_CLASSES).unlabeled_views == ("strong", "tmp")
-    assert build_method(make_config("unimatch"), None, NUM_CLASSES).unlabeled_views == ("strong", "strong2")
-    assert build_method(make_config("fixmatch"), None, NUM_CLASSES).unlabeled_views == ("strong",)
+    assert build_method(make_config("csl"), NUM_CLASSES).unlabeled_views == ("strong", "tmp")
+    assert build_method(make_config("unimatch"), NUM_CLASSES).unlabeled_views == ("strong", "strong2")
+    assert build_method(make_config("fixmatch"), NUM_CLASSES).unlabeled_views == ("strong",)
     with pytest.raises(ValueError, match="config.method.selector"):
-        build_method(make_config("csl", selector="entropy"), None, NUM_CLASSES)
+        build_method(make_config("csl", selector="entropy"), NUM_CLASSES)
     config = make_config("csl")
     del config.method["teacher"]
     with pytest.raises(ValueError, match="config.method.teacher is missing"):
-        build_method(config, None, NUM_CLASSES)
+        build_method(config, NUM_CLASSES)
 
 
 def test_method_name_that_contradicts_the_options_is_refused():
@@ -260,13 +262,13 @@ def test_method_name_that_contradicts_the_options_is_refused():
                "the name does not change them, so this would train unimatch labelled fixmatch. To train fixmatch, "
                "also set --config.method.second_view=none --config.method.use_fp=False (model, data and schedule "
                "stay the config file's); to train unimatch, set config.method.name='unimatch'.")
-    for check in (methods.check_config, lambda c: build_method(c, None, NUM_CLASSES)):
+    for check in (methods.check_config, lambda c: build_method(c, NUM_CLASSES)):
         with pytest.raises(ValueError) as error:
             check(config)
         assert str(error.value) == message
     config.method.update(second_view="none", use_fp=False)  # what the message asks for: FixMatch
     methods.check_config(config)
-    assert build_method(config, None, NUM_CLASSES).unlabeled_views == ("strong",)
+    assert build_method(config, NUM_CLASSES).unlabeled_views == ("strong",)
     config.method.teacher = "ema"  # an ablation away from FixMatch is not a contradiction
     methods.check_config(config)
 
@@ -284,7 +286,7 @@ def test_method_name_that_contradicts_the_options_is_refused():
     with pytest.raises(ValueError, match=r"to train unimatch, set config.method.name='unimatch'\.$"):
         methods.check_config(config)
     # every preset as made agrees with its name
-    for name in semi.METHODS:
+    for name in weak_to_strong.METHODS:
         methods.check_config(common.get_recipe("pascal", "1464", name))
     # a semi-supervised name on a supervised config: its options are missing
     config = common.get_recipe("pascal", "1464", "supervised")
@@ -303,7 +305,7 @@ def test_pseudo_label_metrics_against_numpy():
     weight = rng.random(shape)
     reliable = rng.random(shape) < 0.5
     weight[reliable] = 1.0
-    got = jax.tree.map(float, semi.pseudo_label_metrics(pl, weight, reliable, ignore, label))
+    got = jax.tree.map(float, passes.pseudo_label_metrics(pl, weight, reliable, ignore, label))
 
     valid = ignore != 255
     known = valid & (label != 255)
@@ -317,17 +319,22 @@ def test_pseudo_label_metrics_against_numpy():
     assert got["n_correct_reliable"] == (ok & known & rel).sum()
 
     # No ground truth at all: accuracies are 0, not NaN.
-    none = jax.tree.map(float, semi.pseudo_label_metrics(pl, weight, reliable, ignore, np.full(shape, 255)))
+    none = jax.tree.map(float, passes.pseudo_label_metrics(pl, weight, reliable, ignore, np.full(shape, 255)))
     assert none["pl_acc"] == none["pl_acc_reliable"] == none["pl_acc_rest"] == 0.0 and none["n_labeled"] == 0.0
 
 
 def test_diagnostics_use_the_teacher_and_mask_the_tmp_view(tmp_path):
+    from csl_jax import train
+
     config = make_config("csl")
-    model = build_model(config.model, NUM_CLASSES, bn_axis_name="data")
-    method = build_method(config, model, NUM_CLASSES)
+    method = build_method(config, NUM_CLASSES)
+    model = method.model
     student, teacher = init_variables(model, 1), init_variables(model, 2)
     unl = make_batch(3, 2)["unlabeled"]
-    out = jax.jit(method.diagnostics)(student["params"], student["batch_stats"], {"teacher": teacher}, unl)
+    state = train.TrainState(step=jnp.int32(0), params=student["params"], opt_state=None,
+                             state={"batch_stats": student["batch_stats"], "teacher": teacher})
+    diagnostics = jax.jit(method.diagnostics)
+    out = diagnostics(state, {"unlabeled": unl})
 
     y, w, _, reliable = np_targets(np.asarray(apply_model(model, teacher, unl["weak"], train=False)),
                                    unl["ignore"], config.method)
@@ -338,9 +345,8 @@ def test_diagnostics_use_the_teacher_and_mask_the_tmp_view(tmp_path):
     assert out["conf"].shape == out["var"].shape == unl["ignore"].shape
     assert out["cluster_means"].shape == (2, 2, 2)
 
-    state = types.SimpleNamespace(params=student["params"], batch_stats=student["batch_stats"],
-                                  extra={"teacher": teacher})
-    method.plot_diagnostics(state, {"unlabeled": unl}, str(tmp_path), 5, np.eye(NUM_CLASSES, 3, dtype=np.uint8) * 255)
+    loop.plot_diagnostics(diagnostics, state, {"unlabeled": unl}, str(tmp_path), 5,
+                          np.eye(NUM_CLASSES, 3, dtype=np.uint8) * 255, num_images=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["confidence_step0000005.png", "pseudo_labels_step0000005.png"]
 
 
@@ -348,22 +354,25 @@ def test_diagnostics_use_the_teacher_and_mask_the_tmp_view(tmp_path):
 # Device-count independence of the whole train step (the trainer's make_train_step)
 # ---------------------------------------------------------------------------------------------
 def run_steps(config, devices, batch, steps=2, students=None):
-    """(params, batch_stats, extra, metrics) after `steps` steps; appends each step's student
+    """(params, batch_stats, state, metrics) after `steps` steps; appends each step's student
     {'params', 'batch_stats'} (host copies) to `students` when given."""
     from csl_jax import train  # the trainer pulls in the data pipeline
 
     mesh = parallel.make_mesh(jax.devices()[:devices])
-    model = build_model(config.model, NUM_CLASSES, bn_axis_name=parallel.AXIS)
-    method = build_method(config, model, NUM_CLASSES)
+    method = build_method(config, NUM_CLASSES)
     tx = optax.sgd(0.05, momentum=0.9)
-    state = parallel.replicate(train.create_train_state(init_variables(model, 1), method, tx), mesh)
-    step_fn = train.make_train_step(method, tx, mesh, seed=0)
+    student = init_variables(method.model, 1)
+    method_state = {"batch_stats": student["batch_stats"], "teacher": jax.tree.map(jnp.array, student)}
+    state = parallel.replicate(train.TrainState(step=jnp.int32(0), params=student["params"],
+                                                opt_state=tx.init(student["params"]), state=method_state), mesh)
+    step_fn = train.make_train_step(method, tx, mesh, seed=0, steps_per_epoch=1,
+                                    offsets=train.stream_offsets(method, config.batch))
     global_batch = parallel.to_global(batch, mesh)
     for _ in range(steps):
         state, metrics = step_fn(state, global_batch)
         if students is not None:  # copied before the next step donates the state
-            students.append(jax.device_get({"params": state.params, "batch_stats": state.batch_stats}))
-    return jax.device_get((state.params, state.batch_stats, state.extra, metrics))
+            students.append(jax.device_get({"params": state.params, "batch_stats": state.state["batch_stats"]}))
+    return jax.device_get((state.params, state.state["batch_stats"], state.state, metrics))
 
 
 def test_train_step_is_device_count_independent():

@@ -5,12 +5,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from configs import common
-from csl_jax import losses, optim, parallel, train
+from csl_jax import optim, parallel, train
 from csl_jax.methods import build_method
+from csl_jax.methods.base import init_network
+from csl_jax.methods.parts import losses
 from csl_jax.models import build_model
 
 NUM_CLASSES = 5
@@ -39,17 +40,17 @@ def make_batch(n, seed=0):
 
 def setup(config, devices):
     mesh = parallel.make_mesh(devices)
-    model = build_model(config.model, NUM_CLASSES, bn_axis_name=parallel.AXIS)
-    method = build_method(config, model, NUM_CLASSES)
+    method = build_method(config, NUM_CLASSES)
     tx = optim.make_optimizer(config.optim, total_steps=10)
-    variables = train.init_variables(build_model(config.model, NUM_CLASSES), config, jax.random.PRNGKey(0))
-    state = parallel.replicate(train.create_train_state(variables, method, tx), mesh)
+    state = parallel.replicate(train.create_train_state(method, tx, jax.random.PRNGKey(0), (CROP, CROP, 3)), mesh)
     return mesh, method, tx, state
 
 
 def run_steps(config, devices, batches):
     mesh, method, tx, state = setup(config, devices)
-    step = train.make_train_step(method, tx, mesh, seed=0, accum_steps=config.batch.accum_steps)
+    step = train.make_train_step(method, tx, mesh, seed=0, steps_per_epoch=1,
+                                 offsets=train.stream_offsets(method, config.batch),
+                                 accum_steps=config.batch.accum_steps)
     losses_seen = []
     for batch in batches:
         state, metrics = step(state, parallel.to_global(batch, mesh))
@@ -72,15 +73,15 @@ def test_one_vs_eight_devices_vs_reference():
     # Reference without shard_map: BN over the whole batch, loss = mean over 2-image groups (what DDP
     # on 8 GPUs with 2 images each averages), torch-style SGD written out by hand.
     model = build_model(config.model, NUM_CLASSES)
-    variables = train.init_variables(model, config, jax.random.PRNGKey(0))
+    variables = init_network(model, config.model, jax.random.PRNGKey(0), (CROP, CROP, 3))
     params, stats = variables["params"], variables["batch_stats"]
     momentum = jax.tree.map(jnp.zeros_like, params)
     groups = optim.param_groups(params)
     ref_losses = []
     for t, batch in enumerate(batches):
         def loss_fn(p):
-            logits, new = model.apply({"params": p, "batch_stats": stats}, batch["labeled"]["image"], train=True,
-                                      mutable=["batch_stats"])
+            (logits, _), new = model.apply({"params": p, "batch_stats": stats}, batch["labeled"]["image"],
+                                           train=True, mutable=["batch_stats"])
             per_group = [losses.ce_loss(logits[i:i + 2], batch["labeled"]["label"][i:i + 2], group_size=2)
                          for i in range(0, 16, 2)]
             return jnp.mean(jnp.stack(per_group)), new["batch_stats"]
@@ -97,7 +98,7 @@ def test_one_vs_eight_devices_vs_reference():
     np.testing.assert_allclose(losses1, ref_losses, rtol=1e-5)
     assert_trees_close(state8.params, params, atol=5e-5)
     assert_trees_close(state1.params, params, atol=5e-5)
-    assert_trees_close(state8.batch_stats, stats, atol=2e-5)
+    assert_trees_close(state8.state["batch_stats"], stats, atol=2e-5)
     assert int(state8.step) == 2
 
 
@@ -121,7 +122,7 @@ def test_gradient_accumulation_matches_hand_reference():
     state, (loss,) = run_steps(config, jax.devices()[:2], [batch])
 
     model = build_model(config.model, NUM_CLASSES)
-    variables = train.init_variables(model, config, jax.random.PRNGKey(0))
+    variables = init_network(model, config.model, jax.random.PRNGKey(0), (CROP, CROP, 3))
     expected = []
     stats = variables["batch_stats"]
     grads_sum = None
@@ -129,8 +130,8 @@ def test_gradient_accumulation_matches_hand_reference():
         idx = np.array([2 * k, 2 * k + 1, 4 + 2 * k, 4 + 2 * k + 1])
 
         def loss_fn(p, stats=stats, idx=idx):
-            logits, new = model.apply({"params": p, "batch_stats": stats}, batch["labeled"]["image"][idx],
-                                      train=True, mutable=["batch_stats"])
+            (logits, _), new = model.apply({"params": p, "batch_stats": stats}, batch["labeled"]["image"][idx],
+                                           train=True, mutable=["batch_stats"])
             lab = batch["labeled"]["label"][idx]
             return 0.5 * (losses.ce_loss(logits[:2], lab[:2], group_size=2)
                           + losses.ce_loss(logits[2:], lab[2:], group_size=2)), new["batch_stats"]
@@ -139,7 +140,7 @@ def test_gradient_accumulation_matches_hand_reference():
         expected.append(float(value))
         grads_sum = grads if grads_sum is None else jax.tree.map(jnp.add, grads_sum, grads)
     np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-5)
-    assert_trees_close(state.batch_stats, stats, atol=2e-5)
+    assert_trees_close(state.state["batch_stats"], stats, atol=2e-5)
     params = sgd_first_step(config, variables["params"], jax.tree.map(lambda g: g / 2, grads_sum))
     # The same sums in another order (per-device BN and loss sums, psum, then the micro-batch sum):
     # float32 noise of ~1e-6 relative on gradients of order 1, times lr x lr_multi = 0.1, gives
@@ -183,7 +184,8 @@ def test_gradient_accumulation_equals_one_batch_when_micro_batches_agree():
     # gradients summed): ~1e-6 relative on gradients of order 1, times lr x lr_multi = 0.1, gives
     # ~1e-7 on the params (measured 6e-8); 1e-6 absolute (no relative slack) is 1e-4 of the step.
     assert_trees_close(two.params, one.params, atol=1e-6, rtol=0)
-    variables = train.init_variables(build_model(config.model, NUM_CLASSES), config, jax.random.PRNGKey(0))
+    variables = init_network(build_model(config.model, NUM_CLASSES), config.model, jax.random.PRNGKey(0),
+                             (CROP, CROP, 3))
     assert max_abs_diff(one.params, variables["params"]) > 1e-3  # the step did move the params
 
     # Running statistics: accum_steps=1 updates once with the batch's (mean, unbiased var over n
@@ -193,8 +195,8 @@ def test_gradient_accumulation_equals_one_batch_when_micro_batches_agree():
     # so `two` follows from `one` and the initial statistics, with n per BN layer from the model.
     counts = bn_counts(build_model(config.model, NUM_CLASSES), variables, batch["labeled"]["image"])
     init = flax.traverse_util.flatten_dict(variables["batch_stats"])
-    got_one = flax.traverse_util.flatten_dict(one.batch_stats)
-    got_two = flax.traverse_util.flatten_dict(two.batch_stats)
+    got_one = flax.traverse_util.flatten_dict(one.state["batch_stats"])
+    got_two = flax.traverse_util.flatten_dict(two.state["batch_stats"])
     assert set(got_two) == set(init) and {k[:-1] for k in init} == set(counts)
     for key, m0 in init.items():
         m0, one_k, two_k = np.float64(m0), np.float64(got_one[key]), np.float64(got_two[key])
@@ -210,7 +212,8 @@ def test_gradient_accumulation_equals_one_batch_when_micro_batches_agree():
 
 def test_batch_not_dividing_devices_is_a_clear_error():
     mesh = parallel.make_mesh(jax.devices()[:8])
-    with pytest.raises(ValueError, match=r"config.batch.labeled=12 must be a positive multiple of the number of devices \(8\)"):
+    message = r"config.batch.labeled=12 must be a positive multiple of the number of devices \(8\)"
+    with pytest.raises(ValueError, match=message):
         parallel.check_divisible(12, "config.batch.labeled", mesh)
     with pytest.raises(ValueError, match="not a multiple of 2"):
         parallel.check_divisible(8, "config.batch.labeled", mesh, multiple_of=2)
@@ -221,7 +224,7 @@ def test_unknown_method_lists_valid_ones():
     config = tiny_config()
     config.method.name = "nope"
     with pytest.raises(ValueError, match=r"config.method.name='nope' is not a known method; valid: \[.*'supervised'"):
-        build_method(config, None, NUM_CLASSES)
+        build_method(config, NUM_CLASSES)
 
 
 def test_poly_schedule_and_param_groups():

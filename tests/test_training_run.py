@@ -1,4 +1,6 @@
-"""Whole runs on the synthetic set: exact resume, SIGTERM, NaN stop, the demo through main.py, config errors."""
+"""Whole runs on the synthetic set: SIGTERM, NaN stop, the demo through main.py, config errors.
+
+Exact resume of every method is in tests/test_method_contract.py."""
 
 import json
 import os
@@ -59,27 +61,6 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("method", ["supervised", "csl"])
-def test_resume_is_exact(data_root, tmp_path, method):
-    """6 steps straight == 3 steps, restart from the checkpoint, 3 more (CSL: teacher, both unlabeled streams)."""
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train.train_and_evaluate(tiny_config(data_root, method), straight)
-    train.train_and_evaluate(tiny_config(data_root, method, stop_after_steps=3), resumed)
-    assert checkpoint.Checkpointer(resumed).latest_step() == 3
-    train.train_and_evaluate(tiny_config(data_root, method), resumed)
-
-    state_a, data_a, step_a = final_state(straight)
-    state_b, data_b, step_b = final_state(resumed)
-    assert step_a == step_b == 6
-    assert data_a == data_b  # the same position in every stream
-    assert set(data_a) == ({"labeled", "unlabeled", "mix"} if method == "csl" else {"labeled"})
-    for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
-        np.testing.assert_array_equal(a, b)  # params, BN statistics, optimizer, teacher: bit for bit on CPU
-    loss_a = {m["step"]: m["loss"] for m in read_jsonl(os.path.join(straight, "metrics.jsonl")) if "loss" in m}
-    loss_b = {m["step"]: m["loss"] for m in read_jsonl(os.path.join(resumed, "metrics.jsonl")) if "loss" in m}
-    assert loss_a == loss_b and sorted(loss_a) == [1, 2, 3, 4, 5, 6]
-
-
 def test_csl_reliable_pseudo_labels_are_more_accurate(data_root, tmp_path):
     workdir = str(tmp_path / "csl")
     config = tiny_config(data_root, "csl", **{"optim.total_steps": 60, "data.crop_size": 40, "model.width": 8,
@@ -138,7 +119,8 @@ def test_demo_sigterm_then_resume_to_the_end(data_root, tmp_path):
     workdir = str(tmp_path / "demo")
     args = ["--config=configs/demo.py", f"--workdir={workdir}", f"--config.data.root={data_root}",
             "--config.data.crop_size=32", "--config.data.synthetic.num_train=32", "--config.data.synthetic.num_val=4",
-            "--config.data.synthetic.image_size=(40, 40)", "--config.optim.total_steps=100000", "--config.log_every_steps=1",
+            "--config.data.synthetic.image_size=(40, 40)", "--config.optim.total_steps=100000",
+            "--config.log_every_steps=1",
             "--config.checkpoint_every_steps=100000", "--config.eval.every_steps=100000"]
     proc = run_main(args)
     metrics = os.path.join(workdir, "metrics.jsonl")
@@ -163,4 +145,5 @@ def test_demo_sigterm_then_resume_to_the_end(data_root, tmp_path):
     results = json.load(open(os.path.join(workdir, "final_results.json")))
     assert 0.0 <= results["miou"] <= 1.0 and results["protocol"]["name"] == "whole"
     assert any(f.endswith(".png") for f in os.listdir(os.path.join(workdir, "plots")))
-    assert os.path.exists(os.path.join(workdir, "config.json")) and os.path.exists(os.path.join(workdir, "run_train.json"))
+    assert os.path.exists(os.path.join(workdir, "config.json"))
+    assert os.path.exists(os.path.join(workdir, "run_train.json"))

@@ -1,11 +1,11 @@
-"""csl_jax.views (CutMix, TMP) and csl_jax.teacher (EMA) against NumPy references."""
+"""csl_jax.methods.parts.views (CutMix, TMP) and .teacher (EMA) against NumPy references."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from csl_jax import teacher, views
+from csl_jax.methods.parts import teacher, views
 
 
 def _rng():

@@ -1,13 +1,16 @@
-"""Grain input pipelines: labeled and unlabeled training streams, evaluation sets.
+"""Grain input pipelines: the training streams a method declares (`StreamSpec`), evaluation sets.
 
-Sample order and augmentation are pure functions of (seed, stream, global sample index):
-- an epoch is one pass over the unlabeled set (semi-supervised; the labeled list is repeated
-  ceil(|U|/|L|) times and truncated to |U|) or over the labeled list (supervised); each epoch is
-  a permutation drawn from (seed, stream, epoch); streams never end;
+Sample order and augmentation are pure functions of (seed, stream id, global sample index):
+- the stream NAME keys the randomness: 'labeled' 0, 'unlabeled' 1, 'mix' 2; any other name gets
+  zlib.crc32(name) + 3 (stable across processes and runs; a name whose id another name of this
+  process already has is refused);
+- an epoch is one pass over the stream's list (`epoch_of='own'`) or, with `epoch_of='unlabeled'`,
+  over the list repeated ceil(|U|/|list|) times and truncated to |U|; each epoch is a permutation
+  drawn from (seed, stream id, 1, epoch); streams never end;
 - global batch k holds global sample indices [kB, (k+1)B); process p of P yields the slice
   [kB + pB/P, kB + (p+1)B/P), so batches do not depend on the number of processes or workers;
-- each sample's generators are seeded with (seed, stream, index, view), so adding a view does
-  not change the others. Streams: labeled 0, unlabeled 'main' 1, unlabeled 'mix' 2.
+- sample i's geometry generator is seeded with (seed, stream id, 2, i, 0) and each view's with
+  (seed, stream id, 2, i, view id) (`views.VIEWS`), so adding a view does not change the others.
 
 `data_cfg` fields (ml_collections ConfigDict; optional ones fall back to the defaults below):
   name         'pascal' | 'cityscapes' | 'camvid' | 'synthetic' | 'custom'
@@ -19,29 +22,77 @@ Sample order and augmentation are pure functions of (seed, stream, global sample
   num_workers  0: threads in this process; > 0: Grain worker processes (mp_prefetch)   [0]
   num_threads  read threads per process                                                [2]
   prefetch     batches buffered per worker                                             [2]
-  cutmix_prob  0.5;  tmp_prob 0.5;  cover_ratio 0.7;  block_size 32
+  view options, each view's own (views.VIEWS): cutmix_prob 0.5; tmp_prob 0.5; cover_ratio 0.7;
+               block_size 32
   custom only: labeled_list ('<image> <mask>' lines), unlabeled_list ('<image>' lines, optional
                masks), val_list ('<image> <mask>'), num_classes, class_names (optional)
 """
+import dataclasses
 import math
 import sys
+import zlib
 
 import grain
 from absl import flags
 import numpy as np
 
 from csl_jax.constants import IGNORE_INDEX
-from csl_jax.data import sources, transforms
+from csl_jax.data import sources, transforms, views as views_lib
 
-STREAMS = {"labeled": 0, "main": 1, "mix": 2}
-VIEWS = {"strong": 1, "strong2": 2, "tmp": 3}
-_DEFAULTS = {"num_workers": 0, "num_threads": 2, "prefetch": 2, "cutmix_prob": 0.5, "tmp_prob": 0.5,
-             "cover_ratio": 0.7, "block_size": 32}
+SOURCES = ("labeled", "unlabeled")
+EPOCHS_OF = ("own", "unlabeled")
+_FIXED_STREAM_IDS = {"labeled": 0, "unlabeled": 1, "mix": 2}
+_STREAM_NAMES = {i: n for n, i in _FIXED_STREAM_IDS.items()}  # id -> name, every stream id of this process
+_DEFAULTS = {"num_workers": 0, "num_threads": 2, "prefetch": 2}
 
 
-def _opt(data_cfg, key):
+def _choice(field: str, value: str, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"{field}={value!r}; valid: {', '.join(valid)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+    """One input stream a method needs.
+
+    source:   'labeled' | 'unlabeled': which image list of the split it reads.
+    batch:    'labeled' | 'unlabeled': which config.batch field is its global batch size.
+    views:    names in `views.VIEWS`, added to the base sample.
+    geometry: name in `transforms.GEOMETRIES`.
+    epoch_of: 'own': an epoch is one pass over its own list; 'unlabeled': the list repeated
+              ceil(|U|/|list|) times and truncated to |U| (the semi-supervised labeled stream).
+    """
+    source: str
+    batch: str
+    views: tuple[str, ...] = ()
+    geometry: str = "unimatch"
+    epoch_of: str = "own"
+
+    def __post_init__(self):
+        _choice("StreamSpec.source", self.source, SOURCES)
+        _choice("StreamSpec.batch", self.batch, SOURCES)
+        _choice("StreamSpec.epoch_of", self.epoch_of, EPOCHS_OF)
+        object.__setattr__(self, "views", tuple(self.views))
+        repeated = sorted({v for v in self.views if self.views.count(v) > 1})
+        if repeated:
+            raise ValueError(f"StreamSpec.views={self.views}: {', '.join(repeated)} requested more than once")
+
+
+def stream_id(name: str) -> int:
+    """The integer that keys stream `name`'s randomness: 'labeled' 0, 'unlabeled' 1, 'mix' 2, else
+    zlib.crc32(name) + 3. Refuses a name whose id another name already has in this process."""
+    if name in _FIXED_STREAM_IDS:
+        return _FIXED_STREAM_IDS[name]
+    sid = zlib.crc32(name.encode()) + len(_FIXED_STREAM_IDS)
+    owner = _STREAM_NAMES.setdefault(sid, name)
+    if owner != name:
+        raise ValueError(f"stream names {owner!r} and {name!r} have the same id {sid} (crc32); rename one")
+    return sid
+
+
+def _opt(data_cfg, key, default):
     value = data_cfg.get(key)
-    return _DEFAULTS[key] if value is None else value
+    return default if value is None else value
 
 
 def _rng(*keys: int) -> np.random.Generator:
@@ -65,13 +116,15 @@ class _EpochOrder:
 
 
 class _Sample:
-    """Local sample index -> augmented sample dict (numpy), for one process of a sharded stream."""
+    """Local sample index -> augmented sample dict (numpy), for one process of a sharded stream.
 
-    def __init__(self, source, order: _EpochOrder, *, num_classes: int, crop: int, seed: int,
-                 stream: int, local_batch: int, global_batch: int, process_index: int,
-                 views: tuple[str, ...] = (), options: dict | None = None):
-        self.source, self.order, self.num_classes, self.crop = source, order, num_classes, crop
-        self.seed, self.stream, self.views, self.options = seed, stream, views, options or {}
+    `views`: (name, view id, fn, options) per requested view, resolved from the registry at construction.
+    """
+
+    def __init__(self, records, order: _EpochOrder, *, source: str, num_classes: int, crop: int, seed: int,
+                 stream: int, geometry, views: tuple, local_batch: int, global_batch: int, process_index: int):
+        self.records, self.order, self.source, self.num_classes = records, order, source, num_classes
+        self.crop, self.seed, self.stream, self.geometry, self.views = crop, seed, stream, geometry, views
         self.local_batch, self.global_batch, self.process_index = local_batch, global_batch, process_index
 
     def global_index(self, local: int) -> int:
@@ -81,37 +134,21 @@ class _Sample:
 
     def __call__(self, local: int) -> dict:
         index = self.global_index(local)
-        image, label = sources.decode(self.source[self.order(index)], self.num_classes)
-        geometry = transforms.sample_geometry(_rng(self.seed, self.stream, 2, index, 0),
-                                             image.height, image.width, self.crop)
+        image, label = sources.decode(self.records[self.order(index)], self.num_classes)
+        geometry = self.geometry(_rng(self.seed, self.stream, 2, index, 0), image.height, image.width, self.crop)
         weak, label, valid = transforms.apply_geometry(image, label, geometry, self.crop)
-        if self.stream == STREAMS["labeled"]:
-            return {"image": transforms.normalize(weak), "label": label.astype(np.int32)}
-        out = {"weak": transforms.normalize(weak), "ignore": np.where(valid, 0, IGNORE_INDEX).astype(np.int32),
-               "label": label.astype(np.int32)}
-        for view in self.views:
-            out.update(self._view(view, weak, valid, _rng(self.seed, self.stream, 2, index, VIEWS[view])))
+        if self.source == "labeled":
+            out = {"image": transforms.normalize(weak), "label": label.astype(np.int32)}
+        else:
+            out = {"weak": transforms.normalize(weak), "ignore": np.where(valid, 0, IGNORE_INDEX).astype(np.int32),
+                   "label": label.astype(np.int32)}
+        for name, view_id, fn, options in self.views:
+            arrays = fn(weak, valid, _rng(self.seed, self.stream, 2, index, view_id), self.crop, options)
+            clash = sorted(out.keys() & arrays.keys())
+            if clash:
+                raise ValueError(f"view {name!r} returns {clash}, already in the sample")
+            out.update(arrays)
         return out
-
-    def _view(self, view: str, weak: np.ndarray, valid: np.ndarray, rng: np.random.Generator) -> dict:
-        o = self.options
-        if view in ("strong", "strong2"):
-            image = transforms.strong_photometric(weak, rng)
-            box = transforms.cutmix_box(rng, self.crop, o["cutmix_prob"])
-            suffix = "" if view == "strong" else "2"
-            return {view: _normalize_valid(image, valid), f"cutmix_box{suffix}": box}
-        if rng.random() < o["tmp_prob"]:  # TMP branch (a): mild colour + block mask
-            image = transforms.mild_photometric(weak, rng)
-            mask = transforms.block_mask(rng, self.crop, o["block_size"], o["cover_ratio"])
-        else:  # branch (b): the strong colour view, no mask
-            image = transforms.strong_photometric(weak, rng)
-            mask = np.zeros((self.crop, self.crop), bool)
-        return {"tmp": _normalize_valid(image, valid), "block_mask": mask}
-
-
-def _normalize_valid(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Normalised (H, W, 3) float32 view whose padding (valid False) is reset to black first."""
-    return transforms.normalize(np.where(valid[..., None], image, 0).astype(np.uint8))
 
 
 def _check(global_batch: int, process_index: int, process_count: int, crop: int):
@@ -126,10 +163,9 @@ def _check(global_batch: int, process_index: int, process_count: int, crop: int)
 
 def _iterator(data_cfg, sample: _Sample) -> grain.DatasetIterator:
     ds = grain.MapDataset.range(sys.maxsize).map(sample).batch(sample.local_batch, drop_remainder=True)
-    prefetch = int(_opt(data_cfg, "prefetch"))
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(_opt(data_cfg, "num_threads")),
-                                                 prefetch_buffer_size=prefetch))
-    workers = int(_opt(data_cfg, "num_workers"))
+    prefetch, threads, workers = (int(_opt(data_cfg, k, _DEFAULTS[k])) for k in ("prefetch", "num_threads",
+                                                                                   "num_workers"))
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
     if workers > 0:
         if not flags.FLAGS.is_parsed():  # Grain workers read absl flags; outside an absl app use defaults
             flags.FLAGS.mark_as_parsed()
@@ -138,61 +174,61 @@ def _iterator(data_cfg, sample: _Sample) -> grain.DatasetIterator:
     return iter(it_ds)
 
 
-def _labeled_base(n_labeled: int, n_unlabeled: int, semi: bool) -> np.ndarray:
-    """Per-epoch labeled index list: repeated to |U| (semi) or once (supervised)."""
-    if not semi:
-        return np.arange(n_labeled)
+def _epoch_base(n_source: int, n_unlabeled: int, epoch_of: str) -> np.ndarray:
+    """Per-epoch index list of a source of `n_source` images: once ('own') or repeated to |U| ('unlabeled')."""
+    if epoch_of == "own":
+        return np.arange(n_source)
     if n_unlabeled == 0:
         raise ValueError("semi-supervised epochs need unlabeled images; the split has none")
-    return np.tile(np.arange(n_labeled), math.ceil(n_unlabeled / n_labeled))[:n_unlabeled]
+    return np.tile(np.arange(n_source), math.ceil(n_unlabeled / n_source))[:n_unlabeled]
 
 
-def labeled_iterator(data_cfg, *, seed: int, global_batch: int, process_index: int = 0,
-                     process_count: int = 1, semi: bool = True) -> grain.DatasetIterator:
-    """Infinite labeled stream of this process's batches (b = global_batch // process_count):
+def stream_iterator(data_cfg, spec: StreamSpec, *, name: str, seed: int, global_batch: int, process_index: int = 0,
+                    process_count: int = 1) -> grain.DatasetIterator:
+    """Infinite stream `name` of this process's batches (b = global_batch // process_count), keyed by stream_id(name).
 
-    'image' (b, crop, crop, 3) float32 ImageNet-normalised (padding = normalised black),
-    'label' (b, crop, crop) int32 (255 = ignore, incl. padding). Weak augmentation only.
-    `semi`: epochs of |U| samples (labeled list repeated) instead of |L|.
+    Base sample, labeled source: 'image' (b, crop, crop, 3) float32 ImageNet-normalised (padding =
+    normalised black), 'label' (b, crop, crop) int32 (255 = ignore, incl. padding). Unlabeled
+    source: 'weak' (b, crop, crop, 3) float32, 'ignore' (b, crop, crop) int32 (255 on padding, else
+    0), 'label' (b, crop, crop) int32 ground truth where masks exist (logging only), else 255.
+    Each view adds its arrays (views.VIEWS; e.g. 'strong' -> 'strong' float32, 'cutmix_box' bool),
+    computed from the weak crop, so every view shares the geometry; view padding is black before
+    normalisation. Checkpointable with get_state()/set_state().
     """
+    unknown = [v for v in spec.views if v not in views_lib.VIEWS]
+    if unknown:
+        raise ValueError(f"unknown views {unknown}; valid: {', '.join(views_lib.VIEWS)}")
+    _choice("StreamSpec.geometry", spec.geometry, transforms.GEOMETRIES)
+    sid = stream_id(name)
     crop = int(data_cfg.crop_size)
     _check(global_batch, process_index, process_count, crop)
     labeled, unlabeled = sources.train_sources(data_cfg)
-    order = _EpochOrder(_labeled_base(len(labeled), len(unlabeled), semi), seed, STREAMS["labeled"])
-    sample = _Sample(labeled, order, num_classes=sources.dataset_info(data_cfg).num_classes, crop=crop,
-                     seed=seed, stream=STREAMS["labeled"], local_batch=global_batch // process_count,
-                     global_batch=global_batch, process_index=process_index)
+    records = labeled if spec.source == "labeled" else unlabeled
+    if len(records) == 0:
+        raise ValueError(f"config.data.split={data_cfg.get('split')!r} has no {spec.source} images")
+    order = _EpochOrder(_epoch_base(len(records), len(unlabeled), spec.epoch_of), seed, sid)
+    resolved = []
+    for view in spec.views:
+        entry = views_lib.VIEWS[view]
+        resolved.append((view, entry.id, entry.fn, {k: _opt(data_cfg, k, d) for k, d in entry.options.items()}))
+    sample = _Sample(records, order, source=spec.source, num_classes=sources.dataset_info(data_cfg).num_classes,
+                     crop=crop, seed=seed, stream=sid, geometry=transforms.GEOMETRIES[spec.geometry],
+                     views=tuple(resolved), local_batch=global_batch // process_count, global_batch=global_batch,
+                     process_index=process_index)
     return _iterator(data_cfg, sample)
 
 
-def unlabeled_iterator(data_cfg, *, seed: int, global_batch: int, views: tuple[str, ...],
-                       stream: str = "main", process_index: int = 0,
-                       process_count: int = 1) -> grain.DatasetIterator:
-    """Infinite unlabeled stream ('main' or the independently shuffled 'mix') of this process's batches.
-
-    Always: 'weak' (b, crop, crop, 3) float32, 'ignore' (b, crop, crop) int32 (255 on padding,
-    else 0), 'label' (b, crop, crop) int32 ground truth where masks exist (logging only), else 255.
-    Per requested view: 'strong' -> 'strong', 'cutmix_box' (b, crop, crop) bool; 'strong2' ->
-    'strong2', 'cutmix_box2'; 'tmp' -> 'tmp', 'block_mask' (b, crop, crop) bool. Views share the
-    geometric augmentation; their padding is black before normalisation.
-    """
-    if stream not in ("main", "mix"):
-        raise ValueError(f"stream={stream!r}; valid: 'main', 'mix'")
-    unknown = [v for v in views if v not in VIEWS]
-    if unknown:
-        raise ValueError(f"unknown views {unknown}; valid: {', '.join(VIEWS)}")
-    crop = int(data_cfg.crop_size)
-    _check(global_batch, process_index, process_count, crop)
-    _, unlabeled = sources.train_sources(data_cfg)
-    if len(unlabeled) == 0:
-        raise ValueError(f"config.data.split={data_cfg.get('split')!r} has no unlabeled images")
-    options = {k: _opt(data_cfg, k) for k in ("cutmix_prob", "tmp_prob", "cover_ratio", "block_size")}
-    order = _EpochOrder(np.arange(len(unlabeled)), seed, STREAMS[stream])
-    sample = _Sample(unlabeled, order, num_classes=sources.dataset_info(data_cfg).num_classes,
-                     crop=crop, seed=seed, stream=STREAMS[stream],
-                     local_batch=global_batch // process_count, global_batch=global_batch,
-                     process_index=process_index, views=tuple(views), options=options)
-    return _iterator(data_cfg, sample)
+def epoch_length(data_cfg, spec: StreamSpec, global_batch: int) -> int:
+    """Batches per epoch of `spec`: floor(n / B), n = |U| (unlabeled source or epoch_of='unlabeled') else |L|."""
+    labeled, unlabeled = sources.split_ids(data_cfg)
+    kind = "unlabeled" if "unlabeled" in (spec.source, spec.epoch_of) else "labeled"
+    n = len(unlabeled) if kind == "unlabeled" else len(labeled)
+    if global_batch <= 0:
+        raise ValueError(f"global_batch={global_batch} must be positive")
+    if n < global_batch:
+        raise ValueError(f"{kind} set of split {data_cfg.get('split')!r} has {n} images, "
+                         f"fewer than global_batch={global_batch}")
+    return n // global_batch
 
 
 class _EvalDecode:
@@ -211,13 +247,3 @@ def eval_dataset(data_cfg, split: str = "val") -> grain.MapDataset:
     'label': (H, W) uint8 (255 = ignore)}; no normalisation (use transforms.normalize)."""
     info = sources.dataset_info(data_cfg)
     return grain.MapDataset.source(sources.eval_source(data_cfg, split)).map(_EvalDecode(info.num_classes))
-
-
-def iterations_per_epoch(data_cfg, global_batch: int, semi: bool) -> int:
-    """floor(|U| / B) for semi-supervised epochs, floor(|L| / B) for supervised ones."""
-    labeled, unlabeled = sources.split_ids(data_cfg)
-    n = len(unlabeled) if semi else len(labeled)
-    if n < global_batch:
-        raise ValueError(f"{'unlabeled' if semi else 'labeled'} set of split {data_cfg.get('split')!r} "
-                         f"has {n} images, fewer than global_batch={global_batch}")
-    return n // global_batch

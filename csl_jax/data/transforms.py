@@ -2,8 +2,10 @@
 
 Every function takes an explicit `np.random.Generator`, so a sample's augmentation is a pure
 function of the generator's seed. Photometric operations use PIL (torchvision's PIL semantics).
+`GEOMETRIES` names the geometric augmentations a stream can use ('unimatch': `sample_geometry`).
 """
 import dataclasses
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
@@ -47,6 +49,16 @@ def sample_geometry(rng: np.random.Generator, height: int, width: int, crop: int
     y = int(rng.integers(0, max(rh, crop) - crop + 1))
     x = int(rng.integers(0, max(rw, crop) - crop + 1))
     return Geometry(rh, rw, y, x, bool(rng.random() < 0.5))
+
+
+GEOMETRIES: dict[str, Callable[[np.random.Generator, int, int, int], Geometry]] = {"unimatch": sample_geometry}
+
+
+def register_geometry(name: str, fn: Callable[[np.random.Generator, int, int, int], Geometry]) -> None:
+    """Adds geometry `name`: fn(rng, height, width, crop) -> Geometry; refuses a taken name."""
+    if name in GEOMETRIES:
+        raise ValueError(f"geometry {name!r} is already registered; registered: {', '.join(GEOMETRIES)}")
+    GEOMETRIES[name] = fn
 
 
 def apply_geometry(image: Image.Image, label: np.ndarray | None, g: Geometry,

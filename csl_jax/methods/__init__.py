@@ -1,33 +1,55 @@
-"""Training methods, chosen by `config.method.name`."""
+"""Training methods, chosen by `config.method.name`: a registry of `Method` classes.
+
+    supervised       methods/supervised.py      labeled images only
+    csl, unimatch,   methods/weak_to_strong.py  weak-to-strong consistency, presets of one step
+    fixmatch
+    methods/parts/   losses, pseudo-label selection, passes, views, EMA teacher
+
+A new method is one file defining a `Method` subclass, registered here with `register_method`.
+"""
 
 from __future__ import annotations
 
-from csl_jax.methods.base import Method, StepContext
-from csl_jax.methods import semi
+from typing import Callable
+
+from csl_jax.methods import weak_to_strong
+from csl_jax.methods.base import Method, PredictFn, StepContext
 from csl_jax.methods.supervised import Supervised
 
+#: method name -> Method subclass (called as cls(config, num_classes)).
+METHODS: dict[str, type[Method]] = {"supervised": Supervised, **weak_to_strong.METHODS}
+#: method name -> check of `config.method` raising ValueError (for methods with options).
+_OPTION_CHECKS: dict[str, Callable] = {name: weak_to_strong.check_options for name in weak_to_strong.METHODS}
 
-METHODS = {"supervised": Supervised, **semi.METHODS}
+
+def register_method(name: str, cls: type[Method], check_options: Callable | None = None) -> None:
+    """Adds method `name` (refused if taken); `check_options(config.method)` raises on bad options."""
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is already registered ({METHODS[name].__name__})")
+    METHODS[name] = cls
+    if check_options is not None:
+        _OPTION_CHECKS[name] = check_options
 
 
 def check_config(config) -> None:
     """Raises ValueError when `config.method` names no method, or options the method cannot run.
 
-    Semi-supervised methods (`semi.check_options`): every option present and valid, and the name
-    agreeing with them (`--config.method.name=fixmatch` on a UniMatch config is refused rather than
-    trained as UniMatch). main.py calls this before anything is written; `build_method` again.
+    Weak-to-strong methods (`weak_to_strong.check_options`): every option present and valid, and
+    the name agreeing with them (`--config.method.name=fixmatch` on a UniMatch config is refused
+    rather than trained as UniMatch). main.py calls this before anything is written; `build_method`
+    again.
     """
     name = config.method.name
     if name not in METHODS:
         raise ValueError(f"config.method.name={name!r} is not a known method; valid: {sorted(METHODS)}")
-    if name in semi.METHODS:
-        semi.check_options(config.method)
+    if name in _OPTION_CHECKS:
+        _OPTION_CHECKS[name](config.method)
 
 
-def build_method(config, model, num_classes: int) -> Method:
+def build_method(config, num_classes: int) -> Method:
     """The method named by `config.method.name`, e.g. 'supervised', 'csl', 'unimatch', 'fixmatch'."""
     check_config(config)
-    return METHODS[config.method.name](config, model, num_classes)
+    return METHODS[config.method.name](config, num_classes)
 
 
-__all__ = ["Method", "StepContext", "build_method", "check_config"]
+__all__ = ["METHODS", "Method", "PredictFn", "StepContext", "build_method", "check_config", "register_method"]

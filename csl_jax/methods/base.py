@@ -1,81 +1,120 @@
-"""What a training method declares: its extra state, its forward passes and BN policy, its losses.
+"""What a training method declares: its networks, streams, losses, state updates and predictions.
 
-The trainer (`csl_jax/train.py`) owns the loop, the optimiser, sharding and checkpoints. A method is
-a small object the per-device train step calls inside `shard_map` (axis name `"data"`):
+The trainer (`csl_jax/train.py`) owns the loop, the optimiser, sharding and checkpoints; the
+evaluation loop (`csl_jax/evaluation`) owns metrics and plots. A method is an object they call:
 
-    loss, aux = method.loss(params, ctx, batch)          # under jax.grad w.r.t. params
-    extra     = method.update_extra(ctx.extra, new_params, aux["batch_stats"], ctx.step)
+    params, state = method.init(rng, image_shape)                  # once, outside the step
+    streams       = method.streams()                               # {name: StreamSpec}
+    # per device, inside shard_map (axis `csl_jax.parallel.AXIS`), under jax.grad w.r.t. params:
+    loss, (state, metrics) = method.loss(params, state, batch, ctx)
+    state         = method.after_update(state, new_params, step)   # after the optimiser step
+    # evaluation, outside shard_map:
+    logits        = method.predict_fns()[name](method.eval_variables(train_state, name), images)
 
-`batch` holds this device's share of each stream: `batch["labeled"]` ({'image', 'label'}), and for
-semi-supervised methods `batch["unlabeled"]` and `batch["mix"]` (the views named by
-`unlabeled_views`, see `csl_jax/data/pipeline.py`).
+`params` and `state` are any pytrees: one network's params, or named trees of several networks
+(`{'branch1': ..., 'branch2': ...}`); `state` holds everything else that changes, e.g.
+`{'batch_stats': ..., 'teacher': ..., 'queue': ...}`. The state returned by the loss is carried
+from micro-batch to micro-batch under gradient accumulation, so state written inside the loss
+(BN statistics, queues, prototypes) stays exact. `batch` holds this device's share of each stream
+of `streams()`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+import functools
+from typing import Any, Callable, Mapping
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 
-from csl_jax import losses, optim
+from csl_jax import optim
+from csl_jax.constants import PyTree
+from csl_jax.data import StreamSpec
+from csl_jax.methods.parts import losses
+from csl_jax.models import build_model
+from csl_jax.parallel import AXIS
 
-PyTree = Any
-AXIS = "data"
+#: (variables, images (B, H, W, 3) float32) -> logits (B, H, W, C) float32, in inference mode.
+PredictFn = Callable[[PyTree, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
 class StepContext:
-    """Per-device inputs of one train step besides params and batch.
+    """Per-device inputs of one train step besides params, state and batch.
 
     Attributes:
-      batch_stats: the student's BN running statistics (float32 pytree).
-      extra: the method's own state (e.g. {'teacher': variables}); {} when it has none.
-      rng: the step key, `fold_in(seed_key, step)`, identical on every device. Per-sample
-        randomness (Dropout2d masks) is drawn from it with global sample ids, so results do not
-        depend on the device count.
+      rng: the step key, `fold_in(seed_key, step)` (per micro-batch: `fold_in(that, index)`),
+        identical on every device. Per-sample randomness (Dropout2d masks) is drawn from it with
+        global sample ids, so results do not depend on the device count.
       step: int32 scalar, optimizer steps completed before this one.
-      device_index: int32 scalar, this device's position on the "data" axis.
+      device_index: int32 scalar, this device's position on the data axis.
+      num_devices: devices on the data axis (Python int).
+      steps_per_epoch: optimizer steps per epoch (Python int), for epoch-based schedules.
+      stream_offsets: global id of the first sample of each stream in a step; streams are laid out
+        one after the other in the order of `Method.streams()`, each over its global batch.
     """
 
-    batch_stats: PyTree
-    extra: PyTree
     rng: jax.Array
     step: jax.Array
     device_index: jax.Array
+    num_devices: int
+    steps_per_epoch: int
+    stream_offsets: Mapping[str, int]
+
+    def sample_ids(self, stream: str, n: int) -> jax.Array:
+        """(n,) int32 global ids of this device's `n` samples of `stream`, distinct over all streams."""
+        return self.stream_offsets[stream] + self.device_index * n + jnp.arange(n, dtype=jnp.int32)
 
 
-def global_sample_ids(ctx: StepContext, local_batch: int, stream_offset: int = 0) -> jax.Array:
-    """(local_batch,) int32 ids of this device's samples in the global batch, plus `stream_offset`.
+def init_network(model, model_cfg: ml_collections.ConfigDict, rng: jax.Array, image_shape) -> dict:
+    """Initial {'params', 'batch_stats'} of a network: random, or loaded from `model_cfg.init_from`.
 
-    Use distinct offsets per stream (e.g. 0 for labeled, global labeled batch for unlabeled) so
-    that every sample of a step has its own id.
+    image_shape: (H, W, 3) of one input image (any size the network accepts).
     """
-    return stream_offset + ctx.device_index * local_batch + jnp.arange(local_batch, dtype=jnp.int32)
+    init = jax.jit(functools.partial(model.init, train=False))  # one compile instead of op-by-op dispatch
+    variables = flax.core.unfreeze(init({"params": rng, "dropout": rng}, jnp.zeros((1, *image_shape), jnp.float32)))
+    variables.setdefault("batch_stats", {})
+    if model_cfg.get("init_from"):
+        from csl_jax.models import convert
+
+        variables, report = convert.load_pretrained(variables, model_cfg.init_from, kind=model_cfg.init_kind)
+        logging.info("Initialised from %s: %s", model_cfg.init_from, report)
+    return variables
 
 
 class Method:
-    """Base class; subclasses override `loss` and, when they carry state, the extra-state hooks.
+    """Base class: one network from `config.model` trained on the labeled stream; subclasses override.
 
     Args:
-      config: the full run config (reads `config.method`, `config.loss`).
-      model: the Flax model, built with `bn_axis_name="data"` for use inside shard_map.
+      config: the full run config (reads `config.model`, `config.method`, `config.loss`).
       num_classes: number of classes of the dataset.
+
+    `self.model` is the network of `config.model.name` (csl_jax.models registry), with SyncBN over
+    the data axis; it returns `(logits, out)`.
     """
 
-    #: whether the trainer must feed `batch["unlabeled"]` and `batch["mix"]`.
-    uses_unlabeled: bool = False
-    #: unlabeled views the data pipeline must produce (besides 'weak' and 'ignore').
-    unlabeled_views: tuple[str, ...] = ()
+    #: the stream whose pass over its image list is one epoch (protocol.md §3).
+    epoch_stream: str = "labeled"
+    #: the predict function whose evaluation picks the best checkpoint.
+    best_predict: str = "model"
+    #: whether `diagnostics` returns arrays for the evaluation loop's pseudo-label plots.
+    has_diagnostics: bool = False
 
-    def __init__(self, config: ml_collections.ConfigDict, model, num_classes: int):
+    def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
         self.config = config
-        self.model = model
         self.num_classes = num_classes
+        self.model = build_model(config.model, num_classes, bn_axis_name=AXIS)
 
-    # -- optimiser -----------------------------------------------------------------------------
+    # -- networks and state ----------------------------------------------------------------------
+    def init(self, rng: jax.Array, image_shape) -> tuple[PyTree, PyTree]:
+        """(params, state) at step 0: the network's params and {'batch_stats': its BN statistics}."""
+        variables = init_network(self.model, self.config.model, rng, image_shape)
+        return variables["params"], {"batch_stats": variables["batch_stats"]}
+
     def param_labels(self, params: PyTree) -> PyTree:
         """The optimiser group of every parameter: a pytree of 'backbone' / 'head' like `params`.
 
@@ -86,32 +125,50 @@ class Method:
         """
         return optim.param_groups(params)
 
-    # -- state ---------------------------------------------------------------------------------
-    def init_extra(self, variables: Mapping[str, PyTree]) -> PyTree:
-        """The method's extra state at step 0, from the initial student variables."""
-        del variables
-        return {}
+    # -- data ------------------------------------------------------------------------------------
+    def streams(self) -> dict[str, StreamSpec]:
+        """The input streams, by name (the keys of `batch`); an epoch is one pass of `epoch_stream`."""
+        return {"labeled": StreamSpec(source="labeled", batch="labeled")}
 
-    def update_extra(self, extra: PyTree, params: PyTree, batch_stats: PyTree, step: jax.Array) -> PyTree:
-        """Extra state after an optimizer step (`params`, `batch_stats`: the updated student)."""
-        del params, batch_stats, step
-        return extra
-
-    def eval_variables(self, params: PyTree, batch_stats: PyTree, extra: PyTree) -> dict:
-        """Variables of the model that is evaluated and checkpointed as 'best' (student by default)."""
-        del extra
-        return {"params": params, "batch_stats": batch_stats}
-
-    # -- losses --------------------------------------------------------------------------------
-    def loss(self, params: PyTree, ctx: StepContext, batch: Mapping[str, Any]):
-        """Per-device loss (scalar float32, normalised per loss group) and aux.
+    # -- the step --------------------------------------------------------------------------------
+    def loss(self, params: PyTree, state: PyTree, batch: Mapping[str, Any], ctx: StepContext):
+        """Per-device loss (scalar float32, normalised per loss group), new state and metrics.
 
         Returns:
-          (loss, aux) with aux = {'batch_stats': the student's running statistics to keep,
-          'metrics': dict of float32 scalars (averaged over devices by the trainer)}.
+          (loss, (state, metrics)): the state after this (micro-)batch, and a dict of float32
+          scalars (averaged over devices and micro-batches by the trainer).
         """
         raise NotImplementedError
 
+    def after_update(self, state: PyTree, params: PyTree, step: jax.Array) -> PyTree:
+        """State after an optimizer step (`params`: the updated ones; `step`: steps done before it)."""
+        del params, step
+        return state
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def predict_fns(self) -> dict[str, PredictFn]:
+        """The named inference functions; `eval_variables(train_state, name)` gives their variables."""
+        return {"model": self._predict}
+
+    def eval_variables(self, train_state, name: str) -> PyTree:
+        """Variables of predict function `name` in a train state (also what a best checkpoint holds)."""
+        self._check_predict_name(name)
+        return {"params": train_state.params, "batch_stats": train_state.state["batch_stats"]}
+
+    def _predict(self, variables: PyTree, images: jax.Array) -> jax.Array:
+        logits, _ = self.model.apply(variables, images, train=False)
+        return logits
+
+    def _check_predict_name(self, name: str) -> None:
+        if name not in self.predict_fns():
+            raise ValueError(f"{type(self).__name__} has no predict function {name!r}; "
+                             f"valid: {sorted(self.predict_fns())}")
+
+    def diagnostics(self, train_state, batch: Mapping[str, Any]) -> dict:
+        """jit-able arrays for the evaluation loop's plots (see `has_diagnostics`) from a train batch."""
+        raise NotImplementedError
+
+    # -- shared loss -----------------------------------------------------------------------------
     def labeled_loss(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
         """L_x: CE with ignore 255 or OHEM (`config.loss.labeled`), per group of images.
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from csl_jax.methods.base import Method, StepContext
+from csl_jax.methods.parts import passes
 
 
 class Supervised(Method):
     """L = L_x on the labeled batch (UniMatch's `supervised.py`)."""
 
-    def loss(self, params, ctx: StepContext, batch):
+    def loss(self, params, state, batch, ctx: StepContext):
         labeled = batch["labeled"]
-        logits, state = self.model.apply(
-            {"params": params, "batch_stats": ctx.batch_stats}, labeled["image"], train=True, mutable=["batch_stats"]
-        )
+        (logits, _), batch_stats = passes.train_pass(
+            self.model, params, state["batch_stats"], labeled["image"], rng=ctx.rng,
+            sample_ids=ctx.sample_ids("labeled", labeled["image"].shape[0]))
         loss = self.labeled_loss(logits, labeled["label"])
-        return loss, {"batch_stats": state["batch_stats"], "metrics": {"loss": loss, "loss_x": loss}}
+        return loss, (dict(state, batch_stats=batch_stats), {"loss": loss, "loss_x": loss})

@@ -7,7 +7,7 @@ prefix, maybe `fc.*`), torchvision ResNets ('torchvision'), UniMatch DeepLabV3Pl
 
     from csl_jax.models.convert import from_unimatch
     model, variables = from_unimatch(state_dict, num_classes=21, depth=101)
-    logits = model.apply(variables, images, train=False)
+    logits, _ = model.apply(variables, images, train=False)  # (logits, out), as every model
 
 CLI (needs torch to read the .pth):
     python -m csl_jax.models.convert SRC.pth OUT_DIR [--kind auto] [--format msgpack|npz]
@@ -220,8 +220,9 @@ def from_unimatch(state_dict: Mapping[str, Any], num_classes: int = 21, depth: i
 
     The stem ('deep' / 'torchvision') is read from the keys; other DeepLabV3Plus fields (width,
     blocks, multi_grid, maxpool_ceil, dtype, ...) can be passed as keyword arguments.
-    Returns (model, {'params', 'batch_stats'}) of float32 NumPy arrays; every variable must be
-    present. Output stride and ASPP rates do not change the variables, only the model.
+    Returns (model, {'params', 'batch_stats'}) of float32 NumPy arrays (the model's apply gives
+    (logits, out)); every variable must be present. Output stride and ASPP rates do not change
+    the variables, only the model.
     """
     sd, kind, _ = unwrap_state_dict(state_dict)
     if kind not in ("unimatch", "csl"):
@@ -300,10 +301,12 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
     os.makedirs(args.out_dir, exist_ok=True)
     out_path = os.path.join(args.out_dir, f"variables.{args.format}")
     save_variables(out_path, variables)
-    count = lambda c: int(sum(np.prod(v.shape) for v in jax.tree.leaves(variables.get(c, {}))))
+    def count(collection):
+        return int(sum(np.prod(v.shape) for v in jax.tree.leaves(variables.get(collection, {}))))
+
     report = {"source": os.path.abspath(args.src), "kind": kind, "output": out_path,
-              "depth": args.depth, "width": args.width, "blocks": list(args.blocks) if args.blocks else None, "ignored": ignored, "params": count("params"),
-              "batch_stats": count("batch_stats")}
+              "depth": args.depth, "width": args.width, "blocks": list(args.blocks) if args.blocks else None,
+              "ignored": ignored, "params": count("params"), "batch_stats": count("batch_stats")}
     with open(os.path.join(args.out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     print(json.dumps(report, indent=2))

@@ -10,7 +10,7 @@ See docs/models.md §3-5.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -139,18 +139,19 @@ class DeepLabV3Plus(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, feature_perturb: bool = False,
-                 sample_ids: Optional[jax.Array] = None
-                 ) -> Union[jax.Array, Tuple[jax.Array, jax.Array]]:
+                 sample_ids: Optional[jax.Array] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
         """Segment a batch.
 
         Args:
           x: (B, H, W, 3) float32, ImageNet-normalised.
           train: batch statistics in BN (updated only if 'batch_stats' is mutable) and active
             dropout (needs a 'dropout' rng when feature_perturb).
-          feature_perturb: run the decoder on clean and channel-dropped backbone features.
+          feature_perturb: also run the decoder on channel-dropped backbone features.
           sample_ids: (B,) int32 global sample ids for the FP dropout masks (default arange(B)).
         Returns:
-          logits (B, H, W, num_classes) float32, or (logits_clean, logits_perturbed) with FP.
+          (logits, out): logits (B, H, W, num_classes) float32 from the clean features; out is {}
+          or, with feature_perturb, {"logits_fp": (B, H, W, num_classes) float32}. Variants add
+          "features", "rep" and "aux" (docs/models.md "Model outputs").
         """
         b, h, w, _ = x.shape
         c1, _, c4 = self.encode(x, train)
@@ -159,5 +160,5 @@ class DeepLabV3Plus(nn.Module):
         _, features = self.decoder_features(c1, c4, train)
         logits = self.classify(features, (h, w))
         if feature_perturb:
-            return logits[:b], logits[b:]
-        return logits
+            return logits[:b], {"logits_fp": logits[b:]}
+        return logits, {}

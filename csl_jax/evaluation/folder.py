@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from csl_jax import evaluate, visualize
+from csl_jax import visualize
+from csl_jax.evaluation.evaluator import ApplyFn, Evaluator
+from csl_jax.evaluation.protocols import Protocol
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -49,14 +51,14 @@ def load_rgb(path: str) -> np.ndarray:
 
 
 def predict_folder(
-    apply_fn: evaluate.ApplyFn,
+    apply_fn: ApplyFn,
     variables: Any,
     in_dir: str,
     out_dir: str,
     *,
     palette: np.ndarray,
     num_classes: int,
-    protocol: str = "whole",
+    protocol: str | Protocol = "whole",
     crop_size: int | None = None,
     batch_size: int | None = None,
     mesh=None,
@@ -66,8 +68,8 @@ def predict_folder(
     and <name>_overlay.png (image blended 50 % with the colours).
 
     Args:
-      apply_fn, num_classes, protocol, crop_size, batch_size, mesh: as for `evaluate.Evaluator`
-        ('center_crop' is refused since it does not cover the image).
+      apply_fn, num_classes, protocol, crop_size, batch_size, mesh: as for `Evaluator`
+        (a protocol whose record has covers_image False, such as 'center_crop', is refused).
       variables: model variables.
       palette: (num_classes, 3) uint8.
 
@@ -78,7 +80,7 @@ def predict_folder(
         raise ValueError(f"num_classes={num_classes} does not fit a uint8 mask")
     paths = list_images(in_dir)
     os.makedirs(out_dir, exist_ok=True)
-    evaluator = evaluate.Evaluator(
+    evaluator = Evaluator(
         apply_fn, num_classes=num_classes, protocol=protocol, crop_size=crop_size, batch_size=batch_size, mesh=mesh
     )
     in_flight: collections.deque = collections.deque()  # (path, image) read but not yet written

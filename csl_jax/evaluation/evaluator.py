@@ -1,0 +1,293 @@
+"""Sharded inference of one evaluation protocol over a dataset: confusion matrix, mIoU, predictions.
+
+What each protocol computes is its `protocols.Protocol` record (docs/protocol.md §4). Inference runs
+under ``shard_map`` over the ("data",) mesh: consecutive images of the same shape are batched
+(``batch_size``, a multiple of the device count), the batch is padded with dummy samples whose
+labels are all ignored, and the per-device confusion matrices are ``psum``-ed. One jitted program
+is compiled per distinct image shape and kept in the ``Evaluator``, so create the ``Evaluator`` once
+per run. Datasets of many image sizes (Pascal VOC) compile many programs; ``pad_to_multiple=m``
+('whole' only) pads each image bottom/right to a multiple of m (mean colour, ignored labels) so at
+most a few shapes compile. It is faster but not the reference protocol: border pixels see the
+padding. Use it for in-training evaluation, not for reported numbers. Batching images together
+gives the same result as the references' batch 1 because eval-mode BatchNorm treats samples
+independently.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from csl_jax import parallel
+from csl_jax.constants import IGNORE_INDEX
+from csl_jax.data.transforms import IMAGENET_MEAN, normalize
+from csl_jax.evaluation.metrics import confusion_matrix, segmentation_metrics
+from csl_jax.evaluation.protocols import Protocol, Tile, center_crop, get_protocol, shifted_tiles, sliding_tiles
+
+# apply_fn(variables, images (b, h, w, 3) float32 normalised) -> logits (b, h, w, C) float32.
+ApplyFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def _apply_stacked(apply_fn: ApplyFn, variables: Any, x: jax.Array, tiles: Sequence[Tile]) -> jax.Array:
+    """Runs same-shape tiles of x (B, H, W, 3) in one call -> (B, len(tiles), th, tw, C) float32."""
+    b = x.shape[0]
+    crops = jnp.stack([x[:, y0:y1, x0:x1] for y0, y1, x0, x1 in tiles], axis=1)
+    logits = apply_fn(variables, crops.reshape((b * len(tiles),) + crops.shape[2:]))
+    return logits.astype(jnp.float32).reshape((b, len(tiles)) + logits.shape[1:])
+
+
+def _tiled_scores(apply_fn: ApplyFn, variables: Any, x: jax.Array, tiles: Sequence[Tile], softmax: bool,
+                  average: bool) -> jax.Array:
+    """Per-tile logits (or softmax probabilities) of x (B, H, W, 3) summed over `tiles` -> (B, H, W, C)
+    float32; divided by the number of tiles covering each pixel when `average`. One network call per
+    distinct tile shape."""
+    b, h, w, _ = x.shape
+    groups: dict[tuple[int, int], list[Tile]] = collections.defaultdict(list)
+    for t in tiles:
+        groups[(t[1] - t[0], t[3] - t[2])].append(t)
+    total = None
+    count = np.zeros((h, w), np.float32)
+    for group in groups.values():
+        scores = _apply_stacked(apply_fn, variables, x, group)
+        if softmax:
+            scores = jax.nn.softmax(scores, axis=-1)
+        if total is None:
+            total = jnp.zeros((b, h, w, scores.shape[-1]), jnp.float32)
+        for i, (y0, y1, x0, x1) in enumerate(group):
+            total = total.at[:, y0:y1, x0:x1].add(scores[:, i])
+            count[y0:y1, x0:x1] += 1
+    return total / count[None, :, :, None] if average else total
+
+
+class Evaluator:
+    """Sharded inference + confusion matrix for one protocol; keeps compiled programs across calls.
+
+    Args:
+      apply_fn: apply_fn(variables, images (b, h, w, 3) float32 normalised) -> logits
+        (b, h, w, C) float32, in eval mode (running BN statistics).
+      num_classes: C.
+      protocol: a `Protocol` or the name of a registered one (protocols.PROTOCOLS).
+      crop_size: window / crop g (int); required when protocol.needs_window.
+      batch_size: images per step, a multiple of the device count (default: the device count).
+      mesh: 1-D ("data",) mesh (default: all devices).
+      ignore_index: label value not counted.
+      pad_label: label value for centre-crop padding (see protocols.center_crop).
+      class_names: optional names, used in warnings.
+    """
+
+    def __init__(
+        self,
+        apply_fn: ApplyFn,
+        *,
+        num_classes: int,
+        protocol: str | Protocol = "whole",
+        crop_size: int | None = None,
+        batch_size: int | None = None,
+        mesh: Mesh | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        pad_label: int = IGNORE_INDEX,
+        class_names: Sequence[str] | None = None,
+        pad_to_multiple: int = 0,
+    ):
+        protocol = get_protocol(protocol) if isinstance(protocol, str) else protocol
+        if protocol.needs_window and (not isinstance(crop_size, (int, np.integer)) or crop_size <= 0):
+            raise ValueError(
+                f"protocol {protocol.name!r} needs crop_size, a positive int (the window), got {crop_size!r}"
+            )
+        crop_size = None if crop_size is None else int(crop_size)
+        self.mesh = parallel.make_mesh() if mesh is None else mesh
+        if self.mesh.axis_names != (parallel.AXIS,):
+            raise ValueError(f"the evaluation mesh must be 1-D with axis {parallel.AXIS!r}, got {self.mesh.axis_names}")
+        self.batch_size = self.mesh.devices.size if batch_size is None else batch_size
+        parallel.check_divisible(self.batch_size, "batch_size", self.mesh)
+        self.apply_fn = apply_fn
+        self.num_classes = num_classes
+        self.protocol = protocol
+        self.window = crop_size if protocol.needs_window else None
+        self.stride = protocol.stride(crop_size)
+        self.ignore_index = ignore_index
+        self.pad_label = pad_label
+        self.class_names = class_names
+        if pad_to_multiple and protocol.needs_window:
+            raise ValueError(f"pad_to_multiple applies to protocol 'whole' only, not {protocol.name!r}")
+        self.pad_to_multiple = pad_to_multiple
+        self._data_sharding = NamedSharding(self.mesh, P(parallel.AXIS))
+        step = parallel.shard_map(
+            self._local_step,
+            self.mesh,
+            in_specs=(P(), P(parallel.AXIS), P(parallel.AXIS)),
+            out_specs=(P(), P(parallel.AXIS)),
+        )
+        self._step = jax.jit(step)  # jit caches one executable per (batch, H, W)
+
+    @property
+    def protocol_info(self) -> dict[str, Any]:
+        """The protocol and its parameters, recorded next to every result."""
+        info: dict[str, Any] = {"name": self.protocol.name, "window": self.window, "stride": self.stride}
+        if self.pad_to_multiple:
+            info["pad_to_multiple"] = self.pad_to_multiple
+        if self.protocol.crops_center:
+            info["pad_label"] = self.pad_label
+        return info
+
+    # -- device side ---------------------------------------------------------------------------
+
+    def scores(self, variables: Any, images: jax.Array) -> jax.Array:
+        """(B, H, W, 3) float32 normalised images -> (B, H, W, C) float32 scores whose argmax is the
+        prediction (logits, or tile logits/probabilities summed or averaged, per protocol)."""
+        p = self.protocol
+        if p.tiling == "none":  # a centre crop, if any, happened on the host
+            return self.apply_fn(variables, images).astype(jnp.float32)
+        _, h, w, _ = images.shape
+        if p.tiling == "sliding":
+            tiles = sliding_tiles(h, w, self.window, self.stride)
+            return _tiled_scores(self.apply_fn, variables, images, tiles, p.tile_softmax, p.average_overlaps)
+        ph, pw = max(self.window - h, 0), max(self.window - w, 0)  # 'shifted': zero-pad to >= g, centred
+        top, left = ph // 2, pw // 2
+        x = jnp.pad(images, ((0, 0), (top, ph - top), (left, pw - left), (0, 0)))
+        tiles = shifted_tiles(h + ph, w + pw, self.window, self.stride)
+        total = _tiled_scores(self.apply_fn, variables, x, tiles, p.tile_softmax, p.average_overlaps)
+        return total[:, top : top + h, left : left + w]
+
+    def _local_step(self, variables, images, labels):
+        """Per device: uint8 (b, H, W, 3), (b, H, W) -> psum-ed (C, C) int32, preds (b, H, W) int32."""
+        x = normalize(images)  # the training pipeline's formula, here on device
+        preds = jnp.argmax(self.scores(variables, x), axis=-1).astype(jnp.int32)
+        conf = confusion_matrix(labels, preds, self.num_classes, self.ignore_index)
+        return jax.lax.psum(conf, parallel.AXIS), preds
+
+    # -- host side -----------------------------------------------------------------------------
+
+    def _to_global(self, batch: np.ndarray) -> jax.Array:
+        """Full host batch (same on every process) -> global array sharded on "data"."""
+        return jax.make_array_from_callback(batch.shape, self._data_sharding, lambda index: batch[index])
+
+    def _run(self, variables: Any, examples: list[tuple[np.ndarray, np.ndarray]]) -> tuple[jax.Array, jax.Array]:
+        """One padded batch of same-shape examples -> (conf (C, C) int32, preds (batch, H, W) int32)."""
+        h, w = self._padded_shape(examples[0][1].shape)
+        images = np.empty((self.batch_size, h, w, 3), np.uint8)
+        images[...] = np.round(np.asarray(IMAGENET_MEAN) * 255).astype(np.uint8)  # ~0 once normalised
+        labels = np.full((self.batch_size, h, w), self.ignore_index, np.uint8)  # dummies, padding: ignored
+        for i, (image, label) in enumerate(examples):
+            images[i, : label.shape[0], : label.shape[1]] = image
+            labels[i, : label.shape[0], : label.shape[1]] = label
+        return self._step(variables, self._to_global(images), self._to_global(labels))
+
+    def _padded_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """(H, W) rounded up to `pad_to_multiple` (unchanged when it is 0)."""
+        m = self.pad_to_multiple
+        return shape if not m else (-(-shape[0] // m) * m, -(-shape[1] // m) * m)
+
+    def _batches(self, variables: Any, examples: Iterable[tuple[np.ndarray, np.ndarray]]):
+        """Groups consecutive same-shape examples; yields (conf, preds, examples) per batch."""
+        variables = parallel.replicate(variables, self.mesh)
+        pending: list[tuple[np.ndarray, np.ndarray]] = []
+        for example in examples:
+            shape = self._padded_shape(example[1].shape)
+            if pending and (self._padded_shape(pending[0][1].shape) != shape or len(pending) == self.batch_size):
+                yield *self._run(variables, pending), pending
+                pending = []
+            pending.append(example)
+        if pending:
+            yield *self._run(variables, pending), pending
+
+    def _check(self, example: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Validates one {'id', 'image', 'label'} example and applies the centre crop if any."""
+        name = example.get("id", "<no id>")
+        image, label = np.asarray(example["image"]), np.asarray(example["label"])
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"example {name}: image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+        if label.shape != image.shape[:2] or not np.issubdtype(label.dtype, np.integer):
+            raise ValueError(
+                f"example {name}: label must be integer {image.shape[:2]}, got {label.shape} {label.dtype}"
+            )
+        bad = (label != self.ignore_index) & ((label < 0) | (label >= self.num_classes))
+        if bad.any():
+            raise ValueError(
+                f"example {name}: label values {np.unique(label[bad]).tolist()} are neither in "
+                f"[0, {self.num_classes}) nor the ignore index {self.ignore_index}"
+            )
+        label = label.astype(np.uint8)
+        if self.protocol.crops_center:
+            image, label = center_crop(image, label, self.window, self.pad_label)
+        return image, label
+
+    def evaluate(
+        self,
+        variables: Any,
+        dataset: Iterable[Mapping[str, Any]],
+        *,
+        max_images: int | None = None,
+        num_samples: int = 0,
+    ) -> dict[str, Any]:
+        """Runs the protocol over `dataset` and returns the metrics.
+
+        Args:
+          variables: model variables ({'params', 'batch_stats'}), replicated onto the mesh here.
+          dataset: sequence/iterable of {'id', 'image' (H, W, 3) uint8, 'label' (H, W) uint8}.
+          max_images: evaluate only the first `max_images` examples.
+          num_samples: keep this many (image, pred, label) uint8 triples for plots.
+
+        Returns:
+          segmentation_metrics(...) plus 'confusion' ((C, C) int64), 'num_images',
+          'protocol' (protocol_info + num_images) and 'samples' (list of triples).
+        """
+        examples = (self._check(ex) for ex in itertools.islice(dataset, max_images))
+        conf = np.zeros((self.num_classes, self.num_classes), np.int64)
+        in_flight: collections.deque = collections.deque()
+        samples, num_images = [], 0
+        for batch_conf, preds, batch in self._batches(variables, examples):
+            num_images += len(batch)
+            in_flight.append(batch_conf)
+            if len(in_flight) > 2:  # bound the work queued ahead of the device
+                conf += np.asarray(in_flight.popleft(), np.int64)
+            if len(samples) < num_samples:
+                for (image, label), pred in zip(batch, _fetch(preds)):
+                    samples.append((image, pred[: label.shape[0], : label.shape[1]].astype(np.uint8), label))
+                del samples[num_samples:]
+        for batch_conf in in_flight:
+            conf += np.asarray(batch_conf, np.int64)
+        if num_images == 0:
+            raise ValueError("the evaluation dataset is empty")
+        results = segmentation_metrics(conf, self.class_names)
+        results.update(
+            confusion=conf,
+            num_images=num_images,
+            protocol={**self.protocol_info, "num_images": num_images},
+            samples=samples,
+        )
+        return results
+
+    def predict(self, variables: Any, images: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Yields (H, W) int32 predictions for (H, W, 3) uint8 images, in order.
+
+        A protocol that does not cover the image (not protocol.covers_image: 'center_crop') is refused.
+        """
+        if not self.protocol.covers_image:
+            raise ValueError(
+                f"protocol {self.protocol.name!r} predicts only the centre; use 'whole' or a sliding protocol"
+            )
+
+        def examples():
+            for image in images:
+                yield image, np.full(image.shape[:2], self.ignore_index, np.uint8)
+
+        for _, preds, batch in self._batches(variables, examples()):
+            for (_, label), pred in zip(batch, _fetch(preds)):
+                yield pred[: label.shape[0], : label.shape[1]]
+
+
+def _fetch(x: jax.Array) -> np.ndarray:
+    """A global array as a host NumPy array (gathering across processes when needed)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+

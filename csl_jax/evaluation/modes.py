@@ -1,0 +1,123 @@
+"""`--mode=eval` and `--mode=predict`: a checkpoint's evaluation on a split, or segmentation of a folder.
+
+The method (from the config) owns the networks and their predict functions; these modes never
+build a model themselves. Which variables: the best checkpoint of the workdir (it holds the
+variables of the predict function that picked it), the latest train state (any predict function),
+or an imported file (a converted or PyTorch checkpoint, loaded into the predict function's
+variables).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from csl_jax import checkpoint, data, visualize
+from csl_jax.evaluation.folder import predict_folder
+from csl_jax.evaluation.loop import Evaluation, json_ready, make_evaluator, parse_evaluation, plan_evaluations
+from csl_jax.methods import build_method
+
+
+def choose_evaluation(config: ml_collections.ConfigDict, method, evaluation: str = "",
+                      split: str = "") -> Evaluation:
+    """The evaluation to run: `evaluation` ('PREDICT[@SPLIT][:PROTOCOL]', default: the run's best
+    evaluation, `config.eval.best`) with its split replaced by `split` when given."""
+    if evaluation:
+        chosen = parse_evaluation(evaluation, config.eval.protocol)
+    else:
+        chosen = plan_evaluations(config.eval, method)[1]
+    if chosen.predict not in method.predict_fns():
+        raise ValueError(f"--evaluation={evaluation!r}: the method {type(method).__name__} has no predict function "
+                         f"{chosen.predict!r}; valid: {sorted(method.predict_fns())}")
+    if split:
+        chosen = Evaluation(name=f"{chosen.predict}@{split}:{chosen.protocol}", predict=chosen.predict, split=split,
+                            protocol=chosen.protocol)
+    return chosen
+
+
+def load_eval_variables(config: ml_collections.ConfigDict, method, workdir: str, which: str,
+                        predict: str) -> tuple[Any, str]:
+    """(variables of predict function `predict`, a description of their source).
+
+    which: 'best' or 'latest' checkpoint of `workdir`, or the path of a converted/PyTorch file.
+    """
+    if which == "best":
+        variables, meta = checkpoint.Checkpointer(workdir).restore_best()
+        saved_for = meta.get("predict", method.best_predict)
+        if saved_for != predict:
+            raise ValueError(f"the best checkpoint of {workdir} holds the variables of predict function "
+                             f"{saved_for!r}, not {predict!r}; use --checkpoint=latest to evaluate {predict!r}")
+        return variables, f"best checkpoint of {workdir} (step {meta['step']}, mIoU {meta['miou']:.4f}, {saved_for})"
+    from csl_jax.train import TrainState
+
+    if which == "latest":
+        raw, _, step = checkpoint.Checkpointer(workdir).restore(None)
+        state = TrainState(step=raw["step"], params=raw["params"], opt_state=None, state=raw["state"])
+        return method.eval_variables(state, predict), f"latest checkpoint (step {step}, {predict})"
+    if not os.path.exists(which):
+        raise FileNotFoundError(f"--checkpoint={which!r} is neither 'best', 'latest' nor an existing file")
+    from csl_jax.models import convert
+
+    params, state = method.init(jax.random.PRNGKey(0), (33, 33, 3))
+    template = method.eval_variables(TrainState(step=0, params=params, opt_state=None, state=state), predict)
+    variables, report = convert.load_pretrained(template, which, kind=config.model.init_kind)
+    if report["left_at_init"]:
+        raise ValueError(f"--checkpoint={which} is a {report['kind']} checkpoint without the head "
+                         f"({len(report['left_at_init'])} variables missing); evaluate a full model")
+    return variables, f"imported {which} ({report['kind']})"
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = "best",
+                        evaluation: str = "", split: str = "") -> dict:
+    """`--mode=eval`: evaluates a checkpoint on a whole split; writes eval_<which>[_<evaluation>].json.
+
+    evaluation: 'PREDICT[@SPLIT][:PROTOCOL]' (default the run's best evaluation); split: 'val',
+    or 'test' where prepared (overrides the evaluation's split).
+    """
+    info = data.dataset_info(config.data)
+    method = build_method(config, info.num_classes)
+    chosen = choose_evaluation(config, method, evaluation, split)
+    dataset = data.eval_dataset(config.data, split=chosen.split)
+    variables, source = load_eval_variables(config, method, workdir, which, chosen.predict)
+    evaluator = make_evaluator(config, info, None, method, chosen, config.eval.batch_size or None)
+    results = dict(json_ready(evaluator.evaluate(variables, dataset)), source=source, evaluation=chosen.name,
+                   predict=chosen.predict, split=chosen.split)
+    name = which if which in ("best", "latest") else "imported"
+    default = plan_evaluations(config.eval, method)[1]
+    if (chosen.predict, chosen.split, chosen.protocol) != (default.predict, default.split, default.protocol):
+        name += "_" + "_".join((chosen.predict, chosen.split, chosen.protocol))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, f"eval_{name}.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    print(f"{chosen.split} mIoU {100 * results['miou']:.2f} ({chosen.predict}, {results['protocol']['name']}) "
+          f"from {source}")
+    return results
+
+
+def predict(config: ml_collections.ConfigDict, workdir: str, which: str, input_dir: str, output_dir: str | None,
+            evaluation: str = "") -> None:
+    """`--mode=predict`: segments every image of `input_dir`; writes masks, colour masks, overlays.
+
+    Uses the predict function of `evaluation` (default the run's best) under `config.eval.protocol`
+    ('center_crop', which does not cover the image, falls back to 'whole').
+    """
+    info = data.dataset_info(config.data)
+    method = build_method(config, info.num_classes)
+    chosen = choose_evaluation(config, method, evaluation)
+    variables, source = load_eval_variables(config, method, workdir, which, chosen.predict)
+    output_dir = output_dir or os.path.join(workdir, "predictions")
+    predict_folder(method.predict_fns()[chosen.predict], variables, input_dir, output_dir,
+                   palette=visualize.palette_for(info.name, info.num_classes), num_classes=info.num_classes,
+                   protocol=_covering(chosen.protocol), crop_size=config.data.crop_size)
+    print(f"wrote predictions of {source} to {output_dir}")
+
+
+def _covering(protocol: str) -> str:
+    """`protocol`, or 'whole' when it does not cover the image (centre crop)."""
+    from csl_jax.evaluation.protocols import get_protocol
+
+    return protocol if get_protocol(protocol).covers_image else "whole"
