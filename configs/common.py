@@ -107,6 +107,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Stop (with a checkpoint) after this many steps in this invocation, e.g. to fit a cluster job's
     # time limit; the next invocation resumes. 0 = run to the end of the schedule.
     c.stop_after_steps = 0
+    c.compilation_cache_dir = ""  # XLA programs kept across runs: "" = ~/.cache/csl_jax/xla, "none" = off
     return c
 
 

@@ -3,8 +3,11 @@
 Files in `workdir`:
   metrics.jsonl       one JSON object per `write`/`write_eval` call: {"step", "time", name: value}
   eval_results.jsonl  one JSON object per `write_eval` call: the full evaluation result
-  tb/                 TensorBoard event files (scalars under the same names as metrics.jsonl)
-Only the main process writes; on the others every method is a no-op.
+  tb/                 TensorBoard event files: the training scalars under 'train/<name>', the
+                      evaluation ones under their metrics.jsonl names, images (`write_image`)
+Only the main process writes; on the others every method is a no-op. A run resumed at step S
+(`start_step`) first drops the records of later steps, logged by the run it resumes after its
+last checkpoint, so that every step is logged once.
 """
 
 from __future__ import annotations
@@ -44,6 +47,35 @@ def _scalar(name: str, value: Any) -> float:
     return float(array.reshape(()))
 
 
+def drop_records_after(path: str, step: int) -> None:
+    """Rewrites the JSONL file `path` without its records of steps > `step` (atomically: a temporary
+    file, then os.replace); a missing file is left missing."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    keep = [line for line, record_step in zip(lines, map(_record_step, lines))
+            if record_step is not None and record_step <= step]
+    if len(keep) == len(lines):
+        return
+    logging.info("Dropping %d records of steps after %d from %s (logged after the checkpoint training resumes "
+                 "from).", len(lines) - len(keep), step, path)
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def _record_step(line: str) -> int | None:
+    """The 'step' of a JSONL record, None for the torn last line of a killed run."""
+    try:
+        return int(json.loads(line)["step"])
+    except json.JSONDecodeError:
+        return None
+
+
 class MetricsWriter:
     """Writes training and evaluation metrics of a run in `workdir`.
 
@@ -51,9 +83,12 @@ class MetricsWriter:
       workdir: run folder (created).
       total_steps: for the progress line's percentage and ETA.
       is_main_process: only the main process writes anything.
+      start_step: the step training resumes at: the records of later steps are dropped from the
+        JSONL files and TensorBoard discards its events of later steps (purge). None keeps all.
     """
 
-    def __init__(self, workdir: str, *, total_steps: int, is_main_process: bool = True):
+    def __init__(self, workdir: str, *, total_steps: int, is_main_process: bool = True,
+                 start_step: int | None = None):
         self.workdir = workdir
         self.total_steps = total_steps
         self.enabled = is_main_process
@@ -63,20 +98,24 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter
 
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        self._eval_jsonl = open(os.path.join(workdir, "eval_results.jsonl"), "a")
-        self._tb = SummaryWriter(logdir=os.path.join(workdir, "tb"))
+        paths = [os.path.join(workdir, name) for name in ("metrics.jsonl", "eval_results.jsonl")]
+        if start_step is not None:
+            for path in paths:
+                drop_records_after(path, start_step)
+        self._jsonl, self._eval_jsonl = (open(path, "a") for path in paths)
+        purge = None if start_step is None else start_step + 1  # events at steps >= purge are discarded
+        self._tb = SummaryWriter(logdir=os.path.join(workdir, "tb"), purge_step=purge)
 
-    def _append(self, step: int, scalars: Mapping[str, float]) -> None:
+    def _append(self, step: int, scalars: Mapping[str, float], tb_prefix: str = "") -> None:
         record = {"step": int(step), "time": time.time(), **scalars}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         for name, value in scalars.items():
-            self._tb.add_scalar(name, value, global_step=int(step))
+            self._tb.add_scalar(tb_prefix + name, value, global_step=int(step))
         self._tb.flush()
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Logs scalar training metrics at `step` (JSONL, TensorBoard, progress line).
+        """Logs scalar training metrics at `step` (JSONL, TensorBoard under 'train/', progress line).
 
         `metrics`: name -> numeric scalar. Recognised in the progress line: 'loss', names starting
         with 'lr', 'steps_per_sec' (measured here between calls when absent) and 'data_wait' (the
@@ -91,7 +130,7 @@ class MetricsWriter:
             scalars["eta_seconds"] = float(eta_seconds(step, self.total_steps, scalars["steps_per_sec"]))
         if not self.enabled:
             return
-        self._append(step, scalars)
+        self._append(step, scalars, tb_prefix="train/")
         logging.info("%s", self.progress_line(step, scalars))
 
     def progress_line(self, step: int, scalars: Mapping[str, float]) -> str:
@@ -129,6 +168,16 @@ class MetricsWriter:
         record = {"step": int(step), "time": time.time(), **full}
         self._eval_jsonl.write(json.dumps(record, default=lambda x: np.asarray(x).tolist()) + "\n")
         self._eval_jsonl.flush()
+
+    def write_image(self, step: int, tag: str, image: np.ndarray) -> None:
+        """Logs an (H, W, 3) uint8 RGB image to TensorBoard under `tag` at `step`."""
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image {tag!r} must be (H, W, 3) uint8, got {image.dtype} of shape {image.shape}")
+        if not self.enabled:
+            return
+        self._tb.add_image(tag, image, global_step=int(step), dataformats="HWC")
+        self._tb.flush()
 
     def close(self) -> None:
         """Flushes and closes the files."""

@@ -1,8 +1,10 @@
-"""What a run records about itself in its workdir: resolved config, overrides, versions, commit."""
+"""What a run records about itself in its workdir (config, overrides, versions, commit) and says at its end."""
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
+import itertools
 import json
 import os
 import subprocess
@@ -10,6 +12,9 @@ import sys
 
 import jax
 import ml_collections
+from absl import logging
+
+from csl_jax import workdir as workdir_lib
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "ml-collections",
              "tensorflow-datasets", "csl_jax")
@@ -39,24 +44,69 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str, mode: str) -> None:
-    """Creates `workdir` and writes config.json, run_<mode>.json (argv overrides, versions, commit).
+def prepare(config: ml_collections.ConfigDict, workdir: str, mode: str) -> str | None:
+    """Records this invocation in `workdir` (process 0 only); returns the record's path (None elsewhere).
 
-    Only process 0 writes. (The data is prepared by `csl_jax.data.ensure_prepared`.)
+    A fresh training run (no checkpoint or best model in `workdir` yet) writes config.json, the
+    run's config, and run_train.json; every later invocation (a resume, eval, predict) writes
+    runs/<mode>_<UTC time>.json with its resolved config and leaves those two alone. A record holds
+    the mode, argv, overrides, start time, package versions, git commit and devices. (The data is
+    prepared by `csl_jax.data.ensure_prepared`.)
     """
     if jax.process_index() != 0:
-        return
+        return None
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=1))
+    now = datetime.datetime.now(datetime.timezone.utc)
     info = {
         "mode": mode,
         "argv": sys.argv,
         "overrides": [a for a in sys.argv[1:] if a.startswith("--config.")],
+        "started": now.isoformat(timespec="seconds"),
         "versions": package_versions(),
         "git_commit": git_commit(),
         "devices": [str(d) for d in jax.devices()],
         "process_count": jax.process_count(),
     }
-    with open(os.path.join(workdir, f"run_{mode}.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    if mode == "train" and not workdir_lib.has_trained_state(workdir):
+        config_path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+        if os.path.exists(config_path):
+            logging.warning("Replacing %s of an earlier run that saved no checkpoint.", config_path)
+        with open(config_path, "w") as f:
+            f.write(workdir_lib.config_to_json(config))
+        path = os.path.join(workdir, "run_train.json")
+        with open(path, "w") as f:
+            json.dump(info, f, indent=1)
+        return path
+    os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
+    stem = os.path.join(workdir, "runs", f"{mode}_{now.strftime('%Y%m%dT%H%M%SZ')}")
+    info["config"] = json.loads(workdir_lib.config_to_json(config))
+    for attempt in itertools.count():  # two invocations in one second: _1, _2, ...
+        path = f"{stem}.json" if attempt == 0 else f"{stem}_{attempt}.json"
+        try:
+            with open(path, "x") as f:
+                json.dump(info, f, indent=1)
+            return path
+        except FileExistsError:
+            continue
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def summary(results: dict, workdir: str) -> str:
+    """The line main.py prints at the end of --mode=train.
+
+    results: `csl_jax.train.train_and_evaluate`'s dict: 'step' (last step done), 'total_steps',
+    'finished' (bool), 'already_finished' (the run had ended before this invocation), 'stop_reason'
+    ('SIGTERM' or 'stop_after_steps' when stopped early) and, after an evaluation, 'miou' and
+    'best_miou' (fractions).
+    """
+    step, total = results["step"], results["total_steps"]
+    miou, best = _percent(results.get("miou")), _percent(results.get("best_miou"))
+    if results.get("already_finished"):
+        return f"{workdir} already finished (step {step}/{total}): val mIoU {miou}, best {best}"
+    if results["finished"]:
+        return f"finished: step {step}/{total}, val mIoU {miou} (best {best}); see {workdir}"
+    reason = f" ({results['stop_reason']})" if results.get("stop_reason") else ""
+    return f"stopped at step {step} of {total}{reason}; resume with the same command"

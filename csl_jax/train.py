@@ -6,6 +6,9 @@ Sections: state, train step (jit of shard_map over the ("data",) mesh), input st
 (log, evaluate, checkpoint, preemption). A method (csl_jax/methods) supplies its networks, streams,
 losses, state and predictions; the evaluation loop (csl_jax/evaluation) its evaluations; everything
 else lives here once.
+
+A finished run writes final_results.json; a stopped one (SIGTERM, `config.stop_after_steps`) does
+not and is resumed by the same command; rerunning a finished run returns its final_results.json.
 """
 
 from __future__ import annotations
@@ -26,9 +29,13 @@ import optax
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
-from csl_jax import checkpoint, optim, parallel
+from csl_jax import checkpoint, config_checks, optim, parallel
 from csl_jax import data
 from csl_jax.methods import Method, StepContext, build_method
+
+
+DEFAULT_COMPILATION_CACHE = "~/.cache/csl_jax/xla"  # config.compilation_cache_dir ""
+FINAL_RESULTS = "final_results.json"  # written by finished runs only
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -132,6 +139,29 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, mesh, seed
     return jax.jit(step_fn, donate_argnums=(0,))
 
 
+def compile_train_step(train_step, state: TrainState, batch: dict) -> tuple[Callable, float]:
+    """(the compiled `train_step` for `state` and `batch`'s shapes and shardings, compile seconds), logged.
+
+    The compiled function donates the state as `train_step` does and computes the same numbers; it
+    accepts only arguments of those shapes and shardings (every step's).
+    """
+    logging.info("Compiling the train step ...")
+    start = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()
+    seconds = time.perf_counter() - start
+    logging.info("Compiled the train step in %.1f s.", seconds)
+    return compiled, seconds
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Keeps XLA's compiled programs in `directory` across runs ("" = ~/.cache/csl_jax/xla, "none" =
+    off), for programs that took >= 1 s to compile; a cache directory already set (tests) is kept."""
+    if directory.lower() == "none" or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory or DEFAULT_COMPILATION_CACHE))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Input streams
 # ---------------------------------------------------------------------------------------------
@@ -211,15 +241,21 @@ def _mean_metrics(pending: list[tuple[int, dict]], start_step: int) -> dict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final eval.
+    """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns what it did.
 
-    Returns the results of the evaluation that picks the best checkpoint (`config.eval.best`) at the
-    last step, with 'best_miou' and 'evaluations' ({name: mIoU} of every evaluation); {} when this
-    invocation did not reach an evaluation.
+    Returns, always, 'step' (the last step done), 'total_steps' and 'finished' (the schedule is
+    complete). A finished run adds the results of the evaluation that picks the best checkpoint
+    (`config.eval.best`) at the last step, with 'best_miou', 'evaluations' ({name: mIoU} of every
+    evaluation), 'iou_per_class' ({class name: IoU}) and 'unit' ('fraction'), and writes them to
+    final_results.json. A stopped run adds 'stop_reason' ('SIGTERM' or 'stop_after_steps') and
+    writes no final_results.json. Rerunning a finished run returns its final_results.json with
+    'already_finished': True, without building the input streams or compiling.
     """
     from csl_jax.evaluation.loop import EvalLoop
     from csl_jax.metrics_writer import MetricsWriter
 
+    config_checks.check(config)  # one-line ValueError on a bad setting, before anything is built
+    enable_compilation_cache(config.compilation_cache_dir)
     mesh = parallel.make_mesh()
     info = data.dataset_info(config.data)
     method = build_method(config, info.num_classes)
@@ -227,6 +263,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for spec in {spec.batch for spec in method.streams().values()}:
         parallel.check_divisible(config.batch[spec], f"config.batch.{spec}", mesh, group)
     steps_per_epoch, total_steps = schedule_length(config, method)
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is not None and latest >= total_steps:
+        ckpt.close()
+        return _already_finished(workdir, latest, total_steps)
     tx = optim.make_optimizer(config.optim, total_steps, param_labels=method.param_labels)
     evaluator = EvalLoop(config, info, workdir, mesh, method)  # checks the evaluations before training
 
@@ -234,8 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = create_train_state(method, tx, jax.random.PRNGKey(config.seed), (crop, crop, 3))
     state = parallel.replicate(state, mesh)
     streams = make_streams(config, method)
-    ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-    if ckpt.latest_step() is not None:
+    if latest is not None:
         state, data_state, restored = ckpt.restore(checkpoint.abstract_like(state))
         streams.set_state(data_state)
         logging.info("Resumed from %s at step %d.", workdir, restored)
@@ -243,12 +283,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     train_step = make_train_step(method, tx, mesh, config.seed, steps_per_epoch=steps_per_epoch,
                                  offsets=stream_offsets(method, config.batch), accum_steps=config.batch.accum_steps)
-    writer = MetricsWriter(workdir, total_steps=total_steps, is_main_process=jax.process_index() == 0)
+    writer = MetricsWriter(workdir, total_steps=total_steps, is_main_process=jax.process_index() == 0,
+                           start_step=start_step)
     eval_every = config.eval.every_steps or steps_per_epoch
     best = (ckpt.best_meta() or {}).get("miou", -1.0)
     pending: list[tuple[int, dict]] = []
-    last_saved = start_step
+    last_saved = done = start_step
     results: dict = {}
+    stop_reason = ""
+    compiled = None
     data_wait = 0.0
     timer = time.perf_counter()
 
@@ -257,6 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if not pending:
             return
         metrics = _mean_metrics(pending, last_saved)
+        ckpt.check_saves()  # a failed checkpoint write stops the run at the next log line
         elapsed = time.perf_counter() - timer
         metrics.update({k: float(v) for k, v in optim.learning_rates(config.optim, total_steps, step - 1).items()})
         metrics.update(steps_per_sec=len(pending) / elapsed, data_wait=data_wait / elapsed)
@@ -270,7 +314,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             fetch_start = time.perf_counter()
             batch = parallel.to_global(streams.next(), mesh)
             data_wait += time.perf_counter() - fetch_start
-            state, metrics = train_step(state, batch)
+            if compiled is None:
+                compiled, compile_seconds = compile_train_step(train_step, state, batch)
+                timer += compile_seconds  # steps/s and the ETA exclude compiling
+            state, metrics = compiled(state, batch)
             pending.append((step, metrics))
             done = step + 1
             is_last = done == total_steps
@@ -278,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 flush(done)
             if done % eval_every == 0 or is_last:
                 flush(done)
-                evaluations = evaluator.run(done, state, train_batch=batch)
+                evaluations = evaluator.run(done, state, train_batch=batch, writer=writer)
                 for evaluation, result in evaluations.items():
                     writer.write_eval(done, result, name=evaluation, is_best_metric=evaluation == evaluator.best.name)
                 results = evaluations[evaluator.best.name]
@@ -288,19 +335,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                    evaluation=evaluator.best.name, predict=evaluator.best.predict)
                 results = dict(results, evaluations={k: v["miou"] for k, v in evaluations.items()})
                 timer = time.perf_counter()  # steps/s and data-wait exclude evaluation time
-            stop = preemption.requested or done - start_step == config.stop_after_steps
-            if done % config.checkpoint_every_steps == 0 or is_last or stop:
+            if preemption.requested:
+                stop_reason = "SIGTERM"
+            elif done - start_step == config.stop_after_steps:
+                stop_reason = "stop_after_steps"
+            if done % config.checkpoint_every_steps == 0 or is_last or stop_reason:
                 flush(done)
                 ckpt.save(done, state, streams.get_state())
                 last_saved = done
-            if stop:
-                logging.warning("Stopping at step %d (%s); checkpoint saved, rerun to resume.", done,
-                                "SIGTERM" if preemption.requested else "config.stop_after_steps")
+            if stop_reason:
+                logging.warning("Stopping at step %d (%s); checkpoint saved, rerun to resume.", done, stop_reason)
                 break
     ckpt.close()
     writer.close()
-    if results:
-        results = dict(results, best_miou=best)
-        with open(os.path.join(workdir, "final_results.json"), "w") as f:
+    summary = {"step": done, "total_steps": total_steps, "finished": done == total_steps}
+    if not summary["finished"]:
+        return dict(summary, stop_reason=stop_reason)
+    results = dict(summary, **results, best_miou=best)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, FINAL_RESULTS), "w") as f:
             json.dump(results, f, indent=1, default=float)
     return results
+
+
+def _already_finished(workdir: str, step: int, total_steps: int) -> dict:
+    """The saved final_results.json of a run whose latest checkpoint is at `step` >= `total_steps`."""
+    path = os.path.join(workdir, FINAL_RESULTS)
+    logging.warning("%s is already trained (checkpoint of step %d, %d steps in the schedule); nothing to do. "
+                    "Raise config.optim.total_steps (or epochs) to train on, or use --mode=eval.", workdir, step,
+                    total_steps)
+    saved = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+    else:
+        logging.warning("%s is missing; --mode=eval evaluates the checkpoints.", path)
+    return dict({"step": step, "total_steps": total_steps, "finished": True}, **saved, already_finished=True)

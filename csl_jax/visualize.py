@@ -1,8 +1,9 @@
 """Palettes, mask colouring and overlays, prediction grids, CSL diagnostic plots (PNG files).
 
-Grids are composed with NumPy and written with PIL, so their pixel size is exact; the
-confidence-space scatter uses matplotlib's object-oriented API on the Agg canvas (no display,
-no pyplot global state).
+Grids are composed with NumPy and pasted unscaled on a matplotlib Figure that labels their rows or
+columns, so every cell keeps its pixels; the confidence-space scatter is a matplotlib plot. Both
+use the object-oriented API on the Agg canvas (no display, no pyplot global state) and return their
+Figure, whose texts the tests read.
 """
 
 from __future__ import annotations
@@ -140,6 +141,67 @@ def save_png(array: np.ndarray, path: str | None = None) -> bytes:
     return data
 
 
+PREDICTION_ROWS = ("image", "prediction", "ground truth")
+PSEUDO_LABEL_COLUMNS = ("weak view", "pseudo-label", "weight", "TMP view")
+
+
+def grid_figure(rows: Sequence[Sequence[np.ndarray]], *, row_labels: Sequence[str] = (),
+                col_labels: Sequence[str] = (), gap: int = 4, dpi: int = 100):
+    """`image_grid(rows, gap)` pasted unscaled on a white matplotlib Figure (Agg canvas) with a left
+    margin naming each row (text turned 90 degrees) and a top margin naming each column.
+
+    A margin is there only when its labels are given; its width is twice the font height,
+    max(10, min(Hmax, Wmax) // 16) pixels. `fig.texts` holds the row labels, then the column labels.
+    Render it with `figure_to_array`: (grid H + top margin, grid W + left margin, 3) uint8, the
+    cells' pixels unchanged.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    grid = image_grid(rows, gap)
+    cells = [c for row in rows for c in row]
+    hmax, wmax = max(c.shape[0] for c in cells), max(c.shape[1] for c in cells)
+    font_px = max(10, min(hmax, wmax) // 16)
+    left, top = 2 * font_px * bool(row_labels), 2 * font_px * bool(col_labels)
+    height, width = grid.shape[0] + top, grid.shape[1] + left
+    # half a pixel more: Agg truncates the canvas size in pixels, and (W / dpi) * dpi may fall just below W
+    fig = Figure(figsize=((width + 0.5) / dpi, (height + 0.5) / dpi), dpi=dpi, facecolor="white")
+    FigureCanvasAgg(fig)
+    fig.figimage(grid, xo=left, yo=0, origin="upper")
+    size = font_px * 72.0 / dpi
+    for r, label in enumerate(row_labels):
+        y = height - top - r * (hmax + gap) - hmax / 2
+        fig.text(left / 2 / width, y / height, label, rotation=90, ha="center", va="center", fontsize=size)
+    for k, label in enumerate(col_labels):
+        x = left + k * (wmax + gap) + wmax / 2
+        fig.text(x / width, 1 - top / 2 / height, label, ha="center", va="center", fontsize=size)
+    return fig
+
+
+def figure_to_array(fig) -> np.ndarray:
+    """Draws a matplotlib Figure on its Agg canvas -> (H, W, 3) uint8 (alpha dropped)."""
+    fig.canvas.draw()
+    return np.array(fig.canvas.buffer_rgba())[..., :3]
+
+
+def prediction_figure(
+    images: Sequence[np.ndarray],
+    preds: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    palette: np.ndarray,
+    alpha: float = 0.5,
+):
+    """`grid_figure` of one column per sample, rows `PREDICTION_ROWS` (labelled): image / prediction
+    overlay / ground-truth overlay. images: (H_i, W_i, 3) uint8; preds, labels: (H_i, W_i) integer
+    masks (255 = ignore); palette: (C, 3) uint8."""
+    rows = [
+        list(images),
+        [overlay(i, p, palette, alpha) for i, p in zip(images, preds)],
+        [overlay(i, t, palette, alpha) for i, t in zip(images, labels)],
+    ]
+    return grid_figure(rows, row_labels=PREDICTION_ROWS)
+
+
 def prediction_grid(
     images: Sequence[np.ndarray],
     preds: Sequence[np.ndarray],
@@ -147,51 +209,61 @@ def prediction_grid(
     palette: np.ndarray,
     path: str | None = None,
     alpha: float = 0.5,
-) -> bytes:
-    """One column per sample; rows: image / prediction overlay / ground-truth overlay.
-
-    Args:
-      images: (H_i, W_i, 3) uint8; preds, labels: (H_i, W_i) integer masks (255 = ignore).
-      palette: (C, 3) uint8.
-      path: where to write the PNG (optional).
+) -> np.ndarray:
+    """`prediction_figure` rendered; written as a PNG to `path` when given.
 
     Returns:
-      PNG bytes (see `image_grid` for the size).
+      (3 * Hmax + 8, 2 * font + K * Wmax + (K - 1) * 4, 3) uint8 for K samples (see `grid_figure`),
+      e.g. for TensorBoard.
     """
-    rows = [
-        list(images),
-        [overlay(i, p, palette, alpha) for i, p in zip(images, preds)],
-        [overlay(i, t, palette, alpha) for i, t in zip(images, labels)],
-    ]
-    return save_png(image_grid(rows), path)
+    grid = figure_to_array(prediction_figure(images, preds, labels, palette, alpha))
+    if path is not None:
+        save_png(grid, path)
+    return grid
+
+
+def pseudo_label_figure(
+    weak_images: np.ndarray,
+    pseudo_labels: np.ndarray,
+    weight_maps: np.ndarray,
+    tmp_images: np.ndarray | None,
+    palette: np.ndarray,
+):
+    """`grid_figure` of CSL pseudo-label diagnostics, one row per sample, columns `PSEUDO_LABEL_COLUMNS`
+    (labelled): weak view / pseudo-label / weight map (viridis, 0..1) / TMP-masked view (that column
+    is left out when `tmp_images` is None).
+
+    Args:
+      weak_images, tmp_images: (B, H, W, 3) float32 ImageNet-normalised views.
+      pseudo_labels: (B, H, W) integer classes (255 = ignore, drawn white).
+      weight_maps: (B, H, W) float32 in [0, 1].
+      palette: (C, 3) uint8.
+    """
+    weak = denormalize(weak_images)
+    rows = [[weak[b], colorize(pseudo_labels[b], palette), weight_to_rgb(weight_maps[b])] for b in range(len(weak))]
+    if tmp_images is not None:
+        for row, tmp in zip(rows, denormalize(tmp_images)):
+            row.append(tmp)
+    return grid_figure(rows, col_labels=PSEUDO_LABEL_COLUMNS[: len(rows[0])])
 
 
 def pseudo_label_panel(
     weak_images: np.ndarray,
     pseudo_labels: np.ndarray,
     weight_maps: np.ndarray,
-    tmp_images: np.ndarray,
+    tmp_images: np.ndarray | None,
     path: str | None,
     palette: np.ndarray,
-) -> bytes:
-    """CSL pseudo-label diagnostics, one row per sample: weak view / pseudo-label / weight map
-    (viridis, 0..1) / TMP-masked view.
-
-    Args:
-      weak_images, tmp_images: (B, H, W, 3) float32 ImageNet-normalised views.
-      pseudo_labels: (B, H, W) integer classes (255 = ignore, drawn white).
-      weight_maps: (B, H, W) float32 in [0, 1].
-      path: where to write the PNG (optional); palette: (C, 3) uint8.
+) -> np.ndarray:
+    """`pseudo_label_figure` rendered; written as a PNG to `path` when given.
 
     Returns:
-      PNG bytes of size (B * H + (B - 1) * 4, 4 * W + 3 * 4).
+      (2 * font + B * H + (B - 1) * 4, n * W + (n - 1) * 4, 3) uint8 for n columns (see `grid_figure`).
     """
-    weak, tmp = denormalize(weak_images), denormalize(tmp_images)
-    rows = [
-        [weak[b], colorize(pseudo_labels[b], palette), weight_to_rgb(weight_maps[b]), tmp[b]]
-        for b in range(len(weak))
-    ]
-    return save_png(image_grid(rows), path)
+    panel = figure_to_array(pseudo_label_figure(weak_images, pseudo_labels, weight_maps, tmp_images, palette))
+    if path is not None:
+        save_png(panel, path)
+    return panel
 
 
 def confidence_space_plot(
@@ -207,7 +279,7 @@ def confidence_space_plot(
     seed: int = 0,
     figsize: tuple[float, float] = (6.0, 5.0),
     dpi: int = 100,
-) -> None:
+):
     """CSL confidence space: max confidence (x) vs residual variance (y) of sampled pixels.
 
     Correct pseudo-labels are green and wrong ones red; pixels in the reliable cluster get a black
@@ -217,6 +289,9 @@ def confidence_space_plot(
     Args:
       conf, var: (N,) float; correct, reliable: (N,) bool; weights: (N,) float or None.
       path: PNG file written, (figsize * dpi) pixels.
+
+    Returns:
+      The matplotlib Figure (axes labelled 'max confidence' and 'residual variance', with a legend).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -246,6 +321,8 @@ def confidence_space_plot(
         ax.scatter(means[:, 0], means[:, 1], marker="x", s=50, c="blue", label="cluster means")
     ax.set_xlabel("max confidence")
     ax.set_ylabel("residual variance")
+    ax.set_title(f"confidence space ({len(conf)} pixels)")
     ax.legend(loc="best", fontsize="small")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, format="png", dpi=dpi)
+    return fig

@@ -12,15 +12,26 @@ Record format v1 (one TFDS example per image, ArrayRecord files, no TensorFlow n
 Records are written in a fixed order (`disable_shuffling=True`: the order of the split's id list).
 `metadata.json` holds `ids` ({split: [id, ...]} in record order), `class_names`, `ignore_index`,
 `record_format`.
+
+`fingerprint.json` (next to the records) describes the inputs the dataset was built from: the
+builder and its version, the ids of each split (sha256), and every raw input file used as
+{path relative to --raw: [size, mtime_ns]}; `sha256` digests all of it. `prepare` compares it with
+the current inputs to keep, refuse or (with rebuild) replace a prepared dataset.
 """
 import concurrent.futures
-import multiprocessing
 import dataclasses
+import functools
+import hashlib
 import inspect
 import io
+import json
+import logging
+import multiprocessing
+import os
 import pathlib
 import shutil
-from typing import Callable, Iterable
+import uuid
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 from etils import epath
@@ -30,10 +41,38 @@ from PIL import Image
 from csl_jax.constants import IGNORE_INDEX as IGNORE  # the one ignore label of csl_jax
 
 RECORD_FORMAT = 1
+BUILDER_VERSION = 1  # bump when a builder writes other records from the same raw files
+FINGERPRINT_FILE = "fingerprint.json"
 
 
 class DataPrepError(ValueError):
-    """Some source files are missing or invalid; the message lists every one of them."""
+    """The raw data is missing or invalid, or differs from what a prepared dataset was built from."""
+
+
+class Prepared(NamedTuple):
+    """Result of `prepare`: the version dir and `status` ('built', 'rebuilt' or 'unchanged')."""
+    version_dir: pathlib.Path
+    status: str
+
+
+class _TfdsInfoFilter(logging.Filter):
+    """Drops tensorflow_datasets' INFO records ('Load dataset info from ...', 'Generating dataset ...')."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}tensorflow_datasets{os.sep}" not in record.pathname
+
+
+def quiet_tfds_logging() -> None:
+    """Hides TFDS's INFO lines (logged through absl) while keeping its warnings and everyone else's INFO.
+
+    A filter on the `absl` logger rather than a level: csl_jax logs its own messages through absl too.
+    """
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _TfdsInfoFilter) for f in logger.filters):
+        logger.addFilter(_TfdsInfoFilter())
+
+
+quiet_tfds_logging()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +153,61 @@ def parallel_map(fn: Callable, items: Iterable, num_workers: int):
         yield from pool.map(fn, items, chunksize=4)
 
 
+def split_digest(ids: list[str]) -> dict:
+    """{'count', 'ids_sha256'} of a split's ids in record order."""
+    return {"count": len(ids), "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
+
+
+def make_fingerprint(name: str, inputs: dict) -> dict:
+    """Fingerprint of dataset `name` built from `inputs` (JSON data) by this builder version; adds `sha256`."""
+    body = {"builder": name, "builder_version": BUILDER_VERSION, "record_format": RECORD_FORMAT, **inputs}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return {**body, "sha256": digest}
+
+
+def read_fingerprint(version_dir: pathlib.Path) -> dict | None:
+    """The stored fingerprint of a prepared dataset, None when it has none."""
+    path = version_dir / FINGERPRINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise DataPrepError(f"{path}: not a valid fingerprint ({e}); rerun with --rebuild") from e
+
+
+def _names(names: list[str]) -> str:
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
+
+
+def describe_change(old: dict, new: dict) -> str:
+    """How the dataset of fingerprint `old` differs from `new` (now), in words: settings, splits, file
+    counts with a few names. Reads after 'holds a <name> dataset with'."""
+    settings = sorted((old.keys() | new.keys()) - {"files", "splits", "sha256"})
+    parts = [f"{key} {json.dumps(old.get(key), sort_keys=True)}, not {json.dumps(new.get(key), sort_keys=True)}"
+             for key in settings if old.get(key) != new.get(key)]
+    old_splits, new_splits = old.get("splits", {}), new.get("splits", {})
+    for split in sorted(old_splits.keys() | new_splits.keys()):
+        a, b = old_splits.get(split), new_splits.get(split)
+        if a != b:
+            parts.append(f"no split {split} (now present)" if a is None else f"a split {split} (now absent)"
+                         if b is None else f"split {split} of other ids ({a['count']}, now {b['count']})")
+    old_files, new_files = old.get("files", {}), new.get("files", {})
+    changes = {"added since": sorted(new_files.keys() - old_files.keys()),
+               "removed since": sorted(old_files.keys() - new_files.keys()),
+               "changed since (size or modification time)": sorted(k for k in old_files.keys() & new_files.keys()
+                                                             if old_files[k] != new_files[k])}
+    parts += [f"{len(names)} file(s) {what}: {_names(names)}" for what, names in changes.items() if names]
+    return "; ".join(parts) or "another fingerprint"
+
+
 class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Base TFDS builder: subclasses set `name`, `CLASS_NAMES`, `IMAGE_FORMAT` and implement `pairs()`."""
+    """Base TFDS builder: subclasses set `name`, `CLASS_NAMES`, `IMAGE_FORMAT` and implement `pairs()`.
+
+    `data_dir` is the output dir (`--out`); TFDS itself writes into a private staging dir below it,
+    which `prepare` moves into place once the dataset is complete.
+    """
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "record format v1 (see data_prep/common.py)"}
@@ -125,8 +217,15 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     def __init__(self, *, data_dir, raw_dir=None, num_workers: int = 0, **kwargs):
         self.raw_dir = pathlib.Path(raw_dir) if raw_dir is not None else None
         self.num_workers = num_workers
+        self.out_dir = pathlib.Path(data_dir)
+        self.staging_dir = self.out_dir / f".{self.name}-building-{uuid.uuid4().hex[:8]}"
         self._errors: list[str] = []
-        super().__init__(data_dir=str(data_dir), file_format="array_record", **kwargs)
+        super().__init__(data_dir=str(self.staging_dir), file_format="array_record", **kwargs)
+
+    @property
+    def version_dir(self) -> pathlib.Path:
+        """Where the prepared dataset lives: `<data_dir>/<name>/<version>`."""
+        return self.out_dir / self.name / str(self.version)
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -137,6 +236,41 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     def pairs(self) -> dict[str, list[Pair]]:
         """{split: [Pair, ...]} in record order. Missing files may be left to `convert_pair` to report."""
         raise NotImplementedError
+
+    @functools.cached_property
+    def split_pairs(self) -> dict[str, list[Pair]]:
+        """`pairs()`, computed once for the fingerprint and the records."""
+        return self.pairs()
+
+    def fingerprint_inputs(self) -> dict:
+        """{'splits': {split: split_digest}, 'files': {path relative to --raw: [size, mtime_ns]}} of the
+        existing input files; raises DataPrepError when --raw is missing or holds none of them."""
+        if self.raw_dir is None or not self.raw_dir.is_dir():
+            raise DataPrepError(f"--raw {self.raw_dir}: not a directory; {self.name} needs its raw dataset "
+                                "folder (layouts in docs/data.md)")
+        pairs = self.split_pairs
+        paths = [p for ps in pairs.values() for pair in ps for p in (pair.image, pair.label) if p is not None]
+        files = {}
+        for path in paths:
+            try:
+                st = path.stat()
+            except OSError:
+                continue  # missing: reported by convert_pair, and absent from the fingerprint
+            files[path.relative_to(self.raw_dir).as_posix()] = [st.st_size, st.st_mtime_ns]
+        if paths and not files:
+            expected = _names([p.relative_to(self.raw_dir).as_posix() for p in paths])
+            raise DataPrepError(f"--raw {self.raw_dir} holds none of the {len(paths)} input files of {self.name} "
+                                f"(expected e.g. {expected}); see docs/data.md for the layout")
+        return {"splits": {s: split_digest([p.id for p in ps]) for s, ps in pairs.items()}, "files": files}
+
+    def fingerprint(self) -> dict:
+        """The fingerprint of the dataset this builder would write now (see the module docstring)."""
+        return make_fingerprint(self.name, self.fingerprint_inputs())
+
+    def legacy_fingerprint(self, version_dir: pathlib.Path) -> dict | None:
+        """Fingerprint of a dataset prepared without `fingerprint.json`, None when it cannot be known."""
+        del version_dir
+        return None
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -155,9 +289,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         )
 
     def _split_generators(self, dl_manager):
-        if self.raw_dir is not None and not self.raw_dir.is_dir():
-            raise FileNotFoundError(f"--raw {self.raw_dir} is not a directory")
-        pairs = self.pairs()
+        pairs = self.split_pairs
         self.info.metadata["ids"] = {s: [p.id for p in ps] for s, ps in pairs.items()}
         return {s: self._generate_examples(ps) for s, ps in pairs.items()}
 
@@ -174,23 +306,56 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         except Exception:
             if not self._errors:
                 raise
-        if self._errors:  # raised inside TFDS's temporary dir: nothing partial is left behind
+        if self._errors:  # raised inside the staging dir: nothing partial is left behind
             raise DataPrepError(f"{self.name}: {len(self._errors)} invalid source file(s); nothing was "
                                 "written:\n  " + "\n  ".join(self._errors))
 
+    def _log_download_bytes(self) -> None:
+        """Silenced: TFDS prints 'Downloading and preparing dataset Unknown size ...' for local data."""
 
-def prepare(builder: SegmentationBuilder) -> pathlib.Path:
-    """Runs a builder (idempotent: an already prepared dataset is kept). Returns its version dir.
+    def _log_download_done(self) -> None:
+        """Silenced: TFDS prints 'Dataset ... downloaded and prepared to <the staging dir>'."""
 
-    On failure, the empty folders TFDS created (`<name>/`, `downloads/`) are removed again.
+
+def _keep(builder: SegmentationBuilder, fingerprint: dict) -> Prepared:
+    """'unchanged' when the prepared dataset has `fingerprint`; else a DataPrepError saying what differs."""
+    final = builder.version_dir
+    stored = read_fingerprint(final) or builder.legacy_fingerprint(final)
+    how = (f"to replace it, rerun `python -m data_prep {builder.name}` with --rebuild (the prepared data stays "
+           "until the new build is complete), or prepare into another output dir")
+    if stored is None:
+        raise DataPrepError(f"{final} holds a {builder.name} dataset without a fingerprint of its inputs (prepared "
+                            f"by an older data_prep, or incomplete), so it cannot be checked against them; {how}")
+    if stored.get("sha256") != fingerprint["sha256"]:
+        raise DataPrepError(f"{final} holds a {builder.name} dataset with {describe_change(stored, fingerprint)}: "
+                            f"it was prepared from other inputs; {how}")
+    return Prepared(final, "unchanged")
+
+
+def prepare(builder: SegmentationBuilder, *, rebuild: bool = False) -> Prepared:
+    """Prepares `builder`'s dataset in `builder.version_dir`, checked against the fingerprint of its inputs.
+
+    A missing or invalid --raw is always an error. A prepared dataset with the same fingerprint is
+    kept ('unchanged'); one with another fingerprint, or none, is an error saying what changed,
+    unless `rebuild`: the new dataset is then built completely in the staging dir, and only then
+    replaces the old one ('rebuilt'). On failure the staging dir is removed and the old data stays.
     """
-    root = pathlib.Path(builder.data_dir).parent.parent
-    created = [d for d in (root / builder.name, root / "downloads") if not d.exists()]
+    fingerprint = builder.fingerprint()
+    final = builder.version_dir
+    if final.exists() and not rebuild:
+        return _keep(builder, fingerprint)
+    tfds.disable_progress_bar()
     try:
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    except BaseException:
-        for d in created:
-            if d.is_dir() and not any(p.is_file() for p in d.rglob("*")):
-                shutil.rmtree(d)
-        raise
-    return pathlib.Path(builder.data_dir)
+        staged = pathlib.Path(builder.data_dir)
+        (staged / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+        existed = final.exists()
+        if existed and not rebuild:  # another process prepared it meanwhile
+            return _keep(builder, fingerprint)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if existed:  # two renames: the old dataset stays whole until the new one is in place
+            final.rename(builder.staging_dir / "replaced")
+        staged.rename(final)
+    finally:
+        shutil.rmtree(builder.staging_dir, ignore_errors=True)
+    return Prepared(final, "rebuilt" if existed else "built")

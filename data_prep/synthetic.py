@@ -10,10 +10,10 @@ Splits (in `metadata.json` under `splits`): `1_2`, `1_4`, `1_8` -- nested labele
 train split (first n of one seeded permutation), the rest unlabeled; val is the val split.
 """
 import io
+import json
 import pathlib
 
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from data_prep import common
@@ -79,6 +79,17 @@ class Synthetic(common.SegmentationBuilder, skip_registration=True):
                        "seed": seed}
         super().__init__(**kw)
 
+    def fingerprint_inputs(self) -> dict:
+        """{'parameters': ...}: the generator's parameters are its only input (no --raw)."""
+        return {"parameters": self.params}
+
+    def legacy_fingerprint(self, version_dir: pathlib.Path) -> dict | None:
+        """Rebuilt from the parameters in metadata.json (datasets prepared before fingerprints)."""
+        path = version_dir / "metadata.json"
+        if not path.is_file():
+            return None
+        return common.make_fingerprint(self.name, {"parameters": json.loads(path.read_text()).get("params")})
+
     def _split_generators(self, dl_manager):
         p = self.params
         order = np.random.default_rng([p["seed"], 2]).permutation(p["num_train"])
@@ -108,22 +119,14 @@ class Synthetic(common.SegmentationBuilder, skip_registration=True):
 
 
 def prepare(out_dir, *, num_train: int = 256, num_val: int = 64, image_size=(64, 96),
-            seed: int = 0) -> pathlib.Path:
+            seed: int = 0, rebuild: bool = False) -> pathlib.Path:
     """Writes the synthetic dataset under `out_dir` (a TFDS data dir) and returns `out_dir`.
 
-    Idempotent: a complete dataset with the same parameters is kept; one with other parameters is
-    an error (use another `out_dir`). `image_size` is an int or an inclusive (min, max) side range.
+    Idempotent: a dataset with the same parameters is kept; one with other parameters is an error
+    (unless `rebuild`, see `common.prepare`). `image_size` is an int or an inclusive (min, max) side range.
     """
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
-    builder = Synthetic(data_dir=out_dir, num_train=num_train, num_val=num_val,
-                        image_size=tuple(image_size), seed=seed)
-    version_dir = pathlib.Path(builder.data_dir)
-    if (version_dir / "dataset_info.json").exists():
-        stored = tfds.builder_from_directory(str(version_dir)).info.metadata.get("params")
-        if stored != builder.params:
-            raise ValueError(f"{version_dir} holds a synthetic dataset with parameters {stored}, not "
-                             f"{builder.params}; choose another output dir")
-        return pathlib.Path(out_dir)
-    common.prepare(builder)
+    common.prepare(Synthetic(data_dir=out_dir, num_train=num_train, num_val=num_val, image_size=tuple(image_size),
+                             seed=seed), rebuild=rebuild)
     return pathlib.Path(out_dir)

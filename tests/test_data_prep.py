@@ -1,6 +1,7 @@
 """data_prep: converters on tiny fakes in the official layouts, validation errors, split lists, CamVid."""
 import hashlib
 import io
+import logging
 import os
 import pathlib
 import shutil
@@ -79,7 +80,7 @@ def test_pascal_palette_indices_and_original_bytes(tmp_path):
     # The trap: reading the palette PNG as luminance gives other values.
     with Image.open(raw / "SegmentationClass" / "2007_000001.png") as im:
         assert not np.array_equal(np.asarray(im.convert("L")), labels["2007_000001"])
-    vdir = common.prepare(pascal.Pascal(data_dir=tmp_path / "out", raw_dir=raw,
+    vdir, _ = common.prepare(pascal.Pascal(data_dir=tmp_path / "out", raw_dir=raw,
                                         train_list=raw / "train.txt", val_list=raw / "val.txt"))
     train = _records(vdir, "train")
     assert [r["id"].decode() for r in train] == ["2007_000001", "2008_000003"]  # list order
@@ -109,7 +110,7 @@ def test_cityscapes_train_id_table_and_train_ids_files(tmp_path):
     train_ids = rng.choice(list(range(19)) + [255], (5, 8))
     _save_rgb(raw / "leftImg8bit/train/aachen/aachen_000002_000019_leftImg8bit.png", rng, 5, 8, "PNG")
     _save_index(raw / "gtFine/train/aachen/aachen_000002_000019_gtFine_labelTrainIds.png", train_ids)
-    vdir = common.prepare(cityscapes.Cityscapes(data_dir=tmp_path / "out", raw_dir=raw))
+    vdir, _ = common.prepare(cityscapes.Cityscapes(data_dir=tmp_path / "out", raw_dir=raw))
     expected = np.vectorize(lambda v: PROTOCOL_TRAIN_IDS.get(int(v), 255))(values)
     recs = {r["id"].decode(): r for r in _records(vdir, "train")}
     assert sorted(recs) == ["aachen_000002_000019", "jena_000001_000019"]
@@ -157,7 +158,7 @@ def test_camvid_void_becomes_ignore_and_rgb_mask_is_rejected(tmp_path):
         (raw / f"{split}.txt").write_text(f"/SegNet/CamVid/{split}/0001TP_000001.png "
                                           f"/SegNet/CamVid/{split}annot/0001TP_000001.png\n")
     lists = {s: raw / f"{s}.txt" for s in ("train", "val")}
-    vdir = common.prepare(camvid.Camvid(data_dir=tmp_path / "out", raw_dir=raw, lists=lists))
+    vdir, _ = common.prepare(camvid.Camvid(data_dir=tmp_path / "out", raw_dir=raw, lists=lists))
     (rec,) = _records(vdir, "train")
     np.testing.assert_array_equal(_png_values(rec["label"]), np.where(lab == 11, 255, lab))
     _save_rgb(raw / "valannot" / "0001TP_000001.png", rng, 6, 7, "PNG")  # an RGB "mask"
@@ -229,7 +230,7 @@ def camvid_prepared(tmp_path_factory):
     if not raw:
         pytest.skip("CSL_CAMVID_DIR is not set (point it at the SegNet CamVid folder to run this test)")
     out = tmp_path_factory.mktemp("camvid")
-    return pathlib.Path(raw), common.prepare(camvid.Camvid(data_dir=out, raw_dir=raw, num_workers=2))
+    return pathlib.Path(raw), common.prepare(camvid.Camvid(data_dir=out, raw_dir=raw, num_workers=2)).version_dir
 
 
 def test_camvid_real_counts_and_classes(camvid_prepared):
@@ -260,3 +261,121 @@ def test_camvid_real_split_selection(camvid_prepared):
     assert pipeline.epoch_length(cfg, semi, 8) == 321 // 8
     assert pipeline.epoch_length(cfg, pipeline.StreamSpec(source="labeled", batch="labeled"), 8) == 46 // 8
     assert len(pipeline.eval_dataset(cfg)) == 101
+
+
+# --- reruns: fingerprint of the raw inputs, --rebuild ------------------------------------------------
+
+
+def _fake_cityscapes(raw, rng, cities=("jena", "ulm")):
+    for split in ("train", "val"):
+        for city in cities:
+            _save_rgb(raw / "leftImg8bit" / split / city / f"{city}_000001_000019_leftImg8bit.png", rng, 5, 8, "PNG")
+            _save_index(raw / "gtFine" / split / city / f"{city}_000001_000019_gtFine_labelTrainIds.png",
+                        rng.integers(0, 19, (5, 8)))
+
+
+def _run(capsys, *argv):
+    """(exit status, stdout, stderr) of `python -m data_prep ARGV`."""
+    from data_prep.__main__ import main
+
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_rerun_checks_the_fingerprint_of_the_raw_inputs(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    _fake_cityscapes(raw, rng)
+    args = ("cityscapes", "--out", out, "--num-workers", 0)
+    assert _run(capsys, *args, "--raw", raw)[:2] == (0, f"prepared cityscapes in {out}/cityscapes/1.0.0\n")
+    vdir = out / "cityscapes" / "1.0.0"
+    info_mtime = (vdir / "dataset_info.json").stat().st_mtime_ns
+    assert sorted(p.name for p in out.iterdir()) == ["cityscapes"]  # no staging or downloads folder left
+    fingerprint = common.read_fingerprint(vdir)
+    assert len(fingerprint["files"]) == 8 and fingerprint["splits"]["train"]["count"] == 2
+
+    status, stdout, _ = _run(capsys, *args, "--raw", raw)
+    assert (status, stdout) == (0, f"cityscapes already prepared (fingerprint matches) in {vdir}\n")
+    status, stdout, stderr = _run(capsys, *args, "--raw", tmp_path / "missing")  # an error, also when prepared
+    assert (status, stdout) == (1, "") and f"--raw {tmp_path}/missing: not a directory" in stderr
+    (tmp_path / "empty").mkdir()
+    status, _, stderr = _run(capsys, *args, "--raw", tmp_path / "empty")
+    assert status == 1 and "no images matching" in stderr
+
+    # the raw data changed: one mask rewritten, one city added, one image removed
+    changed = raw / "gtFine/train/jena/jena_000001_000019_gtFine_labelTrainIds.png"
+    new_label = np.full((5, 8), 3)
+    _save_index(changed, new_label)
+    os.utime(changed, ns=(1, 1))  # also when the size happens to be the same
+    _fake_cityscapes(raw, rng, cities=("bonn",))
+    (raw / "leftImg8bit/val/ulm/ulm_000001_000019_leftImg8bit.png").unlink()
+    (raw / "gtFine/val/ulm/ulm_000001_000019_gtFine_labelTrainIds.png").unlink()
+    status, stdout, stderr = _run(capsys, *args, "--raw", raw)
+    assert status == 1 and stdout == ""
+    assert f"{vdir} holds a cityscapes dataset with split train of other ids (2, now 3); " in stderr
+    assert "4 file(s) added since: gtFine/train/bonn/bonn_000001_000019_gtFine_labelTrainIds.png" in stderr
+    assert "2 file(s) removed since: gtFine/val/ulm/ulm_000001_000019_gtFine_labelTrainIds.png" in stderr
+    assert ("1 file(s) changed since (size or modification time): gtFine/train/jena/jena_000001_000019_gtFine_"
+            "labelTrainIds.png") in stderr
+    assert "prepared from other inputs" in stderr and "--rebuild" in stderr
+    assert (vdir / "dataset_info.json").stat().st_mtime_ns == info_mtime  # the old data is untouched
+
+    # --rebuild with a corrupt file fails and keeps the old dataset whole
+    bad = raw / "leftImg8bit/train/bonn/bonn_000001_000019_leftImg8bit.png"
+    good_bytes = bad.read_bytes()
+    bad.write_bytes(good_bytes[:20])
+    status, _, stderr = _run(capsys, *args, "--raw", raw, "--rebuild")
+    assert status == 1 and "bonn_000001_000019_leftImg8bit.png: image does not decode" in stderr
+    assert sorted(p.name for p in out.iterdir()) == ["cityscapes"]
+    assert common.read_fingerprint(vdir) == fingerprint and len(_records(vdir, "train")) == 2
+
+    bad.write_bytes(good_bytes)
+    status, stdout, _ = _run(capsys, *args, "--raw", raw, "--rebuild")
+    assert (status, stdout) == (0, f"rebuilt cityscapes in {vdir}\n")
+    assert sorted(p.name for p in out.iterdir()) == ["cityscapes"]
+    assert sorted(p.name for p in (out / "cityscapes").iterdir()) == ["1.0.0"]
+    recs = {r["id"].decode(): r for r in _records(vdir, "train")}
+    assert sorted(recs) == ["bonn_000001_000019", "jena_000001_000019", "ulm_000001_000019"]
+    np.testing.assert_array_equal(_png_values(recs["jena_000001_000019"]["label"]), new_label)
+    assert _run(capsys, *args, "--raw", raw)[:2] == (0, f"cityscapes already prepared (fingerprint matches) in "
+                                                        f"{vdir}\n")
+
+
+def test_rerun_without_a_stored_fingerprint(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    _fake_cityscapes(raw, rng)
+    args = ("cityscapes", "--out", out, "--raw", raw, "--num-workers", 0)
+    assert _run(capsys, *args)[0] == 0
+    (out / "cityscapes/1.0.0" / common.FINGERPRINT_FILE).unlink()  # as prepared by an older data_prep
+    status, _, stderr = _run(capsys, *args)
+    assert status == 1 and "without a fingerprint of its inputs" in stderr and "--rebuild" in stderr
+    assert _run(capsys, *args, "--rebuild")[:2] == (0, f"rebuilt cityscapes in {out}/cityscapes/1.0.0\n")
+    # synthetic data of that age is checked against the parameters in its metadata
+    syn = dict(num_train=3, num_val=1, image_size=(20, 24), seed=1)
+    synthetic.prepare(tmp_path / "syn", **syn)
+    (tmp_path / "syn/synthetic/1.0.0" / common.FINGERPRINT_FILE).unlink()
+    assert synthetic.prepare(tmp_path / "syn", **syn) == tmp_path / "syn"
+    with pytest.raises(common.DataPrepError, match=r'synthetic dataset with parameters \{.*"num_train": 3.*\}, '
+                                                   r'not \{.*"num_train": 4'):
+        synthetic.prepare(tmp_path / "syn", **{**syn, "num_train": 4})
+
+
+def test_tfds_boilerplate_is_quiet(tmp_path, capsys, caplog):
+    from absl import logging as absl_logging
+
+    caplog.set_level(logging.INFO)
+    synthetic.prepare(tmp_path, num_train=2, num_val=1, image_size=(16, 16), seed=0)
+    cfg = ml_collections.ConfigDict({"name": "synthetic", "root": str(tmp_path), "split": "1_2"})
+    sources.dataset_info(cfg)
+    sources.train_sources(cfg)
+    assert len(sources.eval_source(cfg)) == 1
+    absl_logging.info("our own message")
+    absl_logging.warning("our own warning")
+    out, err = capsys.readouterr()
+    text = out + err + caplog.text
+    for boilerplate in ("Downloading and preparing", "Unknown size", "Load dataset info", "Generating dataset",
+                        "Subsequent calls will reuse"):
+        assert boilerplate not in text
+    assert "our own message" in caplog.text and "our own warning" in caplog.text

@@ -11,7 +11,7 @@ import pytest
 
 from csl_jax import evaluation
 from csl_jax.evaluation import folder, metrics, protocols
-from csl_jax.evaluation.evaluator import Evaluator
+from csl_jax.evaluation.evaluator import Evaluator, spread_indices
 from csl_jax.evaluation.protocols import Protocol, get_protocol
 
 C = 4
@@ -297,19 +297,36 @@ def test_whole_image_different_sizes_and_batch_padding():
     np.testing.assert_array_equal(res["confusion"], want)
     assert fake_apply.traces - before == 2  # one compile per distinct image shape
     assert res["num_images"] == 6
-    # samples: (image, pred, label) of the first 4 images, in order
-    assert len(res["samples"]) == 4
-    for (image, pred, label), d in zip(res["samples"], data):
+    # samples: (image, pred, label) of 4 images spread over the 6, in order
+    assert res["sample_indices"] == [0, 2, 3, 5] and len(res["samples"]) == 4
+    for (image, pred, label), d in zip(res["samples"], [data[i] for i in res["sample_indices"]]):
         np.testing.assert_array_equal(image, d["image"])
         np.testing.assert_array_equal(label, d["label"])
         np.testing.assert_array_equal(pred, np_apply(np_normalize(d["image"])).argmax(-1))
     want_metrics = metrics.segmentation_metrics(want)
     assert res["miou"] == pytest.approx(want_metrics["miou"])
     # a second call reuses the compiled programs; max_images truncates
-    res2 = evaluator.evaluate(VARIABLES, data, max_images=3)
+    res2 = evaluator.evaluate(VARIABLES, data, max_images=3, num_samples=2)
+    assert res2["sample_indices"] == [0, 2]  # spread over the evaluated images only
     assert fake_apply.traces - before == 2
     want3 = sum(np_confusion(d["label"], np_apply(np_normalize(d["image"])).argmax(-1), C) for d in data[:3])
     np.testing.assert_array_equal(res2["confusion"], want3)
+
+
+def test_spread_indices_cover_the_set_evenly():
+    assert spread_indices(100, 4) == [0, 33, 66, 99]  # not the first four (near-identical CamVid frames)
+    assert spread_indices(6, 4) == [0, 2, 3, 5]
+    assert spread_indices(3, 4) == [0, 1, 2]
+    assert spread_indices(10, 1) == [0]
+    assert spread_indices(10, 0) == spread_indices(0, 4) == []
+
+
+def test_samples_of_an_iterator_are_its_first_images():
+    data = make_dataset([(6, 5)] * 5, seed=3)
+    evaluator = Evaluator(fake_apply, num_classes=C, protocol="whole", batch_size=8)
+    res = evaluator.evaluate(VARIABLES, iter(data), num_samples=2)  # no len(): the spread is unknown
+    assert res["sample_indices"] == [0, 1]
+    np.testing.assert_array_equal(res["samples"][1][0], data[1]["image"])
 
 
 def test_pad_to_multiple_compiles_once_and_crops_back():

@@ -1,12 +1,16 @@
 """MetricsWriter: JSONL lines, TensorBoard records (read back with a minimal TFRecord reader), ETA."""
 
 import glob
+import io
 import json
 import logging
+import os
 import struct
+import time
 
 import numpy as np
 import pytest
+from PIL import Image
 from tensorboardX.proto import event_pb2
 
 from csl_jax import metrics_writer as mw
@@ -47,15 +51,15 @@ def read_tfrecords(path):
     return records
 
 
+def tb_events(workdir):
+    """The events of every event file in workdir/tb, file by file in the order they were written."""
+    files = sorted(glob.glob(str(workdir / "tb" / "events.out.tfevents.*")), key=os.path.getmtime)
+    return [[event_pb2.Event.FromString(record) for record in read_tfrecords(path)] for path in files]
+
+
 def tb_scalars(workdir):
-    files = glob.glob(str(workdir / "tb" / "events.out.tfevents.*"))
-    assert len(files) == 1
-    out = {}
-    for record in read_tfrecords(files[0]):
-        event = event_pb2.Event.FromString(record)
-        for value in event.summary.value:
-            out[(value.tag, event.step)] = value.simple_value
-    return out
+    (events,) = tb_events(workdir)
+    return {(value.tag, event.step): value.simple_value for event in events for value in event.summary.value}
 
 
 def test_crc32c_check_value():
@@ -86,10 +90,10 @@ def test_jsonl_and_tensorboard(tmp_path):
     assert eval_line["confusion"] == [[3, 1], [0, 4]] and eval_line["protocol"]["name"] == "whole"
     assert "samples" not in eval_line
 
-    tb = tb_scalars(tmp_path)
-    assert tb[("loss", 10)] == pytest.approx(0.75) and tb[("loss", 20)] == pytest.approx(0.5)
-    assert tb[("lr", 20)] == pytest.approx(0.009) and tb[("val/miou", 20)] == pytest.approx(0.625)
-    assert tb[("val/iou/01", 20)] == pytest.approx(0.75)
+    tb = tb_scalars(tmp_path)  # training scalars under train/, metrics.jsonl keeps the plain names
+    assert tb[("train/loss", 10)] == pytest.approx(0.75) and tb[("train/loss", 20)] == pytest.approx(0.5)
+    assert tb[("train/lr", 20)] == pytest.approx(0.009) and tb[("val/miou", 20)] == pytest.approx(0.625)
+    assert tb[("val/iou/01", 20)] == pytest.approx(0.75) and ("loss", 10) not in tb
 
     # appending after a restart keeps the earlier lines
     writer = mw.MetricsWriter(str(tmp_path), total_steps=100)
@@ -125,3 +129,53 @@ def test_eta_and_progress_line(tmp_path, caplog):
         writer.write(200, {"loss": 0.5, "steps_per_sec": 2.5})
     assert any("ETA 0:05:20" in r.getMessage() for r in caplog.records)
     writer.close()
+
+
+def test_write_image_to_tensorboard(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    writer = mw.MetricsWriter(str(tmp_path), total_steps=10)
+    writer.write_image(4, "val/predictions", image)
+    with pytest.raises(ValueError, match=r"image 'grid' must be \(H, W, 3\) uint8, got float32 of shape \(6, 10\)"):
+        writer.write_image(4, "grid", np.zeros((6, 10), np.float32))
+    writer.close()
+    ((event, value),) = [(e, v) for e in tb_events(tmp_path)[0] for v in e.summary.value]
+    assert value.tag == "val/predictions" and event.step == 4
+    assert (value.image.height, value.image.width, value.image.colorspace) == (6, 10, 3)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(value.image.encoded_image_string))), image)
+
+
+def test_resume_drops_the_records_after_the_restored_step(tmp_path):
+    """A run killed after logging step 5 whose last checkpoint is step 3: the resumed writer keeps
+    steps <= 3 (a torn last line goes too) and TensorBoard purges steps >= 4."""
+    writer = mw.MetricsWriter(str(tmp_path), total_steps=10)
+    for step in range(1, 6):
+        writer.write(step, {"loss": float(step)})
+    writer.write_eval(2, {"miou": 0.2})
+    writer.write_eval(4, {"miou": 0.4})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # killed while writing
+    before = (tmp_path / "eval_results.jsonl").stat().st_ino
+    time.sleep(1.1)  # event files are named by the second: the resumed run's is a new one
+
+    writer = mw.MetricsWriter(str(tmp_path), total_steps=10, start_step=3)
+    writer.write(4, {"loss": 40.0})
+    writer.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("loss", r.get("val/miou"))) for r in rows] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (2, 0.2), (4, 40.0)]
+    assert [json.loads(line)["step"] for line in (tmp_path / "eval_results.jsonl").read_text().splitlines()] == [2]
+    assert (tmp_path / "eval_results.jsonl").stat().st_ino != before  # rewritten (os.replace), not truncated
+    assert not list(tmp_path.glob("*.tmp"))
+
+    first, resumed = tb_events(tmp_path)
+    assert {e.step for e in first if e.summary.value} == {1, 2, 3, 4, 5}  # the file of the killed run stays
+    starts = [e.step for e in resumed if e.HasField("session_log") and e.session_log.status == e.session_log.START]
+    assert starts == [4]  # TensorBoard discards the earlier files' events of steps >= 4
+    assert [(v.tag, e.step) for e in resumed for v in e.summary.value] == [("train/loss", 4)]
+
+
+def test_fresh_writer_keeps_everything(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 7, "loss": 1.0}\n')
+    mw.MetricsWriter(str(tmp_path), total_steps=10).close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["step"] == 7

@@ -18,6 +18,9 @@ from PIL import Image
 
 from csl_jax.constants import IGNORE_INDEX as IGNORE
 from data_prep import splits as shipped
+from data_prep.common import quiet_tfds_logging
+
+quiet_tfds_logging()  # no 'Load dataset info from ...' line per opened source
 
 DATASETS = ("pascal", "cityscapes", "camvid", "synthetic", "custom")
 RECORD_VERSION = "1.0.0"
@@ -74,14 +77,29 @@ class FileSource:
             raise FileNotFoundError(f"custom dataset: cannot read {e.filename}: {e.strerror}") from e
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image of any PIL mode as 8-bit RGB.
+
+    16-bit grayscale ('I;16', 'I;16B', ...) and 32-bit 'I'/'F' (holding 16-bit values, as older PIL
+    reads 16-bit PNGs) are scaled by value / 257, rounded (PIL's own convert clips them at 255, so
+    they turn white); other modes ('L', 'LA', 'P', 'PA', 'RGBA', 'CMYK', '1', ...) use PIL's
+    conversion, alpha dropped.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        gray = np.clip(np.rint(np.asarray(image, np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1))
+    return image.convert("RGB")
+
+
 def decode(record: dict, num_classes: int) -> tuple[Image.Image, np.ndarray | None]:
-    """Decodes a record: image as a PIL RGB image, label (H, W) uint8 or None when absent.
+    """Decodes a record: image as a PIL RGB image (`to_rgb`), label (H, W) uint8 or None when absent.
 
     Raises ValueError naming the record when the label is not a (P or L) index PNG of the image's
     size with values < num_classes or 255 (checked for custom data; prepared data is pre-validated).
     """
-    image = Image.open(io.BytesIO(record["image"]))
-    image = image.convert("RGB") if image.mode != "RGB" else image
+    image = to_rgb(Image.open(io.BytesIO(record["image"])))
     if not record["label"]:
         return image, None
     with Image.open(io.BytesIO(record["label"])) as lab:

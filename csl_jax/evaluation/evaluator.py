@@ -233,25 +233,31 @@ class Evaluator:
           variables: model variables ({'params', 'batch_stats'}), replicated onto the mesh here.
           dataset: sequence/iterable of {'id', 'image' (H, W, 3) uint8, 'label' (H, W) uint8}.
           max_images: evaluate only the first `max_images` examples.
-          num_samples: keep this many (image, pred, label) uint8 triples for plots.
+          num_samples: keep this many (image, pred, label) uint8 triples for plots, spread over the
+            evaluated images (`spread_indices`); the first ones when `dataset` has no len().
 
         Returns:
           segmentation_metrics(...) plus 'confusion' ((C, C) int64), 'num_images',
-          'protocol' (protocol_info + num_images) and 'samples' (list of triples).
+          'protocol' (protocol_info + num_images), 'samples' (list of triples) and 'sample_indices'
+          (their positions in the dataset).
         """
+        total = len(dataset) if hasattr(dataset, "__len__") else num_samples
+        wanted = set(spread_indices(min(total, max_images or total), num_samples))
         examples = (self._check(ex) for ex in itertools.islice(dataset, max_images))
         conf = np.zeros((self.num_classes, self.num_classes), np.int64)
         in_flight: collections.deque = collections.deque()
-        samples, num_images = [], 0
+        samples, sample_indices, num_images = [], [], 0
         for batch_conf, preds, batch in self._batches(variables, examples):
+            positions = range(num_images, num_images + len(batch))
             num_images += len(batch)
             in_flight.append(batch_conf)
             if len(in_flight) > 2:  # bound the work queued ahead of the device
                 conf += np.asarray(in_flight.popleft(), np.int64)
-            if len(samples) < num_samples:
-                for (image, label), pred in zip(batch, _fetch(preds)):
-                    samples.append((image, pred[: label.shape[0], : label.shape[1]].astype(np.uint8), label))
-                del samples[num_samples:]
+            if wanted.intersection(positions):
+                for index, (image, label), pred in zip(positions, batch, _fetch(preds)):
+                    if index in wanted:
+                        samples.append((image, pred[: label.shape[0], : label.shape[1]].astype(np.uint8), label))
+                        sample_indices.append(index)
         for batch_conf in in_flight:
             conf += np.asarray(batch_conf, np.int64)
         if num_images == 0:
@@ -262,6 +268,7 @@ class Evaluator:
             num_images=num_images,
             protocol={**self.protocol_info, "num_images": num_images},
             samples=samples,
+            sample_indices=sample_indices,
         )
         return results
 
@@ -282,6 +289,16 @@ class Evaluator:
         for _, preds, batch in self._batches(variables, examples()):
             for (_, label), pred in zip(batch, _fetch(preds)):
                 yield pred[: label.shape[0], : label.shape[1]]
+
+
+def spread_indices(num_images: int, num_samples: int) -> list[int]:
+    """`num_samples` (k) image indices evenly spread over [0, num_images) (N): i * (N - 1) / (k - 1)
+    for i < k, rounded half to even, so the first and the last image are in (4 of 100 -> [0, 33, 66,
+    99]); every index when k >= N, [0] when k == 1, [] when k == 0."""
+    k = min(num_samples, num_images)
+    if k <= 1:
+        return list(range(k))
+    return [int(v) for v in np.round(np.linspace(0, num_images - 1, k))]
 
 
 def _fetch(x: jax.Array) -> np.ndarray:

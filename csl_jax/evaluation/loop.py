@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol, Sequence
 
 import jax
 import ml_collections
@@ -79,10 +79,22 @@ def make_evaluator(config: ml_collections.ConfigDict, info, mesh, method, evalua
                      class_names=info.class_names, pad_to_multiple=config.eval.pad_to_multiple)
 
 
-def json_ready(results: dict) -> dict:
-    """The scalar/list part of an evaluation result (drops the confusion matrix and image samples)."""
+def json_ready(results: dict, class_names: Sequence[str]) -> dict:
+    """The scalar/list part of an evaluation result (drops the confusion matrix and image samples)
+    plus 'iou_per_class' ({class name: IoU}, in class order) and 'unit': 'fraction' (every mIoU,
+    IoU and accuracy is a fraction in [0, 1], not a percentage)."""
+    if len(class_names) != len(results["iou"]):
+        raise ValueError(f"{len(class_names)} class names for {len(results['iou'])} IoU values")
     out = {k: v for k, v in results.items() if k not in ("confusion", "samples")}
+    out.update(iou_per_class=dict(zip(class_names, results["iou"])), unit="fraction")
     return json.loads(json.dumps(out, default=lambda x: x.tolist() if hasattr(x, "tolist") else float(x)))
+
+
+class ImageWriter(Protocol):
+    """Where the prediction grid goes besides its PNG, e.g. `MetricsWriter` (TensorBoard)."""
+
+    def write_image(self, step: int, tag: str, image: np.ndarray) -> None:
+        """Logs an (H, W, 3) uint8 image under `tag` at `step`."""
 
 
 class EvalLoop:
@@ -92,6 +104,7 @@ class EvalLoop:
         self.config = config
         self.method = method
         self.plot_dir = os.path.join(workdir, "plots")
+        self.class_names = info.class_names
         self.palette = visualize.palette_for(info.name, info.num_classes)
         self.evaluations, self.best = plan_evaluations(config.eval, method)
         batch = config.eval.batch_size or mesh.devices.size
@@ -100,8 +113,14 @@ class EvalLoop:
                          for split in dict.fromkeys(e.split for e in self.evaluations)}
         self._diagnostics = jax.jit(method.diagnostics) if method.has_diagnostics else None
 
-    def run(self, step: int, train_state, train_batch: Mapping[str, Any] | None = None) -> dict[str, dict]:
-        """Runs every evaluation on `train_state`; writes plots (process 0). Returns {name: JSON-ready results}."""
+    def run(self, step: int, train_state, train_batch: Mapping[str, Any] | None = None,
+            writer: ImageWriter | None = None) -> dict[str, dict]:
+        """Runs every evaluation on `train_state`; writes plots (process 0). Returns {name: JSON-ready results}.
+
+        The best evaluation draws `config.eval.num_plot_images` val images spread over the split
+        (`evaluator.spread_indices`) into plots/{split}_step{step:07d}.png, and into `writer` (when
+        given) as `writer.write_image(step, f"{split}/predictions", grid)`, grid (H, W, 3) uint8.
+        """
         out = {}
         for e in self.evaluations:
             is_best = e is self.best
@@ -114,9 +133,12 @@ class EvalLoop:
             if jax.process_index() == 0 and results["samples"]:
                 os.makedirs(self.plot_dir, exist_ok=True)
                 images, preds, labels = zip(*results["samples"])
-                visualize.prediction_grid(images, preds, labels, self.palette,
-                                          os.path.join(self.plot_dir, f"{e.split}_step{step:07d}.png"))
-            out[e.name] = dict(json_ready(results), evaluation=e.name, predict=e.predict, split=e.split)
+                grid = visualize.prediction_grid(images, preds, labels, self.palette,
+                                                 os.path.join(self.plot_dir, f"{e.split}_step{step:07d}.png"))
+                if writer is not None:
+                    writer.write_image(step, f"{e.split}/predictions", grid)
+            out[e.name] = dict(json_ready(results, self.class_names), evaluation=e.name, predict=e.predict,
+                               split=e.split)
         if self._diagnostics is not None and train_batch is not None and jax.process_index() == 0:
             plot_diagnostics(self._diagnostics, train_state, train_batch, self.plot_dir, step, self.palette,
                              self.config.eval.num_plot_images)
@@ -128,8 +150,8 @@ def plot_diagnostics(diagnostics, train_state, train_batch: Mapping[str, Any], p
     """Draws a method's pseudo-label diagnostics (`Method.diagnostics`) for a few images of a train batch.
 
     diagnostics: the jitted `method.diagnostics(train_state, batch)`. Files:
-    `pseudo_labels_step{step:07d}.png` (weak view, pseudo-label, weight map, TMP-masked view or the
-    weak view again without TMP) for `num_images` images of the batch's unlabeled stream, and
+    `pseudo_labels_step{step:07d}.png` (labelled columns: weak view, pseudo-label, weight map and,
+    for methods with TMP, the TMP-masked view) for `num_images` images of the batch's unlabeled stream, and
     `confidence_step{step:07d}.png` for the first one (its valid pixels with a ground truth, or all
     valid pixels when it has none, which are then drawn as wrong).
     """
@@ -137,7 +159,7 @@ def plot_diagnostics(diagnostics, train_state, train_batch: Mapping[str, Any], p
     d = jax.device_get(diagnostics(train_state, batch))
     os.makedirs(plot_dir, exist_ok=True)
     labels = np.where(d["valid"], d["pseudo_label"], IGNORE_INDEX)
-    visualize.pseudo_label_panel(d["weak"], labels, d["weight"], d.get("tmp", d["weak"]),
+    visualize.pseudo_label_panel(d["weak"], labels, d["weight"], d.get("tmp"),
                                  os.path.join(plot_dir, f"pseudo_labels_step{step:07d}.png"), palette)
     known = d["valid"][0] & (batch["unlabeled"]["label"][0] != IGNORE_INDEX)
     keep = known if known.any() else d["valid"][0]

@@ -75,6 +75,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
                         evaluation: str = "", split: str = "") -> dict:
     """`--mode=eval`: evaluates a checkpoint on a whole split; writes eval_<which>[_<evaluation>].json.
 
+    The results (and the file) hold 'miou', 'iou' (a list in class order), 'iou_per_class' ({class
+    name: IoU}) and the accuracies, all fractions in [0, 1] ('unit': 'fraction').
+
     evaluation: 'PREDICT[@SPLIT][:PROTOCOL]' (default the run's best evaluation); split: 'val',
     or 'test' where prepared (overrides the evaluation's split).
     """
@@ -84,8 +87,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     dataset = data.eval_dataset(config.data, split=chosen.split)
     variables, source = load_eval_variables(config, method, workdir, which, chosen.predict)
     evaluator = make_evaluator(config, info, None, method, chosen, config.eval.batch_size or None)
-    results = dict(json_ready(evaluator.evaluate(variables, dataset)), source=source, evaluation=chosen.name,
-                   predict=chosen.predict, split=chosen.split)
+    results = dict(json_ready(evaluator.evaluate(variables, dataset), info.class_names), source=source,
+                   evaluation=chosen.name, predict=chosen.predict, split=chosen.split)
     name = which if which in ("best", "latest") else "imported"
     default = plan_evaluations(config.eval, method)[1]
     if (chosen.predict, chosen.split, chosen.protocol) != (default.predict, default.split, default.protocol):
