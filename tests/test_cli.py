@@ -190,3 +190,14 @@ def test_config_checks_pass_the_shipped_recipes(name):
     config_checks.check(demo.get_config(name))
     for dataset, split in (("pascal", "1464"), ("cityscapes", "1_16"), ("camvid", "1_8")):
         config_checks.check(common.get_recipe(dataset, split, name))
+
+
+def test_bad_input_found_while_running_is_one_line(tmp_path):
+    """A wrong split name surfaces inside training (data sources), not in flag parsing: exit 1, one line."""
+    code, out, err = run_main(["--config=configs/demo.py", f"--workdir={tmp_path / 'run'}",
+                               f"--config.data.root={tmp_path / 'data'}", "--config.data.synthetic.num_train=8",
+                               "--config.data.synthetic.num_val=2", "--config.data.split=1_3"], timeout=300)
+    lines = err.strip().splitlines()
+    assert code == 1, (code, out, err[-2000:])
+    assert lines[-1] == "error: unknown synthetic split '1_3'; valid: 1_2, 1_4, 1_8", err[-2000:]
+    assert "Traceback" not in err
