@@ -7,8 +7,9 @@ r"""csl_jax entry point: parses flags and hands over to the package.
     python main.py --workdir=runs/city_1_16 --mode=predict --input=imgs/ --output=out/
     python main.py --config=configs/csl_cityscapes.py:1_16 --mode=config [--config.optim.lr=0.004 ...]
 
-A command-line mistake (a flag, the config file, an override, a setting, a busy workdir) ends in
-one line `error: ...` on stderr and exit code 2, before anything is written or compiled.
+A command-line mistake (a flag, the config file, an override, a setting, a busy workdir, initial
+weights that are neither cached nor downloadable) ends in one line `error: ...` on stderr and exit
+code 2, before anything is written or compiled.
 """
 
 import atexit
@@ -75,6 +76,13 @@ def main(argv):
         return
     if mode != "train":
         check_eval_flags(workdir, config)
+    elif not workdir_lib.has_trained_state(workdir):  # a fresh run's initial weights (config.model.init_from),
+        from csl_jax.models import pretrained  # downloaded now: missing ones fail before anything is written
+
+        try:
+            pretrained.check_available(config.model)
+        except (ValueError, OSError, ImportError) as error:
+            usage_error(str(error))
     import jax
 
     if FLAGS.distributed:

@@ -110,6 +110,7 @@ def make_config(method: str, depth: int, output_stride: int, crop: int, dtype: s
                 unlabeled: int, tiny: bool = False, remat: bool = False):
     """The method's Pascal config with the benchmark's model (`common.TINY_MODEL` if `tiny`), crop, batch."""
     c = METHOD_CONFIGS[method].get_config()
+    c.model.init_from = "none"  # timing only: random weights, nothing to download
     c.model.depth = depth
     c.model.output_stride = output_stride
     c.model.aspp_rates = ASPP_RATES[output_stride]

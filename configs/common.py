@@ -1,9 +1,12 @@
 """Shared defaults of every csl_jax config. Config files import `get_base_config()` and override.
 
 Batch sizes are GLOBAL (over all devices and hosts): one GPU and eight GPUs train the same recipe.
-Loss normalisation groups (`loss.group_size`) equal the reference per-GPU batch, so results do not
-depend on the device count either. `eval.evaluations` lists what each evaluation step runs (a predict
-function of the method, a split, a protocol) and `eval.best` the one that picks the best checkpoint.
+Loss normalisation groups (`loss.group_size`) equal the reference per-GPU batch: each loss is
+normalised over the valid pixels of `group_size` consecutive images of the global batch, also when
+a group spans devices, so results do not depend on the device count either (UniMatch: 2; CSL
+Pascal: 8, its spec copy's one-GPU batch; csl_released Pascal: 32). `eval.evaluations` lists what
+each evaluation step runs (a predict function of the method, a split, a protocol) and `eval.best`
+the one that picks the best checkpoint.
 """
 
 import ml_collections
@@ -29,9 +32,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.reduce_width = 48
     c.model.dtype = "float32"  # compute dtype of convolutions: float32 | bfloat16
     c.model.remat = False
-    # A converted Flax checkpoint (`python -m csl_jax.models.convert`) or a PyTorch .pth file
-    # (ImageNet deep-stem / torchvision backbone, or a UniMatch/CSL model). '' = random init.
-    c.model.init_from = ""
+    # Initial weights (csl_jax/models/pretrained.py, docs/models.md): 'none' = random init; a name
+    # from the pretrained registry ('imagenet' = the ImageNet backbone of model.depth and model.stem,
+    # 'imagenet:resnet101', 'torchvision:resnet50', ...), downloaded once into the user cache; or a
+    # path to a converted Flax checkpoint or a PyTorch .pth file. Published recipes set 'imagenet'.
+    c.model.init_from = "none"
     c.model.init_kind = "auto"
 
     # --- data (csl_jax/data, docs/data.md) ---
@@ -45,7 +50,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.cutmix_prob = 0.5
     c.data.tmp_prob = 0.5
     c.data.cover_ratio = 0.7
-    c.data.block_size = 32
+    c.data.block_size = 32  # TMP block side in pixels ...
+    c.data.block_size_reference_crop = 0  # ... at this crop, scaled to data.crop_size (0 = at every crop)
     # custom datasets (name='custom'): list files of '<image> [<mask>]' lines, paths relative to data.root
     c.data.labeled_list = ""
     c.data.unlabeled_list = ""
@@ -126,6 +132,34 @@ def tiny_model(c: ml_collections.ConfigDict, **overrides) -> ml_collections.Conf
     return c
 
 
+#: CSL recipe changes per variant and dataset (docs/methods/csl.md §10-11): batch sizes (labeled =
+#: unlabeled), epochs and the loss group. The spec copy trains Pascal with 8 images on one GPU (group
+#: 8); the released code with 32 on one GPU at lr 1e-3 for 80 epochs (19,840 steps at 1/4, group 32).
+#: Cityscapes keeps UniMatch's per-GPU 2 (no CSL Cityscapes recipe is released); CamVid follows Pascal.
+CSL_RECIPES = {
+    ("pascal", "csl"): dict(group_size=8), ("pascal", "csl_online"): dict(group_size=8),
+    ("pascal", "csl_released"): dict(batch=32, group_size=32),
+    ("camvid", "csl"): dict(group_size=8), ("camvid", "csl_online"): dict(group_size=8),
+    ("camvid", "csl_released"): dict(group_size=8),
+}
+
+
+def split_and_variant(arg: str, default_split: str) -> tuple[str, str]:
+    """'SPLIT[,VARIANT]' of a CSL config argument -> (split, variant); variant default 'csl'.
+
+    e.g. '1_4,csl_released' -> ('1_4', 'csl_released'); '' -> (default_split, 'csl'). The variant
+    may also come alone ('csl_released' -> (default_split, 'csl_released')).
+    """
+    from csl_jax.methods import weak_to_strong
+
+    parts = [p.strip() for p in arg.split(",") if p.strip()] if arg else []
+    variant = parts.pop() if parts and parts[-1] in weak_to_strong.VARIANTS else "csl"
+    if len(parts) > 1:
+        raise ValueError(f"config argument {arg!r}: expected 'SPLIT[,VARIANT]' with VARIANT one of "
+                         f"{sorted(weak_to_strong.VARIANTS)}")
+    return (parts[0] if parts else default_split), variant
+
+
 # Published recipes per dataset (docs/protocol.md, docs/methods/unimatch.md, docs/methods/csl.md §11).
 # CamVid has no published semi-supervised recipe: Pascal's, with 240 epochs for the semi-supervised
 # methods because its unlabeled set is ~30x smaller (240 epochs = 9,600 iterations at 1/8).
@@ -135,23 +169,29 @@ DATASET_RECIPES = {
     "cityscapes": dict(crop_size=801, lr=5e-3, lr_multi=1.0, epochs=240, semi_epochs=240, labeled_loss="ohem",
                        protocol="sliding", tau=0.0),
     "camvid": dict(crop_size=321, lr=1e-3, lr_multi=10.0, epochs=80, semi_epochs=240, labeled_loss="ce",
-                   protocol="whole", tau=0.95),
+                   protocol="whole", tau=0.95, block_size_reference_crop=321),
 }
 
 
-def get_recipe(dataset: str, split: str, method: str) -> ml_collections.ConfigDict:
+def get_recipe(dataset: str, split: str, method: str, variant: str = "csl") -> ml_collections.ConfigDict:
     """The config of `method` ('supervised', 'csl', 'unimatch', 'fixmatch') on `dataset`, `split`.
 
     Supervised: labeled images only, global batch 16 (UniMatch doubles the semi-supervised 8),
     epochs over the labeled list. Semi-supervised: 8 labeled + 8 unlabeled (+ 8 mix), epochs over
-    the unlabeled set, the method's option preset. CSL: OS8, ASPP 12/24/36, bf16 convolutions.
+    the unlabeled set, the method's option preset. CSL: OS8, ASPP 12/24/36, bf16 convolutions, the
+    options of `variant` ('csl', 'csl_online', 'csl_released') and its `CSL_RECIPES` entry. Pascal
+    and Cityscapes start from the ImageNet backbone (model.init_from='imagenet'); CamVid from
+    random weights, with the TMP block scaled to the crop (32 px at 321).
     """
     r = DATASET_RECIPES[dataset]
     c = get_base_config()
     c.data.name = dataset
     c.data.split = split
     c.data.crop_size = r["crop_size"]
+    c.data.block_size_reference_crop = r.get("block_size_reference_crop", 0)
     c.loss.labeled = r["labeled_loss"]
+    if dataset in ("pascal", "cityscapes"):  # the published recipes start from ImageNet weights
+        c.model.init_from = "imagenet"
     c.optim.lr = r["lr"]
     c.optim.lr_multi = r["lr_multi"]
     c.eval.protocol = r["protocol"]
@@ -163,10 +203,13 @@ def get_recipe(dataset: str, split: str, method: str) -> ml_collections.ConfigDi
 
     c.batch.labeled = c.batch.unlabeled = 8
     c.optim.epochs = r["semi_epochs"]
-    c.method = weak_to_strong.default_options(method)
+    c.method = weak_to_strong.variant_options(variant) if method == "csl" else weak_to_strong.default_options(method)
     c.method.tau = r["tau"]
     if method == "csl":
         c.model.output_stride = 8
         c.model.aspp_rates = (12, 24, 36)
         c.model.dtype = "bfloat16"
+        recipe = CSL_RECIPES.get((dataset, variant), {})
+        c.batch.labeled = c.batch.unlabeled = recipe.get("batch", c.batch.labeled)
+        c.loss.group_size = recipe.get("group_size", c.loss.group_size)
     return c

@@ -3,9 +3,10 @@ r"""Demo: a tiny DeepLabV3+ on the generated synthetic dataset, on CPU in a few 
     python main.py --config=configs/demo.py --workdir=runs/demo
 
 main.py generates the synthetic dataset into `data.root` on first use (no download; see
-`csl_jax.data.ensure_prepared`). `:csl`, `:unimatch` or `:fixmatch` train that method instead of
-the supervised baseline, e.g. `--config=configs/demo.py:csl` (its EMA teacher and student are both
-evaluated; the teacher's mIoU is the one printed). Prints the val mIoU at the end.
+`csl_jax.data.ensure_prepared`). `:csl` (also `:csl_online`, `:csl_released`, the CSL
+variants), `:unimatch` or `:fixmatch` train that method instead of the supervised baseline, e.g.
+`--config=configs/demo.py:csl` (its EMA teacher and student are both evaluated; the teacher's mIoU
+is the one printed). It starts from random weights (model.init_from='none'). Prints the val mIoU at the end.
 """
 
 import ml_collections
@@ -24,7 +25,7 @@ def get_config(arg: str = "supervised"):
     # that evaluation compiles once
     c.data.synthetic = ml_collections.ConfigDict(dict(num_train=256, num_val=64, image_size=(80, 80), seed=0))
     c.data.num_workers = 0
-    c.data.block_size = 8
+    c.data.block_size_reference_crop = 321  # TMP block 32 px at 321, scaled to the crop (6.4 px)
     c.model.depth = 50
     common.tiny_model(c)
     c.model.output_stride = 8
@@ -40,6 +41,9 @@ def get_config(arg: str = "supervised"):
     c.checkpoint_every_steps = 150
     if arg == "supervised":
         c.method.name = arg
+    elif arg in weak_to_strong.VARIANTS:  # 'csl', 'csl_online', 'csl_released'
+        c.method = weak_to_strong.variant_options(arg)
+        c.loss.group_size = 8  # CSL normalises over its whole one-GPU batch
     else:
-        c.method = weak_to_strong.default_options(arg)  # 'csl', 'unimatch' or 'fixmatch'
+        c.method = weak_to_strong.default_options(arg)  # 'unimatch' or 'fixmatch'
     return c

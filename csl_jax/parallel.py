@@ -30,7 +30,7 @@ def check_divisible(global_batch: int, key: str, mesh: Mesh, multiple_of: int = 
     """Returns the per-device batch of `global_batch`, or raises naming the config `key`.
 
     The global batch must divide evenly over the devices and processes, and each device's share
-    must be a multiple of `multiple_of` (e.g. the loss group size times accumulation steps).
+    must be a multiple of `multiple_of` (e.g. the accumulation steps).
     """
     devices, processes = mesh.devices.size, jax.process_count()
     if global_batch <= 0 or global_batch % devices or global_batch % processes:
@@ -43,8 +43,7 @@ def check_divisible(global_batch: int, key: str, mesh: Mesh, multiple_of: int = 
     if per_device % multiple_of:
         raise ValueError(
             f"{key}={global_batch} gives {per_device} image(s) per device on {devices} device(s), which is not a "
-            f"multiple of {multiple_of} (loss.group_size x batch.accum_steps); change {key}, loss.group_size "
-            "or batch.accum_steps"
+            f"multiple of {multiple_of} (batch.accum_steps); change {key} or batch.accum_steps"
         )
     return per_device
 

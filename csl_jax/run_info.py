@@ -15,6 +15,7 @@ import ml_collections
 from absl import logging
 
 from csl_jax import workdir as workdir_lib
+from csl_jax.models import pretrained
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "ml-collections",
              "tensorflow-datasets", "csl_jax")
@@ -48,8 +49,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, mode: str) -> str |
     """Records this invocation in `workdir` (process 0 only); returns the record's path (None elsewhere).
 
     A fresh training run (no checkpoint or best model in `workdir` yet) writes config.json, the
-    run's config, and run_train.json; every later invocation (a resume, eval, predict) writes
-    runs/<mode>_<UTC time>.json with its resolved config and leaves those two alone. A record holds
+    run's config, and run_train.json (with 'init', the initial weights: `pretrained.init_record`); every
+    later invocation (a resume, eval, predict) writes runs/<mode>_<UTC time>.json with its resolved
+    config and leaves those two alone. A record holds
     the mode, argv, overrides, start time, package versions, git commit and devices. (The data is
     prepared by `csl_jax.data.ensure_prepared`.)
     """
@@ -68,6 +70,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, mode: str) -> str |
         "process_count": jax.process_count(),
     }
     if mode == "train" and not workdir_lib.has_trained_state(workdir):
+        info["init"] = pretrained.init_record(pretrained.resolve_init(config.model))  # the weights of step 0
         config_path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
         if os.path.exists(config_path):
             logging.warning("Replacing %s of an earlier run that saved no checkpoint.", config_path)
@@ -88,6 +91,15 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, mode: str) -> str |
             return path
         except FileExistsError:
             continue
+
+
+def initial_weights(workdir: str) -> dict | None:
+    """The weights the run in `workdir` started from (run_train.json's 'init', `pretrained.init_record`), or None."""
+    path = os.path.join(workdir, "run_train.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("init")
 
 
 def _percent(value) -> str:

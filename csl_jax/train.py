@@ -29,9 +29,11 @@ import optax
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
-from csl_jax import checkpoint, config_checks, optim, parallel
+from csl_jax import checkpoint, config_checks, optim, parallel, run_info
+from csl_jax import workdir as workdir_lib
 from csl_jax import data
 from csl_jax.methods import Method, StepContext, build_method
+from csl_jax.models import pretrained
 
 
 DEFAULT_COMPILATION_CACHE = "~/.cache/csl_jax/xla"  # config.compilation_cache_dir ""
@@ -240,13 +242,35 @@ def _mean_metrics(pending: list[tuple[int, dict]], start_step: int) -> dict:
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
+def check_loss_groups(config: ml_collections.ConfigDict, method: Method, mesh) -> None:
+    """Raises ValueError unless every stream's batch splits over the devices and accumulation steps
+    into micro-batches whose loss groups (`config.loss.group_size` consecutive images) are whole:
+    within a device's micro-batch, or spanning devices (CE losses; OHEM groups must be local)."""
+    group, accum = config.loss.group_size, config.batch.accum_steps
+    for spec in sorted({spec.batch for spec in method.streams().values()}):
+        key = f"config.batch.{spec}"
+        micro = parallel.check_divisible(config.batch[spec], key, mesh, accum) // accum
+        local = micro % group == 0
+        if not local and (micro * mesh.devices.size) % group:
+            raise ValueError(f"{key}={config.batch[spec]} gives micro-batches of {micro} image(s) per device "
+                             f"({micro * mesh.devices.size} over {mesh.devices.size} device(s)); "
+                             f"config.loss.group_size={group} must divide one of them; change {key}, "
+                             "loss.group_size or batch.accum_steps")
+        if not local and config.loss.labeled == "ohem" and spec == "labeled":
+            raise ValueError(f"config.loss.labeled='ohem' needs whole loss groups on each device: "
+                             f"config.loss.group_size={group} does not divide the {micro} labeled image(s) per "
+                             "device and micro-batch; change config.batch.labeled, loss.group_size or "
+                             "batch.accum_steps")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns what it did.
 
     Returns, always, 'step' (the last step done), 'total_steps' and 'finished' (the schedule is
     complete). A finished run adds the results of the evaluation that picks the best checkpoint
     (`config.eval.best`) at the last step, with 'best_miou', 'evaluations' ({name: mIoU} of every
-    evaluation), 'iou_per_class' ({class name: IoU}) and 'unit' ('fraction'), and writes them to
+    evaluation), 'iou_per_class' ({class name: IoU}), 'unit' ('fraction') and 'init' (the initial
+    weights, `pretrained.init_record`), and writes them to
     final_results.json. A stopped run adds 'stop_reason' ('SIGTERM' or 'stop_after_steps') and
     writes no final_results.json. Rerunning a finished run returns its final_results.json with
     'already_finished': True, without building the input streams or compiling.
@@ -255,13 +279,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from csl_jax.metrics_writer import MetricsWriter
 
     config_checks.check(config)  # one-line ValueError on a bad setting, before anything is built
+    # a fresh run's initial weights, downloaded before anything is built (a resumed one restores its state)
+    fresh = not workdir_lib.checkpoint_steps(workdir, "checkpoints")
+    init = pretrained.check_available(config.model) if fresh else None
     enable_compilation_cache(config.compilation_cache_dir)
     mesh = parallel.make_mesh()
     info = data.dataset_info(config.data)
     method = build_method(config, info.num_classes)
-    group = config.loss.group_size * config.batch.accum_steps
-    for spec in {spec.batch for spec in method.streams().values()}:
-        parallel.check_divisible(config.batch[spec], f"config.batch.{spec}", mesh, group)
+    check_loss_groups(config, method, mesh)
     steps_per_epoch, total_steps = schedule_length(config, method)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
     latest = ckpt.latest_step()
@@ -271,8 +296,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tx = optim.make_optimizer(config.optim, total_steps, param_labels=method.param_labels)
     evaluator = EvalLoop(config, info, workdir, mesh, method)  # checks the evaluations before training
 
+    if latest is None:
+        init, init_method = (init if fresh else pretrained.check_available(config.model)), method
+    else:  # the restored state replaces the initial weights: random ones give its structure
+        init_method = build_method(pretrained.random_init_config(config), info.num_classes)
     crop = config.data.crop_size
-    state = create_train_state(method, tx, jax.random.PRNGKey(config.seed), (crop, crop, 3))
+    state = create_train_state(init_method, tx, jax.random.PRNGKey(config.seed), (crop, crop, 3))
     state = parallel.replicate(state, mesh)
     streams = make_streams(config, method)
     if latest is not None:
@@ -351,7 +380,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary = {"step": done, "total_steps": total_steps, "finished": done == total_steps}
     if not summary["finished"]:
         return dict(summary, stop_reason=stop_reason)
-    results = dict(summary, **results, best_miou=best)
+    # the weights of step 0: the fresh run's record (a resume may change init_from, which it does not read)
+    initial = run_info.initial_weights(workdir) or pretrained.init_record(init)
+    results = dict(summary, **results, best_miou=best, init=initial)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, FINAL_RESULTS), "w") as f:
             json.dump(results, f, indent=1, default=float)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
+from csl_jax import parallel
 from csl_jax.methods.parts import losses
 
 IGNORE = 255
@@ -126,6 +127,54 @@ def test_grouped_losses_do_not_depend_on_device_count():
     want = [losses.ce_loss(z, y, group_size=2), losses.ohem_loss(z, y, group_size=2, thresh=0.5, min_kept=10),
             losses.weighted_unlabeled_ce(z, y, w, y, group_size=2)]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_devices,group_size", [(8, 8), (8, 4), (4, 8), (2, 2)])
+def test_groups_spanning_devices_match_float64(num_devices, group_size):
+    """A group larger than the local batch (CSL: 8 images, 1 per device) is normalised over its
+    images on all devices: the pmean of the per-device shares equals the float64 grouped mean, and
+    so do the gradients w.r.t. the logits (the trainer pmeans gradients)."""
+    logits, labels = random_batch(7, batch=8)
+    labels[2, 1:] = IGNORE
+    labels[5] = IGNORE  # an image with no valid pixel in a group
+    weights = np.random.default_rng(7).uniform(size=labels.shape).astype(np.float32)
+    mesh = Mesh(np.array(jax.devices()[:num_devices]), ("data",))
+    spec = PartitionSpec("data")
+
+    def per_device(z, y, w):
+        ce = losses.ce_loss(z, y, group_size=group_size, axis_name="data")
+        wce = losses.weighted_unlabeled_ce(z, y, w, y, group_size=group_size, axis_name="data")
+        return ce[None], wce[None]
+
+    def global_loss(z, y, w):  # the trainer's pmean of per-device values, as one function of all logits
+        ce, wce = parallel.shard_map(per_device, mesh, (spec, spec, spec), (spec, spec))(z, y, w)
+        return jnp.mean(ce), jnp.mean(wce)
+
+    z, y, w = jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(weights)
+    ce, wce = jax.jit(lambda z: global_loss(z, y, w))(z)
+    pixel = ref_pixel_ce(logits, labels)
+    valid = labels != IGNORE
+    np.testing.assert_allclose(float(ce), ref_grouped_mean(pixel, valid, group_size), rtol=1e-5)
+    np.testing.assert_allclose(float(wce), ref_grouped_mean(weights * pixel, valid, group_size), rtol=1e-5)
+    # gradient of the CE: softmax - onehot on valid pixels, over the pixel count of the image's group
+    grad = jax.jit(jax.grad(lambda z: global_loss(z, y, w)[0]))(z)
+    probs = ref_softmax(logits)
+    onehot = np.eye(logits.shape[-1])[np.where(valid, labels, 0)]
+    counts = valid.reshape(-1, group_size, *valid.shape[1:]).sum(axis=(1, 2, 3))
+    per_image = np.maximum(np.repeat(counts, group_size), 1)[:, None, None, None]
+    want = np.where(valid[..., None], probs - onehot, 0.0) / per_image / (len(labels) // group_size)
+    np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-4, atol=1e-7)
+
+
+def test_group_larger_than_the_global_batch_is_refused():
+    logits, labels = random_batch(8, batch=4)
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    spec = PartitionSpec("data")
+    fn = parallel.shard_map(lambda z, y: losses.ce_loss(z, y, group_size=8, axis_name="data")[None], mesh,
+                            (spec, spec), spec)
+    with pytest.raises(ValueError, match=r"group_size \(config.loss.group_size\) = 8 must be >= 1 and divide "
+                                         r"the global batch of 4 images \(4 devices x 1\)"):
+        jax.jit(fn)(jnp.asarray(logits), jnp.asarray(labels))
 
 
 @pytest.mark.parametrize("loss", ["ce", "ohem", "weighted"])

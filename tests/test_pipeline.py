@@ -254,7 +254,7 @@ def test_custom_dataset_from_list_files(tmp_path):
 def test_tmp_view_branches():
     """One coin per sample: branch (a) with p = tmp_prob has a block mask (G = 2 here), branch (b)
     an all-False mask; P(all False) = (1 - p) + p * 0.3**4."""
-    options = {"tmp_prob": 0.5, "cover_ratio": 0.7, "block_size": 32}
+    options = {"tmp_prob": 0.5, "cover_ratio": 0.7, "block_size": 32, "block_size_reference_crop": 0}
     assert views.VIEWS["tmp"].options == options  # the defaults
     weak = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
     valid = np.ones((64, 64), bool)
@@ -262,6 +262,25 @@ def test_tmp_view_branches():
              for i in range(400)]
     p_empty = 0.5 + 0.5 * 0.3**4
     assert abs(np.mean(empty) - p_empty) < 4 * np.sqrt(p_empty * (1 - p_empty) / 400)
+
+
+@pytest.mark.parametrize("crop", [64, 129, 321, 513])
+def test_tmp_block_scales_with_the_crop(crop):
+    """block_size_reference_crop=321: 32 px at 321 becomes 32 * crop / 321 px, a 10 x 10 grid at every
+    crop (each block 1/100 of the crop); 0 keeps 32 px (a round(crop / 32) grid)."""
+    scaled = {"tmp_prob": 1.0, "cover_ratio": 0.5, "block_size": 32, "block_size_reference_crop": 321}
+    assert views.tmp_block_size(crop, scaled) == pytest.approx(32 * crop / 321)
+    assert views.tmp_block_size(crop, dict(scaled, block_size_reference_crop=0)) == 32
+    weak = np.zeros((crop, crop, 3), np.uint8)
+    mask = views.tmp(weak, np.ones((crop, crop), bool), np.random.default_rng(3), crop, scaled)["block_mask"]
+    cell = np.floor((np.arange(crop) + 0.5) * 10 / crop).astype(int)  # pixel -> cell of a 10 x 10 grid
+    cells = np.zeros((10, 10), int)
+    np.add.at(cells, (cell[:, None], cell[None, :]), 1)
+    assert (cells > 0).all()
+    for i, j in [(0, 0), (crop - 1, crop - 1), (crop // 2, 3)]:  # constant over each grid cell
+        assert (mask[cell == cell[i]][:, cell == cell[j]] == mask[i, j]).all()
+    with pytest.raises(ValueError, match="block_size_reference_crop"):
+        views.tmp_block_size(crop, dict(scaled, block_size_reference_crop=-1))
 
 
 # ------------------------------------------------------------------ streams against the seeding rule

@@ -165,7 +165,7 @@ def reference_step(config, model, variables, teacher, batch, rng):
     if o.second_view == "tmp":
         views.append((np.where((reliable & unl["block_mask"])[..., None], 0.0, unl["tmp"]), y, w, ign))
     elif o.second_view == "cutmix":
-        views.append(mixed(unl["cutmix_box2"], unl["strong2"], mix["strong2"]))
+        views.append(mixed(unl["cutmix_box2"], unl["strong2"], mix[o.second_view_source]))
     z_strong, stats_strong = train_pass(stats_main, np.concatenate([v[0] for v in views]))
 
     def unsup(logits, lbl, wt, ig):
@@ -203,6 +203,7 @@ def method_step(method, variables, extra, batch, rng):
 PRESETS = {
     "csl_ema": ("csl", {}),
     "csl_online": ("csl", {"teacher": "online"}),
+    "csl_released": ("csl", dict(weak_to_strong.VARIANTS["csl_released"], variant="csl_released")),
     "unimatch": ("unimatch", {}),
     "fixmatch": ("fixmatch", {}),
 }
@@ -240,6 +241,8 @@ def test_unlabeled_views_and_presets():
     assert build_method(make_config("csl"), NUM_CLASSES).unlabeled_views == ("strong", "tmp")
     assert build_method(make_config("unimatch"), NUM_CLASSES).unlabeled_views == ("strong", "strong2")
     assert build_method(make_config("fixmatch"), NUM_CLASSES).unlabeled_views == ("strong",)
+    released = build_method(make_config("csl", **weak_to_strong.VARIANTS["csl_released"]), NUM_CLASSES).streams()
+    assert released["unlabeled"].views == ("strong", "strong2") and released["mix"].views == ("strong",)
     with pytest.raises(ValueError, match="config.method.selector"):
         build_method(make_config("csl", selector="entropy"), NUM_CLASSES)
     config = make_config("csl")
@@ -375,9 +378,11 @@ def run_steps(config, devices, batch, steps=2, students=None):
     return jax.device_get((state.params, state.state["batch_stats"], state.state, metrics))
 
 
-def test_train_step_is_device_count_independent():
-    """CSL preset: EMA teacher, CSL selector, TMP, FP, SyncBN, per-sample dropout ids, metrics."""
-    config = make_config("csl", group_size=1, batch=8)
+@pytest.mark.parametrize("group_size", [1, 8])
+def test_train_step_is_device_count_independent(group_size):
+    """CSL preset: EMA teacher, CSL selector, TMP, FP, SyncBN, per-sample dropout ids, metrics; loss
+    groups within a device (1) and spanning all 8 devices (8, CSL's Pascal group)."""
+    config = make_config("csl", group_size=group_size, batch=8)
     batch = make_batch(5, 8)
     students = []
     one = run_steps(config, 1, batch, students=students)

@@ -220,6 +220,26 @@ def test_batch_not_dividing_devices_is_a_clear_error():
     assert parallel.check_divisible(16, "config.batch.labeled", mesh, multiple_of=2) == 2
 
 
+@pytest.mark.parametrize("devices,labeled,group,accum,loss,error", [
+    (8, 8, 8, 1, "ce", None),            # CSL Pascal: one image per device, a group over all 8
+    (8, 16, 4, 1, "ce", None),           # two images per device, groups of 4 over device pairs
+    (1, 8, 8, 2, "ce", "micro-batches of 4 image\\(s\\) per device \\(4 over 1"),  # group > micro-batch
+    (8, 8, 3, 1, "ce", "config.loss.group_size=3 must divide one of them"),
+    (8, 8, 2, 1, "ohem", "config.loss.labeled='ohem' needs whole loss groups on each device"),
+    (8, 16, 2, 1, "ohem", None),
+])
+def test_loss_groups_must_be_whole(devices, labeled, group, accum, loss, error):
+    config = tiny_config(group_size=group)
+    config.batch.labeled, config.batch.accum_steps, config.loss.labeled = labeled, accum, loss
+    method = build_method(config, NUM_CLASSES)
+    mesh = parallel.make_mesh(jax.devices()[:devices])
+    if error is None:
+        train.check_loss_groups(config, method, mesh)
+    else:
+        with pytest.raises(ValueError, match=error):
+            train.check_loss_groups(config, method, mesh)
+
+
 def test_unknown_method_lists_valid_ones():
     config = tiny_config()
     config.method.name = "nope"

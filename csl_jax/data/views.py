@@ -60,14 +60,25 @@ def strong2(weak: np.ndarray, valid: np.ndarray, rng: np.random.Generator, crop:
     return _strong_view("2", weak, valid, rng, crop, options)
 
 
+def tmp_block_size(crop: int, options) -> float:
+    """TMP block side in pixels at `crop` (see `tmp`); raises ValueError on a non-positive size."""
+    block, reference = options["block_size"], options["block_size_reference_crop"]
+    if block <= 0 or reference < 0:
+        raise ValueError(f"config.data.block_size={block} must be > 0 and config.data.block_size_reference_crop="
+                         f"{reference} >= 0 (0: block_size is in pixels at every crop)")
+    return block * crop / reference if reference else block
+
+
 def tmp(weak: np.ndarray, valid: np.ndarray, rng: np.random.Generator, crop: int, options) -> dict:
     """CSL TMP view: 'tmp' (crop, crop, 3) float32, 'block_mask' (crop, crop) bool.
 
     With p = tmp_prob branch (a): mild colour + block mask; else branch (b): strong colour, no mask.
+    Block side: `block_size` px, or with `block_size_reference_crop` R > 0, `block_size` px at crop
+    R scaled to this crop (block_size * crop / R), so a block covers the same share of the crop.
     """
     if rng.random() < options["tmp_prob"]:
         image = transforms.mild_photometric(weak, rng)
-        mask = transforms.block_mask(rng, crop, options["block_size"], options["cover_ratio"])
+        mask = transforms.block_mask(rng, crop, tmp_block_size(crop, options), options["cover_ratio"])
     else:
         image = transforms.strong_photometric(weak, rng)
         mask = np.zeros((crop, crop), bool)
@@ -76,4 +87,4 @@ def tmp(weak: np.ndarray, valid: np.ndarray, rng: np.random.Generator, crop: int
 
 register_view("strong", 1, strong, {"cutmix_prob": 0.5})
 register_view("strong2", 2, strong2, {"cutmix_prob": 0.5})
-register_view("tmp", 3, tmp, {"tmp_prob": 0.5, "cover_ratio": 0.7, "block_size": 32})
+register_view("tmp", 3, tmp, {"tmp_prob": 0.5, "cover_ratio": 0.7, "block_size": 32, "block_size_reference_crop": 0})

@@ -62,7 +62,11 @@ def load_eval_variables(config: ml_collections.ConfigDict, method, workdir: str,
         raise FileNotFoundError(f"--checkpoint={which!r} is neither 'best', 'latest' nor an existing file")
     from csl_jax.models import convert
 
-    params, state = method.init(jax.random.PRNGKey(0), (33, 33, 3))
+    from csl_jax.models import pretrained
+
+    # the template's weights are replaced by the file's: random ones, no pretrained file read
+    template_method = build_method(pretrained.random_init_config(config), method.num_classes)
+    params, state = template_method.init(jax.random.PRNGKey(0), (33, 33, 3))
     template = method.eval_variables(TrainState(step=0, params=params, opt_state=None, state=state), predict)
     variables, report = convert.load_pretrained(template, which, kind=config.model.init_kind)
     if report["left_at_init"]:

@@ -35,7 +35,7 @@ from csl_jax import optim
 from csl_jax.constants import PyTree
 from csl_jax.data import StreamSpec
 from csl_jax.methods.parts import losses
-from csl_jax.models import build_model
+from csl_jax.models import build_model, convert, pretrained
 from csl_jax.parallel import AXIS
 
 #: (variables, images (B, H, W, 3) float32) -> logits (B, H, W, C) float32, in inference mode.
@@ -73,16 +73,19 @@ class StepContext:
 def init_network(model, model_cfg: ml_collections.ConfigDict, rng: jax.Array, image_shape) -> dict:
     """Initial {'params', 'batch_stats'} of a network: random, or loaded from `model_cfg.init_from`.
 
+    init_from: 'none' (random), 'imagenet', a registered name or a file (`pretrained.resolve_init`).
     image_shape: (H, W, 3) of one input image (any size the network accepts).
     """
     init = jax.jit(functools.partial(model.init, train=False))  # one compile instead of op-by-op dispatch
     variables = flax.core.unfreeze(init({"params": rng, "dropout": rng}, jnp.zeros((1, *image_shape), jnp.float32)))
     variables.setdefault("batch_stats", {})
-    if model_cfg.get("init_from"):
-        from csl_jax.models import convert
-
-        variables, report = convert.load_pretrained(variables, model_cfg.init_from, kind=model_cfg.init_kind)
-        logging.info("Initialised from %s: %s", model_cfg.init_from, report)
+    source = pretrained.resolve_init(model_cfg)
+    if source is None:
+        logging.info("Initialised at random (config.model.init_from=%r).", model_cfg.get("init_from", ""))
+        return variables
+    variables, report = convert.load_pretrained(variables, source.path, kind=source.kind)
+    logging.info("Initialised from %s (%s, sha256 %s): %s", source.name or source.path, source.path, source.sha256,
+                 report)
     return variables
 
 
@@ -176,7 +179,7 @@ class Method:
         """
         cfg = self.config.loss
         if cfg.labeled == "ce":
-            return losses.ce_loss(logits, labels, group_size=cfg.group_size)
+            return losses.ce_loss(logits, labels, group_size=cfg.group_size, axis_name=AXIS)
         if cfg.labeled == "ohem":
             return losses.ohem_loss(
                 logits, labels, group_size=cfg.group_size, thresh=cfg.ohem_thresh, min_kept=cfg.ohem_min_kept

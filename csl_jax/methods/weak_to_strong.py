@@ -9,12 +9,17 @@ One iteration (docs/methods/csl.md §9, docs/methods/unimatch.md), per device:
    come from the selector ('csl' soft weights or a 'threshold'), per image.
 2. strong inputs: u_s CutMixed with the mix batch's strong view (targets likewise); the second
    view is TMP (`where(reliable & K, 0, u_m)`, own targets), a second CutMixed strong view
-   (UniMatch), or none (FixMatch).
+   (UniMatch: pasted from the mix batch's second strong view; the released CSL code: from its
+   first, `second_view_source='strong'`), or none (FixMatch).
 3. student, train-mode BN: the main pass [x; u_w] (with FP when `use_fp`) updates the running
    statistics; the strong pass [u_s; u_2] keeps its statistics update only when
    `strong_pass_updates_bn` (UniMatch, FixMatch) and discards it otherwise (CSL).
 4. L = (L_x + w_s (L_s + L_2) + 0.5 L_fp) / 2, where the strong views share 0.5 with FP (1 without
    FP) equally: CSL/UniMatch (L_x + 0.25 L_s + 0.25 L_2 + 0.5 L_fp)/2, FixMatch (L_x + L_s)/2.
+
+The CSL variants (`VARIANTS`, `variant_options`: 'csl' the spec, 'csl_online' the spec with the
+official online teacher, 'csl_released' the released code) are option sets of the 'csl' method,
+recorded as `config.method.variant`.
 
 The method names only select option presets (`default_options`, applied when a config is made);
 every option can be overridden from the config (`--config.method.teacher=online`). Changing only
@@ -24,6 +29,7 @@ another preset, e.g. UniMatch's under name='fixmatch') is refused (`check_option
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import jax
@@ -45,23 +51,35 @@ _CHOICES = {
     "second_view": tuple(_VIEWS),
     "teacher": ("ema", "online"),
     "mix_pass_bn": ("train", "eval"),
+    "second_view_source": ("strong2", "strong"),
+}
+#: CSL variant -> the options it changes from default_options('csl') (docs/methods/csl.md §10).
+VARIANTS = {
+    "csl": {},
+    "csl_online": {"teacher": "online"},
+    "csl_released": {"teacher": "online", "alpha": 2.0, "variance_scaling": True, "second_view": "cutmix",
+                     "second_view_source": "strong", "strong_pass_updates_bn": True},
 }
 
 
 def default_options(name: str) -> ml_collections.ConfigDict:
     """The `config.method` preset of 'csl', 'unimatch' or 'fixmatch' (docs/methods/csl.md §10).
 
-    Fields: name; selector ('csl' | 'threshold'); second_view ('tmp' | 'cutmix' | 'none'); use_fp;
-    alpha, variance_scaling, eps (CSL selector); tau (threshold selector); teacher ('ema' |
-    'online'); ema_momentum; mix_pass_bn ('train': batch statistics, discarded | 'eval': running
-    statistics; the online mix-batch pass only); strong_pass_updates_bn.
+    Fields: name; variant (a label: the CSL variant, '' for the other presets); selector ('csl' |
+    'threshold'); second_view ('tmp' | 'cutmix' | 'none'); second_view_source (the mix batch's view
+    pasted into the second CutMix view: 'strong2' | 'strong'); use_fp; alpha, variance_scaling, eps
+    (CSL selector); tau (threshold selector); teacher ('ema' | 'online'); ema_momentum; mix_pass_bn
+    ('train': batch statistics, discarded | 'eval': running statistics; the online mix-batch pass
+    only); strong_pass_updates_bn.
     """
     if name not in METHODS:
         raise ValueError(f"config.method.name={name!r} has no semi-supervised preset; valid: {sorted(METHODS)}")
     opts = ml_collections.ConfigDict()
     opts.name = name
+    opts.variant = ""  # a CSL variant name (VARIANTS); "" for the other presets
     opts.selector = "csl"
     opts.second_view = "tmp"
+    opts.second_view_source = "strong2"
     opts.use_fp = True
     opts.alpha = 8.0
     opts.variance_scaling = False
@@ -81,10 +99,26 @@ def default_options(name: str) -> ml_collections.ConfigDict:
     return opts
 
 
+def variant_options(variant: str) -> ml_collections.ConfigDict:
+    """The `config.method` of a CSL variant: default_options('csl') with `VARIANTS[variant]` applied.
+
+    'csl': the spec (EMA teacher, alpha 8, unscaled variance, TMP). 'csl_online': the spec with
+    the official online teacher. 'csl_released': the released code (online teacher, alpha 2 (its
+    weight function is called without alpha), variance scaled by (C-1)^2/(2(1-p)), a second CutMix
+    view pasted from the mix batch's first strong view, strong pass updating BN).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"CSL variant {variant!r} is not known; valid: {sorted(VARIANTS)}")
+    opts = default_options("csl")
+    opts.update(dict(VARIANTS[variant], variant=variant))
+    return opts
+
+
 def _preset_keys() -> tuple[str, ...]:
     """The options on which the presets differ (selector, second_view, use_fp, teacher, ...)."""
     presets = [default_options(name) for name in METHODS]
-    return tuple(k for k in presets[0].keys() if k != "name" and len({p[k] for p in presets}) > 1)
+    return tuple(k for k in presets[0].keys()
+                 if k not in ("name", "variant") and len({p[k] for p in presets}) > 1)
 
 
 def _flag(key: str, value) -> str:
@@ -118,11 +152,22 @@ def preset_mismatch(opts: ml_collections.ConfigDict) -> str | None:
     return None
 
 
+def with_later_fields(opts: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`opts` with the fields added after the first release filled in when absent (configs saved in
+    older workdirs): variant = '', second_view_source = 'strong2'. Returns a copy."""
+    opts = ml_collections.ConfigDict(opts.to_dict())
+    for key, value in (("variant", ""), ("second_view_source", "strong2")):
+        if key not in opts:
+            opts[key] = value
+    return opts
+
+
 def check_options(opts: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the `config.method` field that is missing, invalid or contradicts the name."""
     name = opts.get("name")
     if name not in METHODS:
         raise ValueError(f"config.method.name={name!r} has no semi-supervised preset; valid: {sorted(METHODS)}")
+    opts = with_later_fields(opts)
     for key in default_options(name).keys():
         if key not in opts:
             raise ValueError(
@@ -139,6 +184,10 @@ def check_options(opts: ml_collections.ConfigDict) -> None:
     message = preset_mismatch(opts)
     if message:
         raise ValueError(message)
+    valid_variants = sorted(VARIANTS) + [""] if name == "csl" else [""]
+    if opts.variant not in valid_variants:
+        raise ValueError(f"config.method.variant={opts.variant!r} is not a variant of {name!r}; "
+                         f"valid: {valid_variants}")
 
 
 class WeakToStrong(Method):
@@ -157,7 +206,7 @@ class WeakToStrong(Method):
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
         check_options(config.method)
         super().__init__(config, num_classes)
-        self.opts = config.method
+        self.opts = with_later_fields(config.method)
         self.unlabeled_views = _VIEWS[self.opts.second_view]
         self.best_predict = "teacher" if self.opts.teacher == "ema" else "model"
 
@@ -171,8 +220,11 @@ class WeakToStrong(Method):
 
     def streams(self):
         unlabeled = StreamSpec(source="unlabeled", batch="unlabeled", views=self.unlabeled_views)
+        # the mix batch needs its second strong view only as a CutMix source
+        mix_views = ("strong",) if self.opts.second_view == "cutmix" and self.opts.second_view_source == "strong" \
+            else self.unlabeled_views
         return {"labeled": StreamSpec(source="labeled", batch="labeled", epoch_of="unlabeled"),
-                "unlabeled": unlabeled, "mix": unlabeled}
+                "unlabeled": unlabeled, "mix": dataclasses.replace(unlabeled, views=mix_views)}
 
     def after_update(self, state, params, step):
         """EMA update of the teacher's params and BN statistics (teacher='ema'), d = min(1-1/(t+1), m)."""
@@ -202,7 +254,7 @@ class WeakToStrong(Method):
     def _unlabeled_loss(self, logits: jax.Array, targets: Mapping[str, jax.Array]) -> jax.Array:
         """Weighted CE over the valid-pixel count, per loss group (docs/methods/csl.md §7)."""
         return losses.weighted_unlabeled_ce(logits, targets["label"], targets["weight"], targets["ignore"],
-                                            group_size=self.config.loss.group_size)
+                                            group_size=self.config.loss.group_size, axis_name=AXIS)
 
     def loss(self, params, state, batch, ctx: StepContext):
         """Per-device loss of one semi-supervised step, (new state, metrics)."""
@@ -239,7 +291,7 @@ class WeakToStrong(Method):
             strong.append(views.trusted_mask(unl["tmp"], reliable, unl["block_mask"]))
             targets.append(main_t)
         elif o.second_view == "cutmix":
-            strong.append(views.cutmix(unl["cutmix_box2"], mix["strong2"], unl["strong2"]))
+            strong.append(views.cutmix(unl["cutmix_box2"], mix[o.second_view_source], unl["strong2"]))
             targets.append(views.cutmix(unl["cutmix_box2"], mix_t, main_t))
         (strong_logits, _), strong_stats = passes.train_pass(
             self.model, params, stats, jnp.concatenate(strong), rng=ctx.rng,

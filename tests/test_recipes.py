@@ -1,0 +1,84 @@
+"""The published recipes as configs: CSL variants, loss groups, initial weights, TMP block scaling."""
+
+import pytest
+
+from configs import common, csl_camvid, csl_cityscapes, csl_pascal, demo, supervised_camvid, unimatch_pascal
+from csl_jax import methods
+
+# The option sets of docs/methods/csl.md §10, written out here (not read from the code).
+SPEC = dict(selector="csl", teacher="ema", ema_momentum=0.99, alpha=8.0, variance_scaling=False, eps=1e-8,
+            second_view="tmp", second_view_source="strong2", use_fp=True, mix_pass_bn="train",
+            strong_pass_updates_bn=False)
+VARIANT_TABLE = {
+    "csl": SPEC,
+    "csl_online": dict(SPEC, teacher="online"),
+    "csl_released": dict(SPEC, teacher="online", alpha=2.0, variance_scaling=True, second_view="cutmix",
+                         second_view_source="strong", strong_pass_updates_bn=True),
+}
+# (dataset config, variant) -> (global batch labeled = unlabeled, loss group, epochs)
+BATCH_TABLE = {
+    (csl_pascal, "csl"): (8, 8, 80), (csl_pascal, "csl_online"): (8, 8, 80), (csl_pascal, "csl_released"): (32, 32, 80),
+    (csl_cityscapes, "csl"): (8, 2, 240), (csl_cityscapes, "csl_released"): (8, 2, 240),
+    (csl_camvid, "csl"): (8, 8, 240), (csl_camvid, "csl_released"): (8, 8, 240),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_TABLE))
+@pytest.mark.parametrize("module", [csl_pascal, csl_cityscapes, csl_camvid])
+def test_csl_variants_have_their_option_sets(module, variant):
+    config = module.get_config(f"1_8,{variant}")
+    assert config.data.split == "1_8"
+    assert config.method.name == "csl" and config.method.variant == variant
+    for key, value in VARIANT_TABLE[variant].items():
+        assert config.method[key] == value, (variant, key)
+    methods.check_config(config)
+    if (module, variant) in BATCH_TABLE:
+        batch, group, epochs = BATCH_TABLE[(module, variant)]
+        assert (config.batch.labeled, config.batch.unlabeled, config.loss.group_size, config.optim.epochs) == \
+            (batch, batch, group, epochs)
+
+
+def test_released_pascal_schedule_is_the_logged_one():
+    """csl_released at Pascal 1/4: 7,936 unlabeled images / 32 per step = 248 steps per epoch x 80."""
+    config = csl_pascal.get_config("1_4,csl_released")
+    assert (10582 - 2646) // config.batch.unlabeled * config.optim.epochs == 19840
+    assert (config.optim.lr, config.optim.lr_multi, config.data.crop_size) == (1e-3, 10.0, 321)
+
+
+def test_config_argument_parsing():
+    assert common.split_and_variant("", "1464") == ("1464", "csl")
+    assert common.split_and_variant("92", "1464") == ("92", "csl")
+    assert common.split_and_variant("csl_online", "1464") == ("1464", "csl_online")
+    assert common.split_and_variant("1_4,csl_released", "1464") == ("1_4", "csl_released")
+    with pytest.raises(ValueError, match="SPLIT\\[,VARIANT\\]"):
+        common.split_and_variant("1_4,csl_spec", "1464")
+    config = csl_pascal.get_config()
+    config.method.variant = "csl_v2"
+    with pytest.raises(ValueError, match="config.method.variant='csl_v2' is not a variant of 'csl'"):
+        methods.check_config(config)
+
+
+def test_published_recipes_start_from_imagenet_weights():
+    for config in (csl_pascal.get_config(), csl_cityscapes.get_config(), unimatch_pascal.get_config(),
+                   common.get_recipe("cityscapes", "1_16", "supervised")):
+        assert config.model.init_from == "imagenet"
+    for config in (csl_camvid.get_config(), supervised_camvid.get_config(), demo.get_config(), demo.get_config("csl")):
+        assert config.model.init_from == "none"
+
+
+def test_tmp_block_scaling_per_recipe():
+    # Pascal and Cityscapes: the reference's 32 px at any crop; CamVid and the demo: 32 px at 321, scaled
+    assert (csl_pascal.get_config().data.block_size_reference_crop,
+            csl_cityscapes.get_config().data.block_size_reference_crop) == (0, 0)
+    assert csl_camvid.get_config().data.block_size_reference_crop == 321
+    assert demo.get_config("csl").data.block_size_reference_crop == 321
+
+
+def test_old_saved_method_configs_still_load():
+    """A config saved before `variant` and `second_view_source` existed builds the same method."""
+    config = csl_pascal.get_config()
+    del config.method["variant"]
+    del config.method["second_view_source"]
+    methods.check_config(config)
+    method = methods.build_method(config, 21)
+    assert (method.opts.variant, method.opts.second_view_source) == ("", "strong2")
