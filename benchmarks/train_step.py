@@ -50,11 +50,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.model_forward import random_like
-from configs import common, csl_pascal, supervised_pascal, unimatch_pascal
+from configs import ccvc_pascal, common, csl_pascal, supervised_pascal, u2pl_pascal, unimatch_pascal
 from csl_jax import optim, parallel, train
 from csl_jax.methods import build_method
 
-METHOD_CONFIGS = {"supervised": supervised_pascal, "unimatch": unimatch_pascal, "csl": csl_pascal}
+METHOD_CONFIGS = {"supervised": supervised_pascal, "unimatch": unimatch_pascal, "csl": csl_pascal,
+                  "ccvc": ccvc_pascal, "u2pl": u2pl_pascal}
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
 # performance.md table 1: GFLOP of one forward pass per image, 21 classes, keyed (depth, OS) -> crop.
@@ -78,10 +79,18 @@ def forward_passes(method_opts, labeled: int, unlabeled: int, head_share: float)
 
     Supervised: 3 B_l. Semi-supervised: no-grad pseudo-label passes (EMA teacher on [u_w; u'_w]:
     2 B_u, else the mix batch: B_u) + main pass 3 (B_l + B_u) (x (1 + head share) with FP, whose
-    head runs twice) + strong pass 3 B_u per strong view.
+    head runs twice) + strong pass 3 B_u per strong view. CCVC: two networks, each with a labeled
+    train pass 3 B_l, a no-grad eval pass B_u and the mixed and raw train passes 3 B_u each (its
+    304x304 mapping is left out). U2PL (after its supervised-only epochs): the eval-mode teacher
+    on u B_u, the student's train pass 3 (B_l + B_u) and the teacher's no-grad train pass
+    B_l + B_u (its decoder, with the representation head, counted as UniMatch's).
     """
     if method_opts.name == "supervised":
         return 3.0 * labeled
+    if method_opts.name == "u2pl":
+        return unlabeled + 4.0 * (labeled + unlabeled)
+    if method_opts.name == "ccvc":
+        return 2 * (3.0 * labeled + unlabeled + 6.0 * unlabeled)
     no_grad = 2 * unlabeled if method_opts.teacher == "ema" else unlabeled
     main = 3.0 * (labeled + unlabeled) * ((1.0 + head_share) if method_opts.use_fp else 1.0)
     strong = 3.0 * unlabeled * (1 if method_opts.second_view == "none" else 2)
@@ -122,6 +131,11 @@ def make_config(method: str, depth: int, output_stride: int, crop: int, dtype: s
     c.batch.labeled = labeled
     c.batch.unlabeled = unlabeled
     c.loss.group_size = min(c.loss.group_size, labeled, unlabeled)  # the reference's 2, or the whole batch
+    if method == "ccvc":  # CutMix partner groups of the loss group
+        c.method.mix_group = c.loss.group_size
+    if method == "u2pl" and tiny:  # CPU smoke test: small memory bank and representation
+        c.model.rep_dim = 16
+        c.method.update(queue_capacity=1000, queue_capacity_class0=1500)
     return c
 
 
@@ -162,6 +176,9 @@ def synthetic_batch(views: tuple[str, ...] | None, labeled: int, unlabeled: int,
         arrays = {"weak": images(unlabeled), "ignore": ignore,
                   "label": np.full((unlabeled, crop, crop), 255, np.int32)}
         for view in views:
+            if view == "u2pl_box":  # U2PL's in-batch CutMix box: a mask only
+                arrays[view] = boxes(unlabeled)
+                continue
             arrays[view] = images(unlabeled)
             mask_key = {"strong": "cutmix_box", "strong2": "cutmix_box2", "tmp": "block_mask"}[view]
             arrays[mask_key] = boxes(unlabeled) if view != "tmp" else rng.random((unlabeled, crop, crop)) < 0.5
@@ -235,7 +252,9 @@ def bench_one(config, devices, num_classes: int, warmup: int, iters: int, peak_t
         parallel.check_divisible(unlabeled, "--unlabeled", mesh, config.loss.group_size)
     crop = config.data.crop_size
     tx = optim.make_optimizer(config.optim, total_steps=10 ** 6, param_labels=method.param_labels)
-    params, method_state = random_like(jax.eval_shape(lambda: method.init(jax.random.PRNGKey(0), (crop, crop, 3))))
+    abstract = jax.eval_shape(lambda: method.init(jax.random.PRNGKey(0), (crop, crop, 3)))
+    # random floats; integer state (U2PL's queue pointers and counters) keeps its dtype, at zero
+    params, method_state = jax.tree.map(lambda x, a: x.astype(a.dtype), random_like(abstract), abstract)
     state = parallel.replicate(train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                                 opt_state=tx.init(params), state=method_state), mesh)
     batch = parallel.to_global(synthetic_batch(views, labeled, unlabeled, crop, num_classes), mesh)

@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from configs import common, demo
 from csl_jax import checkpoint, parallel, train
 from csl_jax.evaluation import modes
-from csl_jax.methods import METHODS, Method, StepContext, build_method, register_method
+from csl_jax.methods import METHODS, Method, StepContext, build_method, ccvc, register_method, u2pl
 from csl_jax.methods.base import init_network
 from csl_jax.methods.parts import passes
 from data_prep import synthetic
@@ -93,13 +93,24 @@ def data_root(tmp_path_factory):
     return str(root)
 
 
+#: name -> setup of a method's own model and options on the demo config (CutMix groups of 2: the
+#: local batch of 8 devices)
+METHOD_SETUP = {"ccvc": lambda c: ccvc.configure(c).method.update(mix_group=2),
+                "u2pl": lambda c: u2pl.configure(c).update(
+                    model=dict(rep_dim=8),
+                    method=dict(queue_capacity=300, queue_capacity_class0=500, num_queries=16, num_negatives=4))}
+
+
 def contract_config(data_root, name, **overrides):
     """The demo config of `name`, tiny: crop 32, batches of 16, one loss group of 2 per device of 8."""
     c = demo.get_config(name if name in ("csl", "unimatch", "fixmatch") else "supervised")
     c.method.name = name
+    if name in METHOD_SETUP:
+        METHOD_SETUP[name](c)
     c.data.update(root=data_root, crop_size=CROP, split="1_2", block_size=8)
     common.tiny_model(c, width=4, head_width=8, reduce_width=4)
     c.batch.update(labeled=16, unlabeled=16)
+    c.loss.group_size = 2  # whole groups in every micro-batch: exact accumulation (groups over devices: test_semi)
     c.update(log_every_steps=1, checkpoint_every_steps=2)
     c.eval.update(every_steps=2, batch_size=8, num_plot_images=1)
     c.optim.update(total_steps=4, lr=0.01)

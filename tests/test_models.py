@@ -395,7 +395,8 @@ def test_build_model_from_config():
 
 
 def test_build_model_unknown_name_lists_the_registered_ones():
-    with pytest.raises(ValueError, match=r"unknown config.model.name 'segformer'.*\['deeplabv3plus'"):
+    with pytest.raises(ValueError,
+                       match=r"unknown config.model.name 'segformer'; registered models: \[.*'deeplabv3plus'"):
         build_model(ml_collections.ConfigDict({"name": "segformer"}), 19)
 
 

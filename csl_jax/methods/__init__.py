@@ -3,6 +3,8 @@
     supervised       methods/supervised.py      labeled images only
     csl, unimatch,   methods/weak_to_strong.py  weak-to-strong consistency, presets of one step
     fixmatch
+    ccvc             methods/ccvc.py            CCVC: two branches, feature discrepancy, conflict weights
+    u2pl             methods/u2pl.py            U2PL: entropy-partitioned pseudo-labels, contrastive queues
     methods/parts/   losses, pseudo-label selection, passes, views, EMA teacher
 
 A new method is one file defining a `Method` subclass, registered here with `register_method`.
@@ -51,5 +53,13 @@ def build_method(config, num_classes: int) -> Method:
     check_config(config)
     return METHODS[config.method.name](config, num_classes)
 
+
+from csl_jax.methods import ccvc as _ccvc  # noqa: E402
+
+register_method("ccvc", _ccvc.CCVC, _ccvc.check_options)
+
+from csl_jax.methods import u2pl as _u2pl  # noqa: E402
+
+register_method(_u2pl.NAME, _u2pl.U2PL, _u2pl.check_options)
 
 __all__ = ["METHODS", "Method", "PredictFn", "StepContext", "build_method", "check_config", "register_method"]

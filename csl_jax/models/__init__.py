@@ -5,4 +5,7 @@ from csl_jax.models.deeplabv3plus import ASPP, DeepLabV3Plus
 from csl_jax.models.registry import MODELS, build_model, register_model
 from csl_jax.models.resnet import ResNet
 
+from csl_jax.models import ccvc  # noqa: E402,F401  (registers 'ccvc')
+from csl_jax.models import u2pl  # noqa: E402,F401  (registers 'u2pl')
+
 __all__ = ["ASPP", "DeepLabV3Plus", "MODELS", "ResNet", "build_model", "register_model"]

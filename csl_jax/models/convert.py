@@ -2,8 +2,10 @@
 
 Layouts (docs/models.md §9): ImageNet deep-stem backbones ('deep_backbone', no `backbone.`
 prefix, maybe `fc.*`), torchvision ResNets ('torchvision'), UniMatch DeepLabV3Plus checkpoints
-('unimatch': top-level `model`, `module.` prefixes) and CSL Lightning checkpoints ('csl':
-`state_dict` with `model.backbone.*` / `model.decoder.*`).
+('unimatch': top-level `model`, `module.` prefixes), CSL Lightning checkpoints ('csl':
+`state_dict` with `model.backbone.*` / `model.decoder.*`) and CCVC two-branch checkpoints ('ccvc':
+`branch1.*` / `branch2.*`, read by csl_jax.models.ccvc.from_ccvc) and U2PL checkpoints ('u2pl':
+`teacher_state` (converted) / `model_state` with `encoder.*`, `decoder.*`, `auxor.*`; csl_jax.models.u2pl).
 
     from csl_jax.models.convert import from_unimatch
     model, variables = from_unimatch(state_dict, num_classes=21, depth=101)
@@ -30,7 +32,7 @@ from flax.core import unfreeze
 
 from csl_jax.models.deeplabv3plus import DeepLabV3Plus
 
-KINDS = ("auto", "deep_backbone", "torchvision", "unimatch", "csl", "flax")
+KINDS = ("auto", "deep_backbone", "torchvision", "unimatch", "csl", "ccvc", "u2pl", "flax")
 BACKBONE_KINDS = ("deep_backbone", "torchvision")
 Path = Tuple[str, ...]  # (collection, module, ..., leaf)
 
@@ -62,6 +64,11 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], kind: str = "auto") -> Tupl
         raise ValueError(f"kind must be one of {KINDS[:-1]} for a PyTorch checkpoint, got {kind!r}")
     ignored = []
     sd = dict(checkpoint)
+    from csl_jax.models import u2pl  # U2PL layout: {teacher_state, model_state}, encoder./decoder./auxor. keys
+
+    if kind == "u2pl" or (kind == "auto" and u2pl.is_u2pl_checkpoint(sd)):
+        sd, ignored = u2pl.u2pl_state_dict(sd)
+        return sd, "u2pl", ignored
     if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):  # Lightning (CSL)
         sd = dict(sd["state_dict"])
     elif "model" in sd and isinstance(sd["model"], Mapping):  # UniMatch {model, optimizer, ...}
@@ -72,12 +79,14 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], kind: str = "auto") -> Tupl
             kind = "csl"
         elif any(k.startswith("backbone.") for k in sd):
             kind = "unimatch"
+        elif any(k.startswith("branch1.backbone.") for k in sd):
+            kind = "ccvc"
         elif "conv1.0.weight" in sd:
             kind = "deep_backbone"
         elif "conv1.weight" in sd:
             kind = "torchvision"
         else:
-            raise ValueError("cannot recognise the checkpoint layout (expected `backbone.*`, "
+            raise ValueError("cannot recognise the checkpoint layout (expected `backbone.*`, `branch1.backbone.*`, "
                              "`model.backbone.*`, `conv1.0.weight` or `conv1.weight`); first keys: "
                              f"{sorted(sd)[:8]}")
     if kind == "csl":
@@ -295,6 +304,16 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
         loaded = convert_state_dict(sd)
         backbone = {k: v for k, v in _flatten_variables(abstract).items() if k[1] == "backbone"}
         variables, _ = merge_variables(traverse_util.unflatten_dict(backbone), loaded, False)
+    elif kind == "u2pl":
+        from csl_jax.models.u2pl import from_u2pl
+
+        _, variables = from_u2pl(checkpoint, num_classes=args.num_classes, depth=args.depth, width=args.width,
+                                 blocks=args.blocks)
+    elif kind == "ccvc":
+        from csl_jax.models.ccvc import from_ccvc
+
+        _, variables = from_ccvc(checkpoint, num_classes=args.num_classes, depth=args.depth, width=args.width,
+                                 blocks=args.blocks)
     else:
         _, variables = from_unimatch(checkpoint, num_classes=args.num_classes, depth=args.depth,
                                      width=args.width, blocks=args.blocks)

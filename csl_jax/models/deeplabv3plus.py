@@ -72,8 +72,9 @@ class ASPP(nn.Module):
 class DeepLabV3Plus(nn.Module):
     """DeepLabV3+ (UniMatch layout): ResNet -> ASPP on c4, 48-ch reduce on c1, fuse, classifier.
 
-    Variants reuse the stages through `encode`, `decoder_features` and `classify` (call them from
-    a subclass's `@nn.compact __call__`; e.g. a representation head reading the fused features).
+    Variants reuse the stages through `encode`, `decoder_features` (= `decoder_concat` then
+    `decoder_fuse`) and `classify` (call them from a subclass's `@nn.compact __call__`; e.g. a
+    representation head reading the fused features, or a mapping between concat and fuse).
     """
 
     num_classes: int
@@ -107,19 +108,27 @@ class DeepLabV3Plus(nn.Module):
         concat = [reduce(c1), upsample(ASPP(c4))] (N, h1, w1, reduce_width + head_width);
         fused = fuse(concat) (N, h1, w1, head_width), the classifier input. Compute dtype.
         """
+        concat = self.decoder_concat(c1, c4, train)
+        return concat, self.decoder_fuse(concat, train)
+
+    def decoder_concat(self, c1: jax.Array, c4: jax.Array, train: bool) -> jax.Array:
+        """[reduce(c1), upsample(ASPP(c4))]: (N, h1, w1, reduce_width + head_width), compute dtype."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-
-        def bn(name):
-            return BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype, name=name)
-
         high = ASPP(tuple(self.aspp_rates), self.head_width, bn_axis_name=self.bn_axis_name,
                     name="head", **kw)(c4, train)
         high = resize_align_corners(high, c1.shape[1:3])
-        low = nn.relu(bn("reduce_1")(conv(self.reduce_width, 1, name="reduce_0", **kw)(c1), not train))
-        concat = jnp.concatenate([low, high], axis=-1)
-        y = nn.relu(bn("fuse_1")(conv(self.head_width, 3, name="fuse_0", **kw)(concat), not train))
-        y = nn.relu(bn("fuse_4")(conv(self.head_width, 3, name="fuse_3", **kw)(y), not train))
-        return concat, y
+        low = conv(self.reduce_width, 1, name="reduce_0", **kw)(c1)
+        low = nn.relu(BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype, name="reduce_1")(low, not train))
+        return jnp.concatenate([low, high], axis=-1)
+
+    def decoder_fuse(self, concat: jax.Array, train: bool) -> jax.Array:
+        """fuse: two 3x3 conv-BN-ReLU, (N, h, w, F) -> (N, h, w, head_width), compute dtype."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = concat
+        for i in (0, 3):
+            y = conv(self.head_width, 3, name=f"fuse_{i}", **kw)(y)
+            y = nn.relu(BatchNorm(axis_name=self.bn_axis_name, dtype=self.dtype, name=f"fuse_{i + 1}")(y, not train))
+        return y
 
     def classify(self, features: jax.Array, size: Sequence[int]) -> jax.Array:
         """1x1 classifier (with bias), then align-corners resize: (N, h, w, F) -> (N, *size, C) float32."""

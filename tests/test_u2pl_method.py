@@ -1,0 +1,212 @@
+"""U2PL's method plumbing: the teacher timeline against the official train_semi.py loop, the evaluated
+network, in-batch CutMix partners, the data draws against the official samplers, option checks, and
+one supervised-only + one semi-supervised step on the synthetic set (state written in the loss)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import common, demo
+from csl_jax import parallel, train
+from csl_jax.methods import build_method, u2pl
+from csl_jax.methods.parts import u2pl_data
+from data_prep import synthetic
+
+
+def tiny_config(root=None, **method):
+    c = u2pl.configure(demo.get_config("supervised"))
+    common.tiny_model(c, width=4, head_width=8, reduce_width=4)
+    c.model.rep_dim = 8
+    c.data.update(crop_size=32, split="1_2")
+    if root:
+        c.data.root = root
+    c.batch.update(labeled=4, unlabeled=4)
+    c.optim.total_steps = 4
+    c.method.update(dict(queue_capacity=300, queue_capacity_class0=500, num_queries=16, num_negatives=4, **method))
+    return c
+
+
+def official_teacher_timeline(students, length, e0, momentum):
+    """The teacher params used in each step and after the last, as train_semi.py: at the start of every
+    step of epoch E0 the teacher aliases the student (t.data = s.data); after the optimizer step of
+    every epoch >= E0 the EMA with d = min(1 - 1/(i - L E0 + 1), momentum) runs."""
+    teacher = -1.0  # its own initial params
+    used = []
+    for i in range(len(students) - 1):
+        aliased = i // length == e0
+        if aliased:
+            teacher = students[i]
+        used.append(teacher)
+        student = students[i + 1]  # the optimizer step (the alias sees it too)
+        if aliased:
+            teacher = student
+        if i // length >= e0:
+            d = min(1 - 1 / (i - length * e0 + 1), momentum)
+            teacher = d * teacher + (1 - d) * student
+    return used, teacher
+
+
+@pytest.mark.parametrize("e0", [0, 1, 2])
+def test_teacher_timeline_matches_train_semi(e0):
+    length, steps, momentum = 3, 13, 0.9
+    method = u2pl.U2PL.__new__(u2pl.U2PL)
+    method.opts = ml_collections.ConfigDict(dict(sup_only_epochs=e0, ema_momentum=momentum))
+    students = list(np.random.default_rng(e0).normal(size=steps + 1))
+    used, final = official_teacher_timeline(students, length, e0, momentum)
+    teacher0 = students[0] if e0 == 0 else -1.0  # `init` copies the student when E0 = 0
+    state = {"teacher": {"params": jnp.float32(teacher0)}, "steps_per_epoch": jnp.int32(length)}
+    for i in range(steps):
+        if i >= length * e0:  # the teacher only matters from epoch E0 on
+            np.testing.assert_allclose(float(state["teacher"]["params"]), used[i], rtol=1e-5, err_msg=f"step {i}")
+        state = method.after_update(state, jnp.float32(students[i + 1]), jnp.int32(i))
+    np.testing.assert_allclose(float(state["teacher"]["params"]), final, rtol=1e-5)
+
+
+def test_model_predicts_with_the_student_until_epoch_e0_then_the_teacher():
+    method = u2pl.U2PL.__new__(u2pl.U2PL)
+    method.opts = ml_collections.ConfigDict(dict(sup_only_epochs=2))
+    method._check_predict_name = lambda name: None
+    state = {"batch_stats": {"s": jnp.float32(1)}, "teacher": {"params": {"p": jnp.float32(20)},
+                                                              "batch_stats": {"s": jnp.float32(2)}},
+             "steps_per_epoch": jnp.int32(5)}
+    for done, want in ((0, 10.0), (10, 10.0), (11, 20.0)):  # U2PL validates after epoch e: student iff e < E0
+        ts = train.TrainState(step=jnp.int32(done), params={"p": jnp.float32(10)}, opt_state=None, state=state)
+        assert float(method.eval_variables(ts, "model")["params"]["p"]) == want
+    assert float(method.eval_variables(ts, "student")["params"]["p"]) == 10.0
+    assert float(method.eval_variables(ts, "teacher")["batch_stats"]["s"]) == 2.0
+
+
+def test_cutmix_partner_is_the_next_image_of_the_group():
+    x = jnp.arange(8)[:, None]
+    np.testing.assert_array_equal(np.asarray(u2pl._partner(x, 4))[:, 0], [1, 2, 3, 0, 5, 6, 7, 4])
+
+
+def reference_cutout_box(rs, size):
+    """generate_cutout_mask (u2pl/dataset/augmentation.py) as a box: True where the partner is pasted."""
+    area = size * size / 2
+    w = rs.randint(size / 2 + 1, size)
+    h = np.round(area / w)
+    x0 = rs.randint(0, size - w + 1)
+    y0 = rs.randint(0, size - h + 1)
+    box = np.zeros((size, size), bool)
+    box[int(y0):int(y0 + h), int(x0):int(x0 + w)] = True
+    return box
+
+
+def test_cutout_box_has_the_reference_distribution():
+    size, n = 33, 4000
+    ours = np.stack([u2pl_data.cutout_box(np.random.default_rng(i), size) for i in range(n)])
+    rs = np.random.RandomState(0)
+    ref = np.stack([reference_cutout_box(rs, size) for _ in range(n)])
+    widths = lambda b: b.any(1).sum(1)  # noqa: E731
+    assert set(widths(ours)) == set(widths(ref)) == set(range(size // 2 + 1, size))
+    np.testing.assert_allclose(ours.mean(0), ref.mean(0), atol=0.05)  # per-pixel paste frequency
+    np.testing.assert_allclose(ours.mean(), ref.mean(), atol=0.005)
+
+
+def test_u2pl_geometry_scale_and_crop_draws():
+    draws = [u2pl_data.sample_u2pl_geometry(np.random.default_rng(i), 100, 200, 129) for i in range(3000)]
+    scales = np.array([g.resized_w / 200 for g in draws])
+    assert abs(np.mean(scales < 1.0) - 0.5) < 0.03 and scales.min() >= 0.5 and scales.max() < 2.0
+    assert all(abs(g.resized_h / 100 - g.resized_w / 200) < 0.02 for g in draws)  # one scale for both sides
+    assert all(0 <= g.y <= max(g.resized_h, 129) - 129 and 0 <= g.x <= max(g.resized_w, 129) - 129 for g in draws)
+    assert abs(np.mean([g.flip for g in draws]) - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("key,value", [("low_rank", 20), ("cutmix_prob", 1.5), ("num_queries", 0),
+                                       ("sup_only_epochs", -1), ("ema_momentum", 1.0)])
+def test_bad_options_are_refused_by_name(key, value):
+    c = tiny_config()
+    c.method[key] = value
+    with pytest.raises(ValueError, match=f"config.method.{key}"):
+        build_method(c, 5)
+
+
+def test_refuses_another_model_and_unequal_batches():
+    c = tiny_config()
+    c.model.name = "deeplabv3plus"
+    with pytest.raises(ValueError, match="config.model.name"):
+        build_method(c, 5)
+    c = tiny_config()
+    c.batch.unlabeled = 8
+    with pytest.raises(ValueError, match="config.batch.labeled"):
+        build_method(c, 5)
+
+
+def test_supervised_only_then_semi_step_state(tmp_path):
+    synthetic.prepare(tmp_path, num_train=32, num_val=4, image_size=(40, 40), seed=0)
+    config = tiny_config(str(tmp_path))
+    method = build_method(config, 5)
+    streams = train.make_streams(config, method)
+    mesh = parallel.make_mesh(jax.devices()[:2])
+    tx = optax.sgd(0.01)
+    ts = train.create_train_state(method, tx, jax.random.PRNGKey(0), (32, 32, 3))
+    head_mean0 = np.array(ts.state["teacher"]["batch_stats"]["decoder"]["head_1"]["mean"])
+    ts = parallel.replicate(ts, mesh)
+    step = train.make_train_step(method, tx, mesh, seed=0, steps_per_epoch=1,
+                                 offsets=train.stream_offsets(method, config.batch))
+    ts, m0 = step(ts, parallel.to_global(streams.next(), mesh))  # step 0: epoch 0 < E0 = 1
+    s1 = jax.device_get(ts.state)
+    assert float(m0["loss_u"]) == 0.0 and float(m0["mask_ratio"]) == 0.0 and int(s1["queue"]["fill"].sum()) == 0
+    assert not np.allclose(s1["teacher"]["batch_stats"]["decoder"]["head_1"]["mean"], head_mean0)  # its own BN moved
+    same = jax.tree.map(np.array_equal, s1["teacher"]["params"], jax.device_get(ts.params))
+    assert all(jax.tree.leaves(same))  # copied after step L E0 - 1 = 0
+    ts, m1 = step(ts, parallel.to_global(streams.next(), mesh))  # step 1: semi-supervised
+    s2 = jax.device_get(ts.state)
+    fill = s2["queue"]["fill"]
+    assert float(m1["loss_u"]) > 0 and float(m1["loss_c"]) > 0 and 0.7 < float(m1["mask_ratio"]) < 0.9
+    assert fill.sum() > 0 and (fill < np.array(method.capacities)).all()  # a half-filled bank
+    np.testing.assert_array_equal(s2["queue"]["ptr"], fill % np.array(method.capacities))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(ts.params)))
+
+
+def test_benchmark_cost_model_counts_u2pl_passes():
+    from benchmarks import train_step
+
+    # eval-mode teacher on u (B_u) + student train pass 3 (B_l + B_u) + teacher no-grad train pass (B_l + B_u)
+    assert train_step.forward_passes(u2pl.default_options(), 16, 16, 0.3) == 16 + 3 * 32 + 32
+    config = train_step.make_config("u2pl", 50, 8, 33, "float32", 2, 2, tiny=True)
+    assert config.model.name == "u2pl" and config.loss.group_size == 2
+
+
+def test_supervised_only_phase_gives_the_labeled_only_loss_and_gradient(tmp_path):
+    from jax.sharding import PartitionSpec as P
+
+    from csl_jax.methods import StepContext
+    from csl_jax.methods.parts import passes
+
+    synthetic.prepare(tmp_path, num_train=32, num_val=4, image_size=(40, 40), seed=0)
+    config = tiny_config(str(tmp_path))
+    method = build_method(config, 5)
+    batch = train.make_streams(config, method).next()
+    params, state = method.init(jax.random.PRNGKey(0), (32, 32, 3))
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    offsets = train.stream_offsets(method, config.batch)
+
+    def both(params, state, batch):
+        ctx = StepContext(rng=jax.random.PRNGKey(1), step=jnp.int32(0), device_index=jax.lax.axis_index("data"),
+                          num_devices=1, steps_per_epoch=1, stream_offsets=offsets)
+        (loss, (new_state, _)), grads = jax.value_and_grad(method.loss, has_aux=True)(params, state, batch, ctx)
+        rng_s = jax.random.split(ctx.rng, 5)[0]
+        lab = batch["labeled"]
+
+        def labeled_only(p):  # the reference's epoch < E0 step: the student on x alone
+            (logits, out), stats = passes.train_pass(method.model, p, state["batch_stats"], lab["image"], rng=rng_s,
+                                                     sample_ids=ctx.sample_ids("labeled", 4))
+            return method._supervised(logits, out, lab["label"]), stats
+
+        (ref_loss, ref_stats), ref_grads = jax.value_and_grad(labeled_only, has_aux=True)(params)
+        return loss, grads, new_state["batch_stats"], ref_loss, ref_grads, ref_stats
+
+    fn = jax.jit(parallel.shard_map(both, mesh, in_specs=(P(), P(), P("data")), out_specs=P()))
+    loss, grads, stats, ref_loss, ref_grads, ref_stats = jax.device_get(fn(params, state, batch))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=2e-4, atol=1e-6)
+    means = jax.tree_util.tree_leaves_with_path(stats)
+    for (path, got), want in zip(means, jax.tree.leaves(ref_stats)):
+        if jax.tree_util.keystr(path).endswith("['mean']"):  # running variances differ by n/(n-1) vs 2n/(2n-1)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
