@@ -14,7 +14,7 @@ from csl_jax import optim
 from csl_jax.methods import build_method
 from csl_jax.models import build_model, ccvc, convert
 from csl_jax.train import TrainState
-from tests.test_convert_parity import TorchDeepLab
+from tests.test_convert_parity import TorchDeepLab, randomise_bn
 
 tnn, F = torch.nn, torch.nn.functional
 TINY = dict(width=8, blocks=(1, 1, 2, 3), head_width=16, reduce_width=8)
@@ -63,13 +63,7 @@ def randomised_torch_ccvc(seed=0, **kw):
     model = TorchCCVC(**dict(TINY, **kw))
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, tnn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
-                m.bias.copy_(0.1 * torch.randn(c, generator=gen))
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
+        randomise_bn(model, gen)
         model.eval()
         out = model(torch.randn(2, 3, 65, 65, generator=gen))
         for b, key in (("branch1", "pred1"), ("branch2", "pred2")):

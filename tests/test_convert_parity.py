@@ -23,6 +23,18 @@ TINY = dict(width=8, blocks=(1, 1, 2, 3), head_width=16, reduce_width=8)
 
 
 # ----------------------------------------------------------------------------- PyTorch reference
+def randomise_bn(model, gen):
+    """Random affine parameters and running statistics in every BatchNorm2d of `model` (in place)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, tnn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
+                m.bias.copy_(0.1 * torch.randn(c, generator=gen))
+                m.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
+
+
 class TorchBottleneck(tnn.Module):
     def __init__(self, inplanes, planes, stride, dilation, downsample):
         super().__init__()
@@ -138,13 +150,7 @@ def _randomised(num_classes=5, seed=0, **kw):
     model = TorchDeepLab(num_classes, **kw)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, tnn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
-                m.bias.copy_(0.1 * torch.randn(c, generator=gen))
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
+        randomise_bn(model, gen)
         model.eval()
         std = model(torch.randn(2, 3, 65, 65, generator=gen)).std()
         model.classifier.weight /= std

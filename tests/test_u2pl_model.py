@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from csl_jax.models import build_model, convert
 from csl_jax.models.u2pl import from_u2pl
+from tests.test_convert_parity import TorchBottleneck
 
 W = 8          # base width (64 in U2PL)
 INNER = 16     # ASPP / head / classifier width (256)
@@ -22,24 +23,6 @@ REP = 12       # representation dim (256)
 RATES = (2, 3, 4)
 BLOCKS = (1, 2, 2, 3)  # 3 in layer4: multi-grid (2, 2, 4) on every block
 CLASSES = 5
-
-
-class Bottleneck(tnn.Module):
-    def __init__(self, inplanes, planes, stride=1, downsample=None, dilation=1):
-        super().__init__()
-        self.conv1 = tnn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = tnn.BatchNorm2d(planes)
-        self.conv2 = tnn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = tnn.BatchNorm2d(planes)
-        self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = tnn.BatchNorm2d(planes * 4)
-        self.downsample = downsample
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
 class ResNet(tnn.Module):
@@ -67,9 +50,9 @@ class ResNet(tnn.Module):
         downsample = tnn.Sequential(tnn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False),
                                     tnn.BatchNorm2d(planes * 4))
         grids = [2, 2, 4] if multi_grid else [1] * blocks
-        layers = [Bottleneck(self.inplanes, planes, stride, downsample, previous * grids[0])]
+        layers = [TorchBottleneck(self.inplanes, planes, stride, previous * grids[0], downsample)]
         self.inplanes = planes * 4
-        layers += [Bottleneck(self.inplanes, planes, dilation=self.dilation * grids[i]) for i in range(1, blocks)]
+        layers += [TorchBottleneck(self.inplanes, planes, 1, self.dilation * grids[i], None) for i in range(1, blocks)]
         return tnn.Sequential(*layers)
 
     def forward(self, x):
