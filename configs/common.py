@@ -105,6 +105,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # 'whole' only: pad images to a multiple of this (0 = off, the exact protocol). Datasets of many
     # image sizes (Pascal) otherwise compile one program per size; padding changes border pixels.
     c.eval.pad_to_multiple = 0
+    # 'center_crop' only: the label of the crop's padding (255 = ignored; 0 = background, U2PL's
+    # in-training Pascal metric, where every VOC image is padded to 513 and the padding counts).
+    c.eval.center_crop_pad_label = 255
 
     # --- logging and checkpoints ---
     c.log_every_steps = 50

@@ -14,7 +14,8 @@ below the 20 % -> 0 % entropy percentile, P > 0.3, 256 queries x 50 negatives, T
 (class 0: 50000); L_c weight 0.25 (the reference's effective 1/W with W = 4; the paper says 0.1).
 Evaluations: 'model' (the student up to E0, the teacher after; picks the best checkpoint) and
 'student' with the house whole-image protocol, and 'model:center_crop' (U2PL's in-training
-513 centre crop; the reference pads its label with 0, csl_jax with 255).
+513 centre crop with label-0 padding as the reference: `eval.center_crop_pad_label=0`; 255 ignores
+the padding).
 
 Targets (mIoU %, R101, teacher, in-training 513 centre crop with label-0 padding; docs/methods/u2pl.md):
 
@@ -34,7 +35,7 @@ from csl_jax.methods import u2pl
 RECIPES = {
     "pascal": dict(crop_size=513, lr=1e-3, lr_multi=10.0, weight_decay=1e-4, epochs=80, labeled_loss="ce",
                    group_size=4, sup_only_epochs=1, contrastive_weight=0.25, aux=False, protocol="whole",
-                   evaluations="model,student,model:center_crop", init_from="imagenet"),
+                   evaluations="model,student,model:center_crop", center_crop_pad_label=0, init_from="imagenet"),
     "cityscapes": dict(crop_size=769, lr=1e-2, lr_multi=1.0, weight_decay=5e-4, epochs=200, labeled_loss="ohem",
                        group_size=2, sup_only_epochs=0, contrastive_weight=0.125, aux=True, protocol="sliding",
                        evaluations="model,student,model:sliding_u2pl", init_from="imagenet"),
@@ -69,6 +70,7 @@ def u2pl_recipe(dataset: str, split: str):
     c.method.contrastive_weight = r["contrastive_weight"]
     c.eval.protocol = r["protocol"]
     c.eval.evaluations = r["evaluations"]
+    c.eval.center_crop_pad_label = r.get("center_crop_pad_label", 255)
     return c
 
 

@@ -394,6 +394,35 @@ def test_center_crop_evaluate():
     assert res["protocol"]["window"] == 6 and res["protocol"]["stride"] is None
 
 
+@pytest.mark.parametrize("pad_label", [255, 0])
+def test_center_crop_pad_label_from_the_config(pad_label):
+    """config.eval.center_crop_pad_label reaches the evaluator: with 0 the padding counts as class 0."""
+    import types
+
+    from configs import common
+    from csl_jax.evaluation import loop
+
+    config = common.get_base_config()
+    config.data.crop_size = 6
+    config.eval.center_crop_pad_label = pad_label
+    method = types.SimpleNamespace(predict_fns=lambda: {"model": fake_apply})
+    info = types.SimpleNamespace(num_classes=C, class_names=None)
+    evaluation = loop.parse_evaluation("model:center_crop", "whole")
+    evaluator = loop.make_evaluator(config, info, None, method, evaluation, batch_size=8)
+    data = make_dataset([(4, 5), (9, 13)], seed=8)
+    want = np.zeros((C, C), np.int64)
+    for d in data:
+        img, lbl = protocols.center_crop(d["image"], d["label"], 6, pad_label=pad_label)
+        want += np_confusion(lbl, np_apply(np_normalize(img)).argmax(-1), C)
+    got = evaluator.evaluate(VARIABLES, data)["confusion"]
+    np.testing.assert_array_equal(got, want)
+    labelled = (data[0]["label"] != 255).sum() + (data[1]["label"][1:7, 3:9] != 255).sum()
+    assert got.sum() == labelled + (0 if pad_label == 255 else 36 - 4 * 5)  # + the 4x5 image's padding
+    config.eval.center_crop_pad_label = 9
+    with pytest.raises(ValueError, match="center_crop_pad_label"):
+        loop.make_evaluator(config, info, None, method, evaluation, batch_size=8)
+
+
 # --- user errors --------------------------------------------------------------------------------
 
 

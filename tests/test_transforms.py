@@ -133,3 +133,60 @@ def test_hue_shift_matches_colorsys_reference():
         hh, s, v = colorsys.rgb_to_hsv(*(img[y, x] / 255.0))
         ref = np.array(colorsys.hsv_to_rgb((hh + 63 / 255) % 1.0, s, v)) * 255
         assert np.abs(out[y, x] - ref).max() <= 8  # PIL's HSV is 8-bit per channel
+
+
+def _padded_window_reference(resized: np.ndarray, y: int, x: int, crop: int, fill) -> np.ndarray:
+    """The crop window [y, y+crop) x [x, x+crop) of `resized` (H, W, ...), `fill` outside it."""
+    out = np.empty((crop, crop) + resized.shape[2:], resized.dtype)
+    out[...] = fill
+    for i in range(crop):
+        for j in range(crop):
+            if 0 <= y + i < resized.shape[0] and 0 <= x + j < resized.shape[1]:
+                out[i, j] = resized[y + i, x + j]
+    return out
+
+
+@pytest.mark.parametrize("size,window", [((23, 31), (-3, 5)), ((9, 14), (-4, -2)), ((40, 17), (12, -6)),
+                                         ((20, 20), (1, 1))])
+def test_torch_resample_matches_torch_interpolate_in_any_window(size, window):
+    """'torch' resample = torch F.interpolate bilinear (align_corners=False, no antialias) for the
+    image, legacy nearest for the label; windows start before or end past the resized image."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(sum(size))
+    h, w, crop = 17, 25, 20
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    label = rng.integers(0, 21, (h, w), dtype=np.uint8)
+    g = transforms.Geometry(size[0], size[1], window[0], window[1], False, fill=transforms.MEAN_FILL,
+                            label_fill=0, resample="torch")
+    out, lab, valid = transforms.apply_geometry(Image.fromarray(image), label, g, crop)
+    t = torch.from_numpy(image.astype(np.float64)).permute(2, 0, 1)[None]
+    ref = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+    ref = ref.numpy()
+    ref_label = torch.nn.functional.interpolate(torch.from_numpy(label)[None, None].float(), size=size,
+                                                mode="nearest")[0, 0].numpy().astype(np.uint8)
+    # uint8 output: the float64 reference rounded (a tie may round either way).
+    expected = _padded_window_reference(ref, *window, crop, transforms.MEAN_FILL)
+    assert np.abs(out - expected).max() <= 0.5 + 1e-9
+    np.testing.assert_array_equal(lab, _padded_window_reference(ref_label, *window, crop, 0))
+    np.testing.assert_array_equal(valid, _padded_window_reference(np.ones(size, bool), *window, crop, False))
+
+
+def test_pil_resample_window_with_negative_offset_and_flip():
+    """A window starting before the image pads before it (fill, label_fill, invalid); flip is last."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    label = rng.integers(0, 5, (12, 10), dtype=np.uint8)
+    g = transforms.Geometry(12, 10, -2, -3, True, fill=(9, 8, 7))
+    out, lab, valid = transforms.apply_geometry(Image.fromarray(image), label, g, 16)
+    np.testing.assert_array_equal(out, _padded_window_reference(image, -2, -3, 16, (9, 8, 7))[:, ::-1])
+    np.testing.assert_array_equal(lab, _padded_window_reference(label, -2, -3, 16, 255)[:, ::-1])
+    assert valid.sum() == 120 and valid[2, 16 - 1 - 3] and not valid[1].any()
+
+
+def test_mean_fill_normalises_to_almost_zero():
+    assert np.abs(transforms.normalize(np.array(transforms.MEAN_FILL, np.uint8))).max() < 0.01
+
+
+def test_geometry_rejects_unknown_resample():
+    with pytest.raises(ValueError, match="resample"):
+        transforms.Geometry(4, 4, 0, 0, False, resample="cubic")

@@ -8,9 +8,11 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
 from configs import common, demo
 from csl_jax import parallel, train
+from csl_jax.data import transforms
 from csl_jax.methods import build_method, u2pl
 from csl_jax.methods.parts import u2pl_data
 from data_prep import synthetic
@@ -112,11 +114,86 @@ def test_u2pl_geometry_scale_and_crop_draws():
     scales = np.array([g.resized_w / 200 for g in draws])
     assert abs(np.mean(scales < 1.0) - 0.5) < 0.03 and scales.min() >= 0.5 and scales.max() < 2.0
     assert all(abs(g.resized_h / 100 - g.resized_w / 200) < 0.02 for g in draws)  # one scale for both sides
-    assert all(0 <= g.y <= max(g.resized_h, 129) - 129 and 0 <= g.x <= max(g.resized_w, 129) - 129 for g in draws)
+    for g in draws:  # centred padding (floor(pad / 2) before, mirrored by the flip) when short, else uniform
+        for start, side, mirrored in ((g.y, g.resized_h, False), (g.x, g.resized_w, g.flip)):
+            pad = 129 - side
+            before = pad - pad // 2 if mirrored else pad // 2
+            assert start == -before if side < 129 else 0 <= start <= side - 129
+        assert g.resample == "torch" and g.fill == transforms.MEAN_FILL and g.label_fill == 255
     assert abs(np.mean([g.flip for g in draws]) - 0.5) < 0.03
+    assert u2pl_data.sample_u2pl_geometry(np.random.default_rng(0), 100, 200, 129, label_fill=0).label_fill == 0
 
 
-@pytest.mark.parametrize("key,value", [("low_rank", 20), ("cutmix_prob", 1.5), ("num_queries", 0),
+def test_u2pl_geometry_is_the_reference_resize_pad_then_crop():
+    """`RandResize` (torch bilinear, legacy nearest), `Crop` (symmetric padding with the mean colour and
+    label 0, then the offset over the padded size) of u2pl/dataset/augmentation.py, transcribed."""
+    torch = pytest.importorskip("torch")
+    crop = 32
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        image = rng.integers(0, 256, (30, 44, 3), dtype=np.uint8)
+        label = rng.integers(0, 5, (30, 44), dtype=np.uint8)
+        g = transforms.GEOMETRIES["u2pl_pad0"](np.random.default_rng(100 + seed), 30, 44, crop)
+        out, lab, _ = transforms.apply_geometry(Image.fromarray(image), label, g, crop)
+        t = torch.from_numpy(image.astype(np.float64)).permute(2, 0, 1)[None]
+        img = torch.nn.functional.interpolate(t, size=(g.resized_h, g.resized_w), mode="bilinear",
+                                              align_corners=False)[0].permute(1, 2, 0).numpy()
+        lab_ref = torch.nn.functional.interpolate(torch.from_numpy(label)[None, None].float(),
+                                                  size=(g.resized_h, g.resized_w), mode="nearest")[0, 0].numpy()
+        if g.flip:
+            img, lab_ref = img[:, ::-1], lab_ref[:, ::-1]
+        pad_h, pad_w = max(crop - g.resized_h, 0), max(crop - g.resized_w, 0)
+        pads = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
+        img = np.stack([np.pad(img[..., k], pads, constant_values=255 * float(transforms.IMAGENET_MEAN[k]))
+                        for k in range(3)], -1)
+        lab_ref = np.pad(lab_ref, pads, constant_values=0)
+        # the offset in padded coordinates; the reference flips before padding and cropping, we flip last
+        oy = g.y + pads[0][0]
+        ox = g.x + pads[1][0] if not g.flip else g.resized_w - crop - g.x + pads[1][0]
+        assert 0 <= oy <= img.shape[0] - crop and 0 <= ox <= img.shape[1] - crop
+        np.testing.assert_array_equal(lab, lab_ref[oy:oy + crop, ox:ox + crop])
+        assert np.abs(out - img[oy:oy + crop, ox:ox + crop]).max() <= 0.5 + 1e-9 + 0.33  # uint8, mean fill rounded
+
+
+def test_pad_label_0_selects_the_reference_geometry_and_keeps_unlabeled_padding(tmp_path):
+    """pad_label=0: label-0 padding geometry, and the unlabeled padding map no longer changes the
+    loss (it does with pad_label=255 on a batch with padding)."""
+    from jax.sharding import PartitionSpec as P
+
+    from csl_jax.methods import StepContext
+
+    synthetic.prepare(tmp_path, num_train=32, num_val=4, image_size=(24, 24), seed=0)
+    losses = {}
+    for pad_label in (255, 0):
+        config = tiny_config(str(tmp_path), sup_only_epochs=0, pad_label=pad_label)
+        method = build_method(config, 5)
+        assert method.streams()["labeled"].geometry == ("u2pl" if pad_label == 255 else "u2pl_pad0")
+        batch = train.make_streams(config, method).next()
+        assert (batch["unlabeled"]["ignore"] == 255).any()  # 24 px images in 32 px crops: padding
+        params, state = method.init(jax.random.PRNGKey(0), (32, 32, 3))
+        mesh = parallel.make_mesh(jax.devices()[:1])
+        offsets = train.stream_offsets(method, config.batch)
+
+        def loss(batch, method=method, params=params, state=state, offsets=offsets):
+            ctx = StepContext(rng=jax.random.PRNGKey(1), step=jnp.int32(3), device_index=jax.lax.axis_index("data"),
+                              num_devices=1, steps_per_epoch=1, stream_offsets=offsets)
+            return method.loss(params, state, batch, ctx)[0]
+
+        fn = jax.jit(parallel.shard_map(loss, mesh, in_specs=(P("data"),), out_specs=P()))
+        unmarked = dict(batch, unlabeled=dict(batch["unlabeled"], ignore=np.zeros_like(batch["unlabeled"]["ignore"])))
+        losses[pad_label] = float(fn(batch)), float(fn(unmarked))
+    assert losses[0][0] == losses[0][1]
+    assert abs(losses[255][0] - losses[255][1]) > 1e-4
+
+
+def test_old_u2pl_configs_without_pad_label_still_build():
+    c = tiny_config()
+    del c.method["pad_label"]
+    method = build_method(c, 5)
+    assert method.opts.pad_label == 255 and method.streams()["unlabeled"].geometry == "u2pl"
+
+
+@pytest.mark.parametrize("key,value", [("low_rank", 20), ("cutmix_prob", 1.5), ("num_queries", 0), ("pad_label", 1),
                                        ("sup_only_epochs", -1), ("ema_momentum", 1.0)])
 def test_bad_options_are_refused_by_name(key, value):
     c = tiny_config()

@@ -23,14 +23,40 @@ def normalize(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) * _SCALE - _SHIFT
 
 
+#: the ImageNet mean colour as RGB uint8 (0 after `normalize`, up to the rounding): centred-padding fill.
+MEAN_FILL = tuple(int(round(float(v) * 255)) for v in IMAGENET_MEAN)
+RESAMPLES = ("pil", "torch")
+
+
 @dataclasses.dataclass(frozen=True)
 class Geometry:
-    """Shared geometric augmentation of one sample: resized size, crop corner (padded coords), flip."""
+    """Shared geometric augmentation of one sample.
+
+    The image is resized to (resized_h, resized_w); the crop window is rows [y, y + crop) and
+    columns [x, x + crop) of the resized image. y and x may be negative (padding before) and the
+    window may extend past the image (padding after); padding gets `fill` (RGB uint8) in the image,
+    `label_fill` in the label and False in the valid map. The flip is applied last.
+
+    resample: 'pil' (PIL bilinear, antialiased when shrinking; labels PIL nearest, source pixel
+      floor((i + 0.5) in/out)) or 'torch' (half-pixel bilinear without antialiasing, torch
+      `F.interpolate(align_corners=False)` and cv2 INTER_LINEAR up to cv2's fixed-point rounding;
+      labels legacy nearest, source floor(i in/out) in float32 as torch 'nearest'; cv2 INTER_NEAREST
+      may differ where i in/out is an exact integer).
+    """
     resized_h: int
     resized_w: int
     y: int
     x: int
     flip: bool
+    fill: tuple = (0, 0, 0)
+    label_fill: int = IGNORE
+    resample: str = "pil"
+
+    def __post_init__(self):
+        if self.resample not in RESAMPLES:
+            raise ValueError(f"Geometry.resample={self.resample!r}; expected one of {RESAMPLES}")
+        if self.resized_h <= 0 or self.resized_w <= 0:
+            raise ValueError(f"Geometry resized size {self.resized_h}x{self.resized_w} must be positive")
 
 
 def sample_geometry(rng: np.random.Generator, height: int, width: int, crop: int,
@@ -61,24 +87,65 @@ def register_geometry(name: str, fn: Callable[[np.random.Generator, int, int, in
     GEOMETRIES[name] = fn
 
 
+def _source_coords(out_index: np.ndarray, in_size: int, out_size: int) -> tuple:
+    """Half-pixel bilinear taps (align_corners=False, no antialias): (i0, i1, weight of i1)."""
+    src = np.maximum((out_index + 0.5) * (in_size / out_size) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    return i0, np.minimum(i0 + 1, in_size - 1), (src - i0)
+
+
+def _torch_resize_window(image: np.ndarray, label: np.ndarray | None, g: Geometry, rows: np.ndarray,
+                         cols: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows `rows` x columns `cols` of the 'torch'-resampled image (uint8, rounded) and label."""
+    h, w = image.shape[:2]
+    r0, r1, wr = _source_coords(rows, h, g.resized_h)
+    c0, c1, wc = _source_coords(cols, w, g.resized_w)
+    img = image.astype(np.float64)
+    top = img[r0][:, c0] * (1 - wc)[None, :, None] + img[r0][:, c1] * wc[None, :, None]
+    bottom = img[r1][:, c0] * (1 - wc)[None, :, None] + img[r1][:, c1] * wc[None, :, None]
+    out = top * (1 - wr)[:, None, None] + bottom * wr[:, None, None]
+    out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    if label is None:
+        return out, None
+    return out, label[_nearest_source(rows, h, g.resized_h)][:, _nearest_source(cols, w, g.resized_w)]
+
+
+def _nearest_source(out_index: np.ndarray, in_size: int, out_size: int) -> np.ndarray:
+    """Legacy nearest source index floor(i in/out), in float32 as torch computes it (an exact
+    integer product may land one below)."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    return np.minimum(np.floor(out_index.astype(np.float32) * scale).astype(np.int64), in_size - 1)
+
+
 def apply_geometry(image: Image.Image, label: np.ndarray | None, g: Geometry,
                    crop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Resize (bilinear image, nearest label), pad bottom/right, crop `crop`x`crop`, flip.
+    """Resize, cut the crop window (padding where it leaves the image), flip; see `Geometry`.
 
     image: PIL RGB; label: (H, W) uint8 or None (output all 255).
-    Returns image (crop, crop, 3) uint8 (padding 0), label (crop, crop) uint8 (padding 255) and
-    valid (crop, crop) bool (False on padding).
+    Returns image (crop, crop, 3) uint8, label (crop, crop) uint8 and valid (crop, crop) bool
+    (False on padding).
     """
-    box = (g.x, g.y, min(g.x + crop, g.resized_w), min(g.y + crop, g.resized_h))
-    ch, cw = box[3] - box[1], box[2] - box[0]
-    out_image = np.zeros((crop, crop, 3), np.uint8)
-    out_image[:ch, :cw] = np.asarray(image.resize((g.resized_w, g.resized_h), Image.BILINEAR).crop(box))
-    out_label = np.full((crop, crop), IGNORE, np.uint8)
-    if label is not None:
-        resized = Image.fromarray(label).resize((g.resized_w, g.resized_h), Image.NEAREST)
-        out_label[:ch, :cw] = np.asarray(resized.crop(box))
+    top, left = max(g.y, 0), max(g.x, 0)
+    bottom, right = min(g.y + crop, g.resized_h), min(g.x + crop, g.resized_w)
+    out_image = np.empty((crop, crop, 3), np.uint8)
+    out_image[:] = np.asarray(g.fill, np.uint8)
+    out_label = np.full((crop, crop), g.label_fill if label is not None else IGNORE, np.uint8)
     valid = np.zeros((crop, crop), bool)
-    valid[:ch, :cw] = True
+    if bottom > top and right > left:
+        dst = (slice(top - g.y, bottom - g.y), slice(left - g.x, right - g.x))
+        if g.resample == "pil":
+            box = (left, top, right, bottom)
+            out_image[dst] = np.asarray(image.resize((g.resized_w, g.resized_h), Image.BILINEAR).crop(box))
+            if label is not None:
+                resized = Image.fromarray(label).resize((g.resized_w, g.resized_h), Image.NEAREST)
+                out_label[dst] = np.asarray(resized.crop(box))
+        else:
+            window, window_label = _torch_resize_window(np.asarray(image), label, g, np.arange(top, bottom),
+                                                        np.arange(left, right))
+            out_image[dst] = window
+            if label is not None:
+                out_label[dst] = window_label
+        valid[dst] = True
     if g.flip:
         out_image, out_label, valid = out_image[:, ::-1], out_label[:, ::-1], valid[:, ::-1]
     return np.ascontiguousarray(out_image), np.ascontiguousarray(out_label), np.ascontiguousarray(valid)

@@ -113,6 +113,9 @@ class Evaluator:
         self.window = crop_size if protocol.needs_window else None
         self.stride = protocol.stride(crop_size)
         self.ignore_index = ignore_index
+        if pad_label != ignore_index and not 0 <= pad_label < num_classes:
+            raise ValueError(f"center-crop pad_label={pad_label} (config.eval.center_crop_pad_label) must be "
+                             f"{ignore_index} (ignored) or a class id in [0, {num_classes})")
         self.pad_label = pad_label
         self.class_names = class_names
         if pad_to_multiple and protocol.needs_window:

@@ -76,7 +76,8 @@ def make_evaluator(config: ml_collections.ConfigDict, info, mesh, method, evalua
     """The sharded evaluator of `evaluation`: its predict function under its protocol."""
     return Evaluator(method.predict_fns()[evaluation.predict], num_classes=info.num_classes,
                      protocol=evaluation.protocol, crop_size=config.data.crop_size, batch_size=batch_size, mesh=mesh,
-                     class_names=info.class_names, pad_to_multiple=config.eval.pad_to_multiple)
+                     class_names=info.class_names, pad_to_multiple=config.eval.pad_to_multiple,
+                     pad_label=config.eval.get("center_crop_pad_label", IGNORE_INDEX))
 
 
 def json_ready(results: dict, class_names: Sequence[str]) -> dict:

@@ -70,6 +70,17 @@ class StepContext:
         return self.stream_offsets[stream] + self.device_index * n + jnp.arange(n, dtype=jnp.int32)
 
 
+def with_later_fields(opts: ml_collections.ConfigDict, later: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of `config.method` options `opts` with the fields added after a method's first release
+    (`later`: name -> value that reproduces the older behaviour) filled in where absent, so configs
+    saved in older workdirs still load and resume."""
+    opts = ml_collections.ConfigDict(opts.to_dict())
+    for key, value in later.items():
+        if key not in opts:
+            opts[key] = value
+    return opts
+
+
 def init_network(model, model_cfg: ml_collections.ConfigDict, rng: jax.Array, image_shape) -> dict:
     """Initial {'params', 'batch_stats'} of a network: random, or loaded from `model_cfg.init_from`.
 

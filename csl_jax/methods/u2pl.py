@@ -32,7 +32,7 @@ import ml_collections
 
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
-from csl_jax.methods.base import Method, StepContext, init_network
+from csl_jax.methods.base import Method, StepContext, init_network, with_later_fields
 from csl_jax.methods.parts import passes, u2pl_contrastive, u2pl_queue, u2pl_unsup
 from csl_jax.methods.parts import u2pl_data  # noqa: F401  (registers the 'u2pl' geometry and 'u2pl_box' view)
 from csl_jax.models.layers import resize_align_corners
@@ -51,7 +51,9 @@ def default_options() -> ml_collections.ConfigDict:
     (50000); max_keys_per_group (0 = ceil(capacity_c / global groups)); contrastive_weight (the
     reference's effective 1/W: 0.25 Pascal, 0.125 Cityscapes); unsup_weight (1); aux_weight (0.4,
     used when model.aux); cutmix_prob (0.5); reference_onehot (reproduce the official one-hot bug);
-    labeled_negatives (the paper's labeled negatives, off as in the code).
+    labeled_negatives (the paper's labeled negatives, off as in the code); pad_label (255: crop
+    padding is ignored; 0: the reference's, labeled padding is background and unlabeled padding
+    gets pseudo-labels and counts everywhere).
     """
     o = ml_collections.ConfigDict()
     o.name = NAME
@@ -75,7 +77,12 @@ def default_options() -> ml_collections.ConfigDict:
     o.cutmix_prob = 0.5
     o.reference_onehot = False
     o.labeled_negatives = False
+    o.pad_label = 255
     return o
+
+
+#: fields added after U2PL's first release, with the values older saved configs meant.
+LATER_FIELDS = {"pad_label": 255}
 
 
 def configure(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -93,6 +100,7 @@ def configure(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def check_options(opts: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the `config.method` field that is missing or invalid."""
+    opts = with_later_fields(opts, LATER_FIELDS)
     for key in default_options().keys():
         if key not in opts:
             raise ValueError(f"config.method.{key} is missing; U2PL needs every field of "
@@ -109,10 +117,12 @@ def check_options(opts: ml_collections.ConfigDict) -> None:
         "low_rank": 0 <= opts.low_rank < opts.high_rank,
         "max_keys_per_group": opts.max_keys_per_group >= 0,
         "cutmix_prob": 0.0 <= opts.cutmix_prob <= 1.0,
+        "pad_label": opts.pad_label in (0, IGNORE_INDEX),
     }
     valid = {"sup_only_epochs": "an int >= 0", "ema_momentum": "in [0, 1)", "drop_percent": "in [0, 100]",
              "low_entropy_threshold": "in [0, 100]", "low_rank": "in [0, high_rank)",
-             "max_keys_per_group": ">= 0 (0 = ceil(capacity / groups))", "cutmix_prob": "in [0, 1]"}
+             "max_keys_per_group": ">= 0 (0 = ceil(capacity / groups))", "cutmix_prob": "in [0, 1]",
+             "pad_label": f"0 (the reference) or {IGNORE_INDEX} (padding ignored)"}
     for key, ok in checks.items():
         if not ok:
             raise ValueError(f"config.method.{key}={opts[key]!r} must be {valid[key]}")
@@ -138,7 +148,7 @@ class U2PL(Method):
             raise ValueError(f"config.batch.labeled={config.batch.labeled} and config.batch.unlabeled="
                              f"{config.batch.unlabeled} must be equal: U2PL pairs labeled and unlabeled loss groups")
         super().__init__(config, num_classes)
-        self.opts = config.method
+        self.opts = with_later_fields(config.method, LATER_FIELDS)
         self.group_size = int(config.loss.group_size)
         self.capacities = (int(self.opts.queue_capacity_class0),) + (int(self.opts.queue_capacity),) * (num_classes - 1)
         groups = max(1, config.batch.unlabeled // self.group_size)
@@ -166,8 +176,10 @@ class U2PL(Method):
         return student["params"], state
 
     def streams(self):
-        return {"labeled": StreamSpec(source="labeled", batch="labeled", epoch_of="unlabeled", geometry="u2pl"),
-                "unlabeled": StreamSpec(source="unlabeled", batch="unlabeled", views=("u2pl_box",), geometry="u2pl")}
+        geometry = "u2pl" if self.opts.pad_label == IGNORE_INDEX else "u2pl_pad0"
+        return {"labeled": StreamSpec(source="labeled", batch="labeled", epoch_of="unlabeled", geometry=geometry),
+                "unlabeled": StreamSpec(source="unlabeled", batch="unlabeled", views=("u2pl_box",),
+                                        geometry=geometry)}
 
     def _epochs(self, steps_per_epoch: int) -> float:
         """E of the thresholds' e/E: config.optim.epochs, or total_steps / L when total_steps is set."""
@@ -237,6 +249,8 @@ class U2PL(Method):
         box = unl["u2pl_box"] & coin
         mixed = {"image": unl["weak"], "pseudo": pseudo, "ignore": unl["ignore"], "label": unl["label"]}
         mixed = jax.tree.map(lambda x: jnp.where(_expand(box, x), _partner(x, g), x), mixed)
+        if o.pad_label == 0:  # the reference: unlabeled padding is an image region like any other
+            mixed["ignore"] = jnp.zeros_like(mixed["ignore"])
         valid_u = mixed["ignore"] != IGNORE_INDEX
 
         # 3. student, 4. teacher (train mode, no gradient; its statistics move); x twice in epochs < E0

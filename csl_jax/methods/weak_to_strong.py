@@ -38,7 +38,7 @@ import ml_collections
 
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
-from csl_jax.methods.base import Method, StepContext
+from csl_jax.methods.base import Method, StepContext, with_later_fields as _fill_later_fields
 from csl_jax.methods.parts import losses, passes, pseudo_labels, teacher, views
 from csl_jax.parallel import AXIS
 
@@ -155,11 +155,7 @@ def preset_mismatch(opts: ml_collections.ConfigDict) -> str | None:
 def with_later_fields(opts: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`opts` with the fields added after the first release filled in when absent (configs saved in
     older workdirs): variant = '', second_view_source = 'strong2'. Returns a copy."""
-    opts = ml_collections.ConfigDict(opts.to_dict())
-    for key, value in (("variant", ""), ("second_view_source", "strong2")):
-        if key not in opts:
-            opts[key] = value
-    return opts
+    return _fill_later_fields(opts, {"variant": "", "second_view_source": "strong2"})
 
 
 def check_options(opts: ml_collections.ConfigDict) -> None:
