@@ -50,12 +50,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.model_forward import random_like
-from configs import ccvc_pascal, common, csl_pascal, supervised_pascal, u2pl_pascal, unimatch_pascal
+from configs import (ccvc_pascal, common, cpcl_pascal, csl_pascal, css_pascal, supervised_pascal, u2pl_pascal,
+                     unimatch_pascal)
 from csl_jax import optim, parallel, train
 from csl_jax.methods import build_method
 
 METHOD_CONFIGS = {"supervised": supervised_pascal, "unimatch": unimatch_pascal, "csl": csl_pascal,
-                  "ccvc": ccvc_pascal, "u2pl": u2pl_pascal}
+                  "ccvc": ccvc_pascal, "u2pl": u2pl_pascal, "css": css_pascal, "cpcl": cpcl_pascal}
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
 # performance.md table 1: GFLOP of one forward pass per image, 21 classes, keyed (depth, OS) -> crop.
@@ -83,14 +84,22 @@ def forward_passes(method_opts, labeled: int, unlabeled: int, head_share: float)
     train pass 3 B_l, a no-grad eval pass B_u and the mixed and raw train passes 3 B_u each (its
     304x304 mapping is left out). U2PL (after its supervised-only epochs): the eval-mode teacher
     on u B_u, the student's train pass 3 (B_l + B_u) and the teacher's no-grad train pass
-    B_l + B_u (its decoder, with the representation head, counted as UniMatch's).
+    B_l + B_u (its decoder, with the representation head, counted as UniMatch's). CSS: the EMA
+    teacher's no-grad train passes on x and u B_l + B_u and the student's train passes on x and u~
+    3 (B_l + B_u) (its classifier and representation heads counted as UniMatch's decoder). CPCL: two
+    networks, each with train passes on x and x_mix 3 (B_l + B_u) and no-grad train passes on u0
+    and u1 2 B_u (its CPS head counted as UniMatch's decoder).
     """
     if method_opts.name == "supervised":
         return 3.0 * labeled
     if method_opts.name == "u2pl":
         return unlabeled + 4.0 * (labeled + unlabeled)
+    if method_opts.name == "css":
+        return 4.0 * (labeled + unlabeled)
     if method_opts.name == "ccvc":
         return 2 * (3.0 * labeled + unlabeled + 6.0 * unlabeled)
+    if method_opts.name == "cpcl":
+        return 2 * (3.0 * labeled + 5.0 * unlabeled)
     no_grad = 2 * unlabeled if method_opts.teacher == "ema" else unlabeled
     main = 3.0 * (labeled + unlabeled) * ((1.0 + head_share) if method_opts.use_fp else 1.0)
     strong = 3.0 * unlabeled * (1 if method_opts.second_view == "none" else 2)
@@ -136,6 +145,9 @@ def make_config(method: str, depth: int, output_stride: int, crop: int, dtype: s
     if method == "u2pl" and tiny:  # CPU smoke test: small memory bank and representation
         c.model.rep_dim = 16
         c.method.update(queue_capacity=1000, queue_capacity_class0=1500)
+    if method == "css" and tiny:  # CPU smoke test: small representation and contrastive sample
+        c.model.rep_dim = 16
+        c.method.update(num_queries=16, num_negatives=32)
     return c
 
 
@@ -146,13 +158,15 @@ def unlabeled_views(method) -> tuple[str, ...] | None:
 
 
 def synthetic_batch(views: tuple[str, ...] | None, labeled: int, unlabeled: int, crop: int, num_classes: int,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, labeled_views: tuple[str, ...] = ()) -> dict:
     """Random host batch with the pipeline's keys, shapes and dtypes (csl_jax/data/pipeline.py).
 
     labeled: image (B_l, crop, crop, 3) float32, label (B_l, crop, crop) int32 (255 on a border).
     Unless `views` is None (supervised), 'unlabeled' and 'mix' with B_u images each: weak and
     `views` (`unlabeled_views(method)`; float32 images), ignore int32 (255 on a border), label
-    int32 (all 255), cutmix_box / cutmix_box2 / block_mask (B_u, crop, crop) bool.
+    int32 (all 255), cutmix_box / cutmix_box2 / block_mask (B_u, crop, crop) bool; CSS's
+    'css_strong' adds css_strong float32, warp_index int32 (-1 on a border), css_flip (B_u,) bool and
+    css_box bool, and its labeled view 'css_photometric' (in `labeled_views`) css_image float32.
     """
     rng = np.random.default_rng(seed)
     border = max(1, crop // 16)
@@ -168,6 +182,8 @@ def synthetic_batch(views: tuple[str, ...] | None, labeled: int, unlabeled: int,
     label = rng.integers(0, num_classes, size=(labeled, crop, crop)).astype(np.int32)
     label[:, -border:] = 255
     batch = {"labeled": {"image": images(labeled), "label": label}}
+    if "css_photometric" in labeled_views:
+        batch["labeled"]["css_image"] = images(labeled)
     if views is None:
         return batch
     for stream in ("unlabeled", "mix"):
@@ -176,8 +192,14 @@ def synthetic_batch(views: tuple[str, ...] | None, labeled: int, unlabeled: int,
         arrays = {"weak": images(unlabeled), "ignore": ignore,
                   "label": np.full((unlabeled, crop, crop), 255, np.int32)}
         for view in views:
-            if view == "u2pl_box":  # U2PL's in-batch CutMix box: a mask only
+            if view in ("u2pl_box", "cpcl_mask"):  # U2PL's in-batch CutMix box, CPCL's 3-box mask: a mask only
                 arrays[view] = boxes(unlabeled)
+                continue
+            if view == "css_strong":  # CSS: warped strong image, its source index, flip bit, CutMix box
+                index = rng.integers(0, crop * crop, size=(unlabeled, crop, crop)).astype(np.int32)
+                index[:, -border:] = -1
+                arrays.update(css_strong=images(unlabeled), warp_index=index, css_box=boxes(unlabeled),
+                              css_flip=rng.random(unlabeled) < 0.5)
                 continue
             arrays[view] = images(unlabeled)
             mask_key = {"strong": "cutmix_box", "strong2": "cutmix_box2", "tmp": "block_mask"}[view]
@@ -257,7 +279,8 @@ def bench_one(config, devices, num_classes: int, warmup: int, iters: int, peak_t
     params, method_state = jax.tree.map(lambda x, a: x.astype(a.dtype), random_like(abstract), abstract)
     state = parallel.replicate(train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                                 opt_state=tx.init(params), state=method_state), mesh)
-    batch = parallel.to_global(synthetic_batch(views, labeled, unlabeled, crop, num_classes), mesh)
+    batch = parallel.to_global(synthetic_batch(views, labeled, unlabeled, crop, num_classes,
+                                               labeled_views=method.streams()["labeled"].views), mesh)
     step = train.make_train_step(method, tx, mesh, config.seed, steps_per_epoch=1,
                                  offsets=train.stream_offsets(method, config.batch))
 

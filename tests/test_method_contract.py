@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from configs import common, demo
 from csl_jax import checkpoint, parallel, train
 from csl_jax.evaluation import modes
-from csl_jax.methods import METHODS, Method, StepContext, build_method, ccvc, register_method, u2pl
+from csl_jax.methods import METHODS, Method, StepContext, build_method, ccvc, cpcl, css, register_method, u2pl
 from csl_jax.methods.base import init_network
 from csl_jax.methods.parts import passes
 from data_prep import synthetic
@@ -98,7 +98,10 @@ def data_root(tmp_path_factory):
 METHOD_SETUP = {"ccvc": lambda c: ccvc.configure(c).method.update(mix_group=2),
                 "u2pl": lambda c: u2pl.configure(c).update(
                     model=dict(rep_dim=8),
-                    method=dict(queue_capacity=300, queue_capacity_class0=500, num_queries=16, num_negatives=4))}
+                    method=dict(queue_capacity=300, queue_capacity_class0=500, num_queries=16, num_negatives=4)),
+                "css": lambda c: css.configure(c).update(model=dict(rep_dim=8),
+                                                         method=dict(num_queries=16, num_negatives=8)),
+                "cpcl": cpcl.configure}
 
 
 def contract_config(data_root, name, **overrides):

@@ -5,6 +5,8 @@
     fixmatch
     ccvc             methods/ccvc.py            CCVC: two branches, feature discrepancy, conflict weights
     u2pl             methods/u2pl.py            U2PL: entropy-partitioned pseudo-labels, contrastive queues
+    cpcl             methods/cpcl.py            CPCL: two networks, intersection / union pseudo-labels
+    css              methods/css.py             CSS: cross-space pseudo-labels, prototypes, tilted contrast
     methods/parts/   losses, pseudo-label selection, passes, views, EMA teacher
 
 A new method is one file defining a `Method` subclass, registered here with `register_method`.
@@ -61,5 +63,13 @@ register_method("ccvc", _ccvc.CCVC, _ccvc.check_options)
 from csl_jax.methods import u2pl as _u2pl  # noqa: E402
 
 register_method(_u2pl.NAME, _u2pl.U2PL, _u2pl.check_options)
+
+from csl_jax.methods import css as _css  # noqa: E402
+
+register_method(_css.NAME, _css.CSS, _css.check_options)
+
+from csl_jax.methods import cpcl as _cpcl  # noqa: E402
+
+register_method(_cpcl.NAME, _cpcl.CPCL, _cpcl.check_options)
 
 __all__ = ["METHODS", "Method", "PredictFn", "StepContext", "build_method", "check_config", "register_method"]

@@ -81,6 +81,20 @@ def with_later_fields(opts: ml_collections.ConfigDict, later: Mapping[str, Any])
     return opts
 
 
+def check_fields(opts: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict, module: str,
+                 choices: Mapping[str, Any] = ()) -> None:
+    """Raises ValueError naming the first `config.method` field of `defaults` missing from `opts`
+    (a method needs all of `csl_jax.methods.<module>.default_options()`), or whose value is not
+    among its `choices` (field -> allowed values)."""
+    for key in defaults.keys():
+        if key not in opts:
+            raise ValueError(f"config.method.{key} is missing; {module} needs every field of "
+                             f"csl_jax.methods.{module}.default_options() (configs/{module}_*.py have them)")
+    for key, allowed in dict(choices).items():
+        if opts[key] not in allowed:
+            raise ValueError(f"config.method.{key}={opts[key]!r}; expected one of {list(allowed)}")
+
+
 def init_network(model, model_cfg: ml_collections.ConfigDict, rng: jax.Array, image_shape) -> dict:
     """Initial {'params', 'batch_stats'} of a network: random, or loaded from `model_cfg.init_from`.
 

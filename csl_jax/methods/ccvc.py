@@ -31,7 +31,7 @@ import ml_collections
 
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
-from csl_jax.methods.base import Method, StepContext, init_network
+from csl_jax.methods.base import Method, StepContext, check_fields, init_network
 from csl_jax.methods.parts import ccvc_losses, losses, passes, views
 from csl_jax.models.ccvc import BRANCHES
 from csl_jax.parallel import AXIS
@@ -66,13 +66,7 @@ def configure(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def check_options(opts: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the `config.method` field that is missing or invalid."""
-    for key in default_options().keys():
-        if key not in opts:
-            raise ValueError(f"config.method.{key} is missing; CCVC needs every field of "
-                             "csl_jax.methods.ccvc.default_options() (configs/ccvc_*.py have them)")
-    for key, choices in _CHOICES.items():
-        if opts[key] not in choices:
-            raise ValueError(f"config.method.{key}={opts[key]!r}; expected one of {list(choices)}")
+    check_fields(opts, default_options(), "ccvc", _CHOICES)
     if int(opts.mix_group) < 1:
         raise ValueError(f"config.method.mix_group={opts.mix_group} must be >= 1")
     for key in ("w_ce", "w_con", "w_dis", "w_confident"):

@@ -32,7 +32,7 @@ import ml_collections
 
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
-from csl_jax.methods.base import Method, StepContext, init_network, with_later_fields
+from csl_jax.methods.base import Method, StepContext, check_fields, init_network, with_later_fields
 from csl_jax.methods.parts import passes, u2pl_contrastive, u2pl_queue, u2pl_unsup
 from csl_jax.methods.parts import u2pl_data  # noqa: F401  (registers the 'u2pl' geometry and 'u2pl_box' view)
 from csl_jax.models.layers import resize_align_corners
@@ -101,10 +101,7 @@ def configure(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def check_options(opts: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the `config.method` field that is missing or invalid."""
     opts = with_later_fields(opts, LATER_FIELDS)
-    for key in default_options().keys():
-        if key not in opts:
-            raise ValueError(f"config.method.{key} is missing; U2PL needs every field of "
-                             "csl_jax.methods.u2pl.default_options() (configs/u2pl_*.py have them)")
+    check_fields(opts, default_options(), "u2pl")
     positive = ("num_queries", "num_negatives", "queue_capacity", "queue_capacity_class0", "temperature")
     for key in positive:
         if not opts[key] > 0:

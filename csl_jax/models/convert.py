@@ -5,7 +5,10 @@ prefix, maybe `fc.*`), torchvision ResNets ('torchvision'), UniMatch DeepLabV3Pl
 ('unimatch': top-level `model`, `module.` prefixes), CSL Lightning checkpoints ('csl':
 `state_dict` with `model.backbone.*` / `model.decoder.*`) and CCVC two-branch checkpoints ('ccvc':
 `branch1.*` / `branch2.*`, read by csl_jax.models.ccvc.from_ccvc) and U2PL checkpoints ('u2pl':
-`teacher_state` (converted) / `model_state` with `encoder.*`, `decoder.*`, `auxor.*`; csl_jax.models.u2pl).
+`teacher_state` (converted) / `model_state` with `encoder.*`, `decoder.*`, `auxor.*`; csl_jax.models.u2pl)
+and CSS checkpoints ('css': `ema_model` (converted) / `model` with `resnet_*`, `ASPP.*`, `project.*`,
+`classifier.*`, `representation.*`; csl_jax.models.css) and CPCL checkpoints ('cpcl': `model` with
+`branch1.head.aspp.map_convs.*` ...; csl_jax.models.cpcl.from_cpcl).
 
     from csl_jax.models.convert import from_unimatch
     model, variables = from_unimatch(state_dict, num_classes=21, depth=101)
@@ -32,7 +35,7 @@ from flax.core import unfreeze
 
 from csl_jax.models.deeplabv3plus import DeepLabV3Plus
 
-KINDS = ("auto", "deep_backbone", "torchvision", "unimatch", "csl", "ccvc", "u2pl", "flax")
+KINDS = ("auto", "deep_backbone", "torchvision", "unimatch", "csl", "ccvc", "u2pl", "css", "cpcl", "flax")
 BACKBONE_KINDS = ("deep_backbone", "torchvision")
 Path = Tuple[str, ...]  # (collection, module, ..., leaf)
 
@@ -69,6 +72,11 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], kind: str = "auto") -> Tupl
     if kind == "u2pl" or (kind == "auto" and u2pl.is_u2pl_checkpoint(sd)):
         sd, ignored = u2pl.u2pl_state_dict(sd)
         return sd, "u2pl", ignored
+    from csl_jax.models import css  # CSS layout: {ema_model, model, prototypes, ...}, resnet_*/ASPP.* keys
+
+    if kind == "css" or (kind == "auto" and css.is_css_checkpoint(sd)):
+        sd, ignored = css.css_state_dict(sd)
+        return sd, "css", ignored
     if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):  # Lightning (CSL)
         sd = dict(sd["state_dict"])
     elif "model" in sd and isinstance(sd["model"], Mapping):  # UniMatch {model, optimizer, ...}
@@ -79,6 +87,8 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], kind: str = "auto") -> Tupl
             kind = "csl"
         elif any(k.startswith("backbone.") for k in sd):
             kind = "unimatch"
+        elif any(k.startswith("branch1.head.aspp.map_convs.") for k in sd):
+            kind = "cpcl"  # CPCL two-branch: {'model': {branch1.*, branch2.*}} (csl_jax.models.cpcl)
         elif any(k.startswith("branch1.backbone.") for k in sd):
             kind = "ccvc"
         elif "conv1.0.weight" in sd:
@@ -179,8 +189,12 @@ def load_file(path: str) -> Any:
     except ImportError as e:
         raise ImportError(f"reading the PyTorch file {path} needs torch; convert it once with "
                           "`python -m csl_jax.models.convert` where torch is installed") from e
+    # NumPy arrays (CSS saves its prototypes as one) are allowed; nothing else beyond torch's weights-only set
+    np_core = np._core if hasattr(np, "_core") else np.core  # numpy 2 / numpy 1
+    numpy_globals = [np.ndarray, np.dtype, type(np.dtype(np.float32)), np_core.multiarray._reconstruct]
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(numpy_globals):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or non-checkpoint file
         raise ValueError(f"cannot read PyTorch checkpoint {path}: {e}") from e
 
@@ -308,6 +322,16 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
         from csl_jax.models.u2pl import from_u2pl
 
         _, variables = from_u2pl(checkpoint, num_classes=args.num_classes, depth=args.depth, width=args.width,
+                                 blocks=args.blocks)
+    elif kind == "css":
+        from csl_jax.models.css import from_css
+
+        _, variables = from_css(checkpoint, num_classes=args.num_classes, depth=args.depth, width=args.width,
+                                blocks=args.blocks)
+    elif kind == "cpcl":
+        from csl_jax.models.cpcl import from_cpcl
+
+        _, variables = from_cpcl(checkpoint, num_classes=args.num_classes, depth=args.depth, width=args.width,
                                  blocks=args.blocks)
     elif kind == "ccvc":
         from csl_jax.models.ccvc import from_ccvc

@@ -1,0 +1,219 @@
+"""CPCL loss pieces against float64 PyTorch / NumPy transcriptions of the official exp_*/train.py
+statements (NCHW tensors, sklearn's confusion_matrix written out), the class-weighted
+ProbOhemCrossEntropy2d of furnace/seg_opr/loss_opr.py, and the device split of every batch-global
+statistic."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from jax.sharding import PartitionSpec as P
+
+from csl_jax import parallel
+from csl_jax.methods.parts import cpcl_losses as cl
+
+C = 5
+
+
+def confusion_matrix(y_true, y_pred, n):
+    """sklearn.metrics.confusion_matrix over labels 0..n-1 (all present), rows y_true, int64."""
+    out = np.zeros((n, n), np.int64)
+    np.add.at(out, (y_true, y_pred), 1)
+    return out
+
+
+def reference_unsup(logits_tea_1, logits_tea_2, stu_1, stu_2, reduction):
+    """The official unlabeled part, float64, on mixed teacher logits and student logits (B, C, H, W).
+
+    reduction 'mean' is exp_voc (criterion = CrossEntropyLoss(reduction='mean')), 'none' exp_city.
+    """
+    label = list(range(C))
+    criterion = torch.nn.CrossEntropyLoss(reduction=reduction, ignore_index=255)
+    _, ps_label_1 = torch.max(logits_tea_1, dim=1)
+    _, ps_label_2 = torch.max(logits_tea_2, dim=1)
+    loss_w_1 = torch.max(F.softmax(logits_tea_1, dim=-1))
+    loss_w_2 = torch.max(F.softmax(logits_tea_2, dim=-1))
+    confusion = confusion_matrix(np.concatenate([ps_label_1.view(-1).numpy(), np.array(label)]),
+                                 np.concatenate([ps_label_2.view(-1).numpy(), np.array(label)]), C)
+    w = (np.sum(confusion, axis=0) - np.diag(confusion)) / np.sum(confusion, axis=0) + \
+        (np.sum(confusion, axis=1) - np.diag(confusion)) / np.sum(confusion, axis=1)
+    w = torch.from_numpy(w / np.sum(w))
+    inter = torch.where(ps_label_1 == ps_label_2, ps_label_1, torch.ones_like(ps_label_1) * 255)
+    union = torch.where(w[ps_label_1] > w[ps_label_2], ps_label_1, ps_label_2)
+    union = torch.where(ps_label_1 == ps_label_2, ps_label_1, union)
+    loss_inter = torch.mean(criterion(stu_1, inter) * (loss_w_1 + loss_w_2) / 2)
+    loss_union = torch.mean(criterion(stu_2, union) * torch.where(
+        ps_label_1 == ps_label_2, (loss_w_1 + loss_w_2) / 2, torch.where(w[ps_label_1] > w[ps_label_2], loss_w_1,
+                                                                         loss_w_2)))
+    return {"w": w.numpy(), "inter": inter.numpy(), "union": union.numpy(), "c1": float(loss_w_1),
+            "c2": float(loss_w_2), "loss_inter": float(loss_inter), "loss_union": float(loss_union),
+            "overlap": np.sum(np.diag(confusion)) / np.sum(confusion)}
+
+
+def nchw(x):
+    return torch.from_numpy(np.asarray(x, np.float64)).permute(0, 3, 1, 2)
+
+
+def teacher_logits(seed, b=4, h=6, w=7):
+    """Two correlated teachers (agree on about half of the pixels) and two students, NHWC float32."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(b, h, w, C)) * 2
+    z1 = base + rng.normal(size=base.shape) * 1.5
+    z2 = base + rng.normal(size=base.shape) * 1.5
+    s1, s2 = rng.normal(size=base.shape), rng.normal(size=base.shape)
+    return [x.astype(np.float32) for x in (z1, z2, s1, s2)]
+
+
+def our_unsup(z1, z2, s1, s2, reduction, group_size, axis_name=None):
+    y1, y2 = jnp.argmax(z1, -1), jnp.argmax(z2, -1)
+    confusion = cl.pair_confusion(y1, y2, C, axis_name=axis_name)
+    w = cl.disagreement_weights(confusion)
+    t = cl.pseudo_labels(y1, y2, w)
+    c1, c2 = (cl.confidence(z, "reference", axis_name=axis_name) for z in (z1, z2))
+    w_inter, w_union = cl.loss_weights(c1, c2, t["agree"], t["pick1"])
+    kw = dict(reduction=reduction, group_size=group_size, axis_name=axis_name)
+    return {"w": w, "inter": t["inter"], "union": t["union"], "c1": c1, "c2": c2, "confusion": confusion,
+            "loss_inter": cl.unlabeled_loss(s1, t["inter"], w_inter, **kw),
+            "loss_union": cl.unlabeled_loss(s2, t["union"], w_union, **kw)}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("reduction,torch_reduction", [("valid_mean", "mean"), ("pixel_mean", "none")])
+def test_labels_weights_and_losses_match_the_reference(seed, reduction, torch_reduction):
+    z1, z2, s1, s2 = teacher_logits(seed)
+    ref = reference_unsup(nchw(z1), nchw(z2), nchw(s1), nchw(s2), torch_reduction)
+    ours = our_unsup(z1, z2, s1, s2, reduction, group_size=4)
+    np.testing.assert_allclose(ours["w"], ref["w"], rtol=1e-6)
+    np.testing.assert_array_equal(ours["inter"], ref["inter"])
+    np.testing.assert_array_equal(ours["union"], ref["union"])
+    assert 0.2 < (ref["inter"] != 255).mean() < 0.9  # both agreement and disagreement are exercised
+    assert (ref["union"] != ref["inter"]).any() and (ref["union"][ref["inter"] == 255] != np.argmax(z2, -1)[
+        ref["inter"] == 255]).any()  # the union takes branch 1's label somewhere
+    np.testing.assert_allclose([ours["c1"], ours["c2"]], [ref["c1"], ref["c2"]], rtol=1e-6)
+    np.testing.assert_allclose(ours["loss_inter"], ref["loss_inter"], rtol=1e-5)
+    np.testing.assert_allclose(ours["loss_union"], ref["loss_union"], rtol=1e-5)
+    confusion = np.asarray(ours["confusion"])
+    np.testing.assert_allclose(np.trace(confusion) / confusion.sum(), ref["overlap"], rtol=1e-6)
+
+
+def test_union_ties_take_branch_2s_label():
+    y1, y2 = jnp.array([[0, 1, 2, 2]]), jnp.array([[1, 0, 2, 0]])
+    t = cl.pseudo_labels(y1, y2, jnp.array([0.3, 0.3, 0.4]))
+    np.testing.assert_array_equal(t["union"], [[1, 0, 2, 2]])  # w[0] == w[1]: branch 2; w[2] > w[0]: branch 1
+    np.testing.assert_array_equal(t["inter"], [[255, 255, 2, 255]])
+
+
+def test_pixel_confidence_is_the_max_class_probability():
+    z = np.random.default_rng(0).normal(size=(2, 3, 4, C)).astype(np.float32)
+    want = F.softmax(nchw(z), dim=1).max(dim=1).values.numpy()
+    np.testing.assert_allclose(cl.confidence(z, "pixel"), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="config.method.confidence"):
+        cl.confidence(z, "max")
+
+
+def sharded(fn, n_devices, n_in):
+    mesh = parallel.make_mesh(jax.devices()[:n_devices])
+    return jax.jit(parallel.shard_map(fn, mesh, in_specs=(P(parallel.AXIS),) * n_in, out_specs=P()))
+
+
+@pytest.mark.parametrize("reduction", ["valid_mean", "pixel_mean"])
+def test_batch_global_statistics_do_not_depend_on_the_device_count(reduction):
+    """N, w and the confidences psum / pmax over devices; the per-device losses average to the batch loss."""
+    z1, z2, s1, s2 = teacher_logits(3, b=8)
+    one = our_unsup(z1, z2, s1, s2, reduction, group_size=8)
+
+    def per_device(z1, z2, s1, s2):
+        out = our_unsup(z1, z2, s1, s2, reduction, group_size=8, axis_name=parallel.AXIS)
+        return jax.lax.pmean({k: out[k] for k in ("loss_inter", "loss_union", "c1", "c2", "w")}, parallel.AXIS)
+
+    four = sharded(per_device, 4, 4)(z1, z2, s1, s2)
+    for key, value in four.items():
+        np.testing.assert_allclose(value, one[key], rtol=1e-5, err_msg=key)
+
+
+# -- class-weighted OHEM -------------------------------------------------------------------------
+def reference_ohem(pred, target, thresh, min_kept, weight):
+    """`ProbOhemCrossEntropy2d.forward` (use_weight) in float64 on (B, C, H, W) logits."""
+    b, c, h, w = pred.size()
+    target = target.view(-1)
+    valid_mask = target.ne(255)
+    target = target * valid_mask.long()
+    num_valid = valid_mask.sum()
+    prob = F.softmax(pred, dim=1)
+    prob = (prob.transpose(0, 1)).reshape(c, -1)
+    if min_kept > num_valid:
+        pass
+    elif num_valid > 0:
+        prob = prob.masked_fill_(~valid_mask, 1)
+        mask_prob = prob[target, torch.arange(len(target), dtype=torch.long)]
+        threshold = thresh
+        if min_kept > 0:
+            index = mask_prob.argsort()
+            threshold_index = index[min(len(index), min_kept) - 1]
+            if mask_prob[threshold_index] > thresh:
+                threshold = mask_prob[threshold_index]
+            kept_mask = mask_prob.le(threshold)
+            target = target * kept_mask.long()
+            valid_mask = valid_mask * kept_mask
+    target = target.masked_fill_(~valid_mask, 255).view(b, h, w)
+    return float(torch.nn.CrossEntropyLoss(weight=weight, ignore_index=255)(pred, target))
+
+
+def ohem_inputs(seed, b=4, h=9, w=11):
+    rng = np.random.default_rng(seed)
+    logits = (rng.normal(size=(b, h, w, C)) * 2).astype(np.float32)
+    labels = rng.integers(0, C, size=(b, h, w)).astype(np.int32)
+    labels[rng.random(labels.shape) < 0.2] = 255
+    return logits, labels
+
+
+WEIGHTS = (0.8373, 0.918, 0.866, 1.0345, 1.0166)
+
+
+@pytest.mark.parametrize("min_kept", [1, 37, 150, 10_000])  # 10_000 > valid pixels: all valid pixels kept
+@pytest.mark.parametrize("thresh", [0.7, 0.05])
+def test_weighted_ohem_matches_probohem_with_class_weights(min_kept, thresh):
+    logits, labels = ohem_inputs(min_kept)
+    groups = [reference_ohem(nchw(logits[g:g + 2]), torch.from_numpy(labels[g:g + 2]).long(), thresh, min_kept,
+                             torch.tensor(WEIGHTS, dtype=torch.float64)) for g in (0, 2)]
+    got = cl.weighted_ohem_loss(logits, labels, class_weights=WEIGHTS, group_size=2, thresh=thresh,
+                                min_kept=min_kept)
+    np.testing.assert_allclose(got, np.mean(groups), rtol=1e-5)
+
+
+def test_weighted_ohem_over_the_whole_batch_on_several_devices_is_exact():
+    """One group of 8 images over 4 devices: the min_kept-th smallest q over all of them (bisection, psum)."""
+    logits, labels = ohem_inputs(7, b=8)
+    want = reference_ohem(nchw(logits), torch.from_numpy(labels).long(), 0.2, 300,
+                          torch.tensor(WEIGHTS, dtype=torch.float64))
+    kw = dict(class_weights=WEIGHTS, group_size=8, thresh=0.2, min_kept=300)
+    np.testing.assert_allclose(cl.weighted_ohem_loss(logits, labels, **kw), want, rtol=1e-5)
+
+    def per_device(z, y):
+        return jax.lax.pmean(cl.weighted_ohem_loss(z, y, num_devices=4, axis_name=parallel.AXIS, **kw),
+                             parallel.AXIS)
+
+    np.testing.assert_allclose(sharded(per_device, 4, 2)(logits, labels), want, rtol=1e-5)
+    grads_one = jax.grad(lambda z: cl.weighted_ohem_loss(z, labels, **kw))(logits)
+    grads_four = sharded(lambda z, y: jax.lax.all_gather(jax.grad(
+        lambda z: cl.weighted_ohem_loss(z, y, num_devices=4, axis_name=parallel.AXIS, **kw))(z) / 4,
+        parallel.AXIS, tiled=True), 4, 2)(logits, labels)
+    np.testing.assert_allclose(grads_four, grads_one, rtol=1e-4, atol=1e-7)  # d(mean over devices)/dz
+
+
+def test_weighted_ohem_rejects_bad_groups_and_weights():
+    logits, labels = ohem_inputs(0, b=3)
+    with pytest.raises(ValueError, match="config.loss.group_size=2"):
+        cl.weighted_ohem_loss(logits, labels, class_weights=WEIGHTS, group_size=2, thresh=0.7, min_kept=10)
+    with pytest.raises(ValueError, match="3 values for 5 classes"):
+        cl.weighted_ohem_loss(logits, labels, class_weights=WEIGHTS[:3], group_size=1, thresh=0.7, min_kept=10)
+
+
+def test_kth_smallest_by_bisection():
+    q = np.random.default_rng(0).random((3, 50)).astype(np.float32)
+    q[1, :20] = q[1, 20]  # ties
+    q[2, 40:] = np.inf
+    for k in (1, 7, 20, 21, 40):
+        np.testing.assert_array_equal(cl._kth_smallest(jnp.asarray(q), k, None), np.sort(q, axis=1)[:, k - 1])
