@@ -109,13 +109,8 @@ class CCVC(Method):
     # -- evaluation ------------------------------------------------------------------------------
     def predict_fns(self):
         """'branch1', 'branch2' (one branch alone) and 'average' ((z1 + z2) / 2), on the two-branch variables."""
-        def branch(name):
-            def predict(variables, images):
-                own = {"params": variables["params"][name], "batch_stats": variables["batch_stats"][name]}
-                return getattr(self.model, name).apply(own, images, train=False)[0]
-            return predict
-
-        return {"branch1": branch("branch1"), "branch2": branch("branch2"), "average": self._predict}
+        return {"branch1": passes.branch_predict(self.model, "branch1"),
+                "branch2": passes.branch_predict(self.model, "branch2"), "average": self._predict}
 
     def eval_variables(self, train_state, name):
         self._check_predict_name(name)

@@ -109,13 +109,7 @@ class CPCL(Method):
     # -- evaluation ------------------------------------------------------------------------------
     def predict_fns(self):
         """'branch1' and 'branch2': one branch's eval-mode logits, read from the two-branch variables."""
-        def branch(name):
-            def predict(variables, images):
-                own = {"params": variables["params"][name], "batch_stats": variables["batch_stats"][name]}
-                return getattr(self.model, name).apply(own, images, train=False)[0]
-            return predict
-
-        return {name: branch(name) for name in BRANCHES}
+        return {name: passes.branch_predict(self.model, name) for name in BRANCHES}
 
     def eval_variables(self, train_state, name):
         self._check_predict_name(name)

@@ -35,6 +35,16 @@ def eval_pass(model, variables: Mapping[str, PyTree], images: jax.Array) -> jax.
     return jax.lax.stop_gradient(logits)
 
 
+def branch_predict(model, name: str):
+    """Predict function (variables, images) -> logits of network `name` of a two-network model
+    (CCVC, CPCL): `model.<name>` in eval mode on the variables' `name` subtrees of 'params' and
+    'batch_stats'."""
+    def predict(variables: Mapping[str, PyTree], images: jax.Array) -> jax.Array:
+        own = {"params": variables["params"][name], "batch_stats": variables["batch_stats"][name]}
+        return getattr(model, name).apply(own, images, train=False)[0]
+    return predict
+
+
 def no_grad_train_pass(model, params: PyTree, batch_stats: PyTree, images: jax.Array, *, rng: jax.Array,
                        sample_ids: jax.Array | None = None) -> jax.Array:
     """Train-mode logits without gradient whose statistics update is discarded, (B, H, W, C) float32."""
