@@ -8,6 +8,7 @@ from PIL import Image
 
 from configs import common, demo
 from csl_jax import train
+from csl_jax.data import transforms
 from csl_jax.methods import build_method, css
 from csl_jax.methods.parts import css_data
 from data_prep import synthetic
@@ -74,3 +75,18 @@ def test_streams_deliver_the_css_views(tmp_path):
     assert unl["css_flip"].shape == (4,) and unl["css_flip"].dtype == bool
     assert unl["css_box"].shape == (4, 32, 32) and np.allclose(unl["css_box"].mean(axis=(1, 2)), 0.5, atol=0.05)
     assert unl["warp_index"].min() >= -1 and unl["warp_index"].max() < 32 * 32
+
+
+@pytest.mark.parametrize("name", ["css_labeled_rescale", "css_labeled", "css_unlabeled"])
+def test_loader_geometries_reflect_pad_bottom_right(name):
+    """The loaders pad bottom/right by reflection (transforms_f.pad(reflect)), label ignore."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (10, 14, 3), dtype=np.uint8)
+    label = rng.integers(0, 5, (10, 14), dtype=np.uint8)
+    g = transforms.GEOMETRIES[name](np.random.default_rng(1), 10, 14, 32)
+    assert g.reflect and g.y == 0 and g.x == 0  # shorter than the crop: no offset, padding after
+    out, lab, valid = transforms.apply_geometry(Image.fromarray(image), label, g, 32)
+    resized = np.asarray(Image.fromarray(image).resize((g.resized_w, g.resized_h), Image.BILINEAR))
+    expected = np.pad(resized, ((0, 32 - g.resized_h), (0, 32 - g.resized_w), (0, 0)), mode="reflect")
+    np.testing.assert_array_equal(out, expected[:, ::-1] if g.flip else expected)
+    assert (lab[~valid] == 255).all() and valid.sum() == g.resized_h * g.resized_w

@@ -190,3 +190,22 @@ def test_mean_fill_normalises_to_almost_zero():
 def test_geometry_rejects_unknown_resample():
     with pytest.raises(ValueError, match="resample"):
         transforms.Geometry(4, 4, 0, 0, False, resample="cubic")
+
+
+@pytest.mark.parametrize("resample", ["pil", "torch"])
+@pytest.mark.parametrize("window", [(0, 3), (-4, -2), (5, 9), (-20, 0)])
+def test_reflect_padding_is_numpy_reflect(resample, window):
+    """`reflect`: the image outside the resized one is np.pad(mode='reflect') of it (bouncing when the
+    padding is longer than the side); labels still get label_fill and the valid map False."""
+    rng = np.random.default_rng(7)
+    h, w, crop = 9, 12, 16
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    label = rng.integers(0, 5, (h, w), dtype=np.uint8)
+    y, x = window
+    g = transforms.Geometry(h, w, y, x, False, reflect=True, resample=resample)  # same size: no resampling
+    out, lab, valid = transforms.apply_geometry(Image.fromarray(image), label, g, crop)
+    pad = 40
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    np.testing.assert_array_equal(out, padded[pad + y:pad + y + crop, pad + x:pad + x + crop])
+    np.testing.assert_array_equal(lab, _padded_window_reference(label, y, x, crop, 255))
+    np.testing.assert_array_equal(valid, _padded_window_reference(np.ones((h, w), bool), y, x, crop, False))

@@ -35,7 +35,9 @@ class Geometry:
     The image is resized to (resized_h, resized_w); the crop window is rows [y, y + crop) and
     columns [x, x + crop) of the resized image. y and x may be negative (padding before) and the
     window may extend past the image (padding after); padding gets `fill` (RGB uint8) in the image,
-    `label_fill` in the label and False in the valid map. The flip is applied last.
+    or with `reflect` the image reflected at its edges (edge pixel not repeated, np.pad /
+    torchvision 'reflect'), `label_fill` in the label and False in the valid map. The flip is
+    applied last.
 
     resample: 'pil' (PIL bilinear, antialiased when shrinking; labels PIL nearest, source pixel
       floor((i + 0.5) in/out)) or 'torch' (half-pixel bilinear without antialiasing, torch
@@ -51,6 +53,7 @@ class Geometry:
     fill: tuple = (0, 0, 0)
     label_fill: int = IGNORE
     resample: str = "pil"
+    reflect: bool = False
 
     def __post_init__(self):
         if self.resample not in RESAMPLES:
@@ -94,9 +97,8 @@ def _source_coords(out_index: np.ndarray, in_size: int, out_size: int) -> tuple:
     return i0, np.minimum(i0 + 1, in_size - 1), (src - i0)
 
 
-def _torch_resize_window(image: np.ndarray, label: np.ndarray | None, g: Geometry, rows: np.ndarray,
-                         cols: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Rows `rows` x columns `cols` of the 'torch'-resampled image (uint8, rounded) and label."""
+def _torch_resize_window(image: np.ndarray, g: Geometry, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Rows `rows` x columns `cols` of the 'torch'-resampled image (H, W, 3) uint8, rounded."""
     h, w = image.shape[:2]
     r0, r1, wr = _source_coords(rows, h, g.resized_h)
     c0, c1, wc = _source_coords(cols, w, g.resized_w)
@@ -104,10 +106,13 @@ def _torch_resize_window(image: np.ndarray, label: np.ndarray | None, g: Geometr
     top = img[r0][:, c0] * (1 - wc)[None, :, None] + img[r0][:, c1] * wc[None, :, None]
     bottom = img[r1][:, c0] * (1 - wc)[None, :, None] + img[r1][:, c1] * wc[None, :, None]
     out = top * (1 - wr)[:, None, None] + bottom * wr[:, None, None]
-    out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    if label is None:
-        return out, None
-    return out, label[_nearest_source(rows, h, g.resized_h)][:, _nearest_source(cols, w, g.resized_w)]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _nearest_window(label: np.ndarray, g: Geometry, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Rows `rows` x columns `cols` of the label (H, W) resized by legacy nearest ('torch')."""
+    h, w = label.shape
+    return label[_nearest_source(rows, h, g.resized_h)][:, _nearest_source(cols, w, g.resized_w)]
 
 
 def _nearest_source(out_index: np.ndarray, in_size: int, out_size: int) -> np.ndarray:
@@ -117,35 +122,49 @@ def _nearest_source(out_index: np.ndarray, in_size: int, out_size: int) -> np.nd
     return np.minimum(np.floor(out_index.astype(np.float32) * scale).astype(np.int64), in_size - 1)
 
 
+def _reflect(index: np.ndarray, size: int) -> np.ndarray:
+    """Source index of `index` on a side of `size` pixels reflected at its edges without repeating
+    the edge pixel (np.pad / torchvision 'reflect'), bouncing as often as needed."""
+    if size == 1:
+        return np.zeros_like(index)
+    period = 2 * (size - 1)
+    m = np.mod(index, period)
+    return np.where(m < size, m, period - m)
+
+
 def apply_geometry(image: Image.Image, label: np.ndarray | None, g: Geometry,
                    crop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Resize, cut the crop window (padding where it leaves the image), flip; see `Geometry`.
 
     image: PIL RGB; label: (H, W) uint8 or None (output all 255).
     Returns image (crop, crop, 3) uint8, label (crop, crop) uint8 and valid (crop, crop) bool
-    (False on padding).
+    (False on padding, reflected or not).
     """
     top, left = max(g.y, 0), max(g.x, 0)
-    bottom, right = min(g.y + crop, g.resized_h), min(g.x + crop, g.resized_w)
+    bottom, right = max(min(g.y + crop, g.resized_h), top), max(min(g.x + crop, g.resized_w), left)
+    dst = (slice(top - g.y, bottom - g.y), slice(left - g.x, right - g.x))
+    rows, cols = np.arange(top, bottom), np.arange(left, right)
+    if g.reflect:  # every window pixel comes from the reflected image
+        image_dst = (slice(None), slice(None))
+        image_rows = _reflect(np.arange(g.y, g.y + crop), g.resized_h)
+        image_cols = _reflect(np.arange(g.x, g.x + crop), g.resized_w)
+    else:
+        image_dst, image_rows, image_cols = dst, rows, cols
     out_image = np.empty((crop, crop, 3), np.uint8)
     out_image[:] = np.asarray(g.fill, np.uint8)
     out_label = np.full((crop, crop), g.label_fill if label is not None else IGNORE, np.uint8)
     valid = np.zeros((crop, crop), bool)
-    if bottom > top and right > left:
-        dst = (slice(top - g.y, bottom - g.y), slice(left - g.x, right - g.x))
-        if g.resample == "pil":
-            box = (left, top, right, bottom)
-            out_image[dst] = np.asarray(image.resize((g.resized_w, g.resized_h), Image.BILINEAR).crop(box))
-            if label is not None:
-                resized = Image.fromarray(label).resize((g.resized_w, g.resized_h), Image.NEAREST)
-                out_label[dst] = np.asarray(resized.crop(box))
-        else:
-            window, window_label = _torch_resize_window(np.asarray(image), label, g, np.arange(top, bottom),
-                                                        np.arange(left, right))
-            out_image[dst] = window
-            if label is not None:
-                out_label[dst] = window_label
-        valid[dst] = True
+    valid[dst] = True
+    if g.resample == "pil":
+        resized = np.asarray(image.resize((g.resized_w, g.resized_h), Image.BILINEAR))
+        out_image[image_dst] = resized[image_rows][:, image_cols]
+        if label is not None:
+            resized_label = np.asarray(Image.fromarray(label).resize((g.resized_w, g.resized_h), Image.NEAREST))
+            out_label[dst] = resized_label[rows][:, cols]
+    else:
+        out_image[image_dst] = _torch_resize_window(np.asarray(image), g, image_rows, image_cols)
+        if label is not None:
+            out_label[dst] = _nearest_window(label, g, rows, cols)
     if g.flip:
         out_image, out_label, valid = out_image[:, ::-1], out_label[:, ::-1], valid[:, ::-1]
     return np.ascontiguousarray(out_image), np.ascontiguousarray(out_label), np.ascontiguousarray(valid)

@@ -168,7 +168,9 @@ class CSS(Method):
         _, t_stats = passes.train_pass(self.model, t_vars["params"], t_vars["batch_stats"], x, rng=rng_t)
         (_, t_out), t_stats = passes.train_pass(self.model, t_vars["params"], t_stats, unl["weak"], rng=rng_t)
         # 2. targets, warped, mixed, flipped with the strong image
-        targets = css_targets.teacher_targets(t_out["pred"], t_out["rep"], protos, unl["ignore"] != IGNORE_INDEX,
+        # the loader's padding is reflected image content: pseudo-labelled like the rest, as the reference
+        everywhere = jnp.ones(unl["ignore"].shape, bool)
+        targets = css_targets.teacher_targets(t_out["pred"], t_out["rep"], protos, everywhere,
                                               crop, o.rep_temp, o.quantize_confidence)
         targets["label"] = unl["label"]
         targets = css_targets.warp(targets, unl["warp_index"])

@@ -2,8 +2,8 @@
 with the pipeline: three geometries and two views.
 
 Geometries (`transforms.GEOMETRIES`; PIL resampling; crop offsets uniform and inclusive over the
-padded size, as `RandomCrop.get_params`; padding bottom/right with the ImageNet-mean colour
-`transforms.MEAN_FILL`, label ignore: the reference reflects the image there):
+padded size, as `RandomCrop.get_params`; padding bottom/right by reflecting the image, label
+ignore, as the reference):
 - 'css_labeled_rescale': the VOC labeled `transform`: s ~ U(0.5, 1.5), size (int(h s), int(w s)),
   hflip p = 0.5 (the flip commutes with the colour jitter and the blur that precede it there);
 - 'css_labeled': the Cityscapes labeled `transform`: no rescale, hflip p = 0.5;
@@ -47,19 +47,19 @@ def labeled_rescale_geometry(rng: np.random.Generator, height: int, width: int, 
     s = rng.uniform(0.5, 1.5)
     rh, rw = int(height * s), int(width * s)
     y, x = _crop_offsets(rng, rh, rw, crop)
-    return transforms.Geometry(rh, rw, y, x, bool(rng.random() < 0.5), fill=transforms.MEAN_FILL)
+    return transforms.Geometry(rh, rw, y, x, bool(rng.random() < 0.5), reflect=True)
 
 
 def labeled_geometry(rng: np.random.Generator, height: int, width: int, crop: int) -> transforms.Geometry:
     """Cityscapes labeled geometry: no rescale, random crop, hflip p = 0.5."""
     y, x = _crop_offsets(rng, height, width, crop)
-    return transforms.Geometry(height, width, y, x, bool(rng.random() < 0.5), fill=transforms.MEAN_FILL)
+    return transforms.Geometry(height, width, y, x, bool(rng.random() < 0.5), reflect=True)
 
 
 def unlabeled_geometry(rng: np.random.Generator, height: int, width: int, crop: int) -> transforms.Geometry:
     """Unlabeled loader geometry: no rescale, random crop, no flip."""
     y, x = _crop_offsets(rng, height, width, crop)
-    return transforms.Geometry(height, width, y, x, False, fill=transforms.MEAN_FILL)
+    return transforms.Geometry(height, width, y, x, False, reflect=True)
 
 
 def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -93,9 +93,11 @@ def warp(weak: np.ndarray, rng: np.random.Generator, crop: int, scale: tuple[flo
 
 
 def css_photometric(weak: np.ndarray, valid: np.ndarray, rng: np.random.Generator, crop: int, options) -> dict:
-    """The 'css_photometric' view: {'css_image': (crop, crop, 3) float32, normalised; padding keeps its fill}."""
-    del crop, options
-    return {"css_image": transforms.normalize(np.where(valid[..., None], photometric(weak, rng), weak))}
+    """The 'css_photometric' view: {'css_image': (crop, crop, 3) float32, normalised}. The reflected
+    padding is jittered with the image (the reference jitters before padding; the blur may differ
+    at the padding seam)."""
+    del valid, crop, options
+    return {"css_image": transforms.normalize(photometric(weak, rng))}
 
 
 def css_strong(weak: np.ndarray, valid: np.ndarray, rng: np.random.Generator, crop: int, options) -> dict:
