@@ -95,6 +95,19 @@ def check_fields(opts: ml_collections.ConfigDict, defaults: ml_collections.Confi
             raise ValueError(f"config.method.{key}={opts[key]!r}; expected one of {list(allowed)}")
 
 
+def check_network(config: ml_collections.ConfigDict, name: str, paired_batches: bool = False) -> None:
+    """Raises ValueError naming the key unless `config.model.name` is `name` (a method that trains its
+    own network variant, csl_jax/models/<name>.py) and, with `paired_batches`, the labeled and
+    unlabeled global batches are equal (the method pairs their loss groups)."""
+    if config.model.get("name") != name:
+        raise ValueError(f"config.model.name={config.model.get('name')!r}: method {name!r} trains the {name!r} "
+                         f"network (csl_jax/models/{name}.py); set --config.model.name={name}")
+    if paired_batches and config.batch.labeled != config.batch.unlabeled:
+        raise ValueError(f"config.batch.labeled={config.batch.labeled} and config.batch.unlabeled="
+                         f"{config.batch.unlabeled} must be equal: method {name!r} pairs labeled and unlabeled "
+                         "loss groups")
+
+
 def init_network(model, model_cfg: ml_collections.ConfigDict, rng: jax.Array, image_shape) -> dict:
     """Initial {'params', 'batch_stats'} of a network: random, or loaded from `model_cfg.init_from`.
 

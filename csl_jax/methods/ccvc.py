@@ -31,7 +31,7 @@ import ml_collections
 
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
-from csl_jax.methods.base import Method, StepContext, check_fields, init_network
+from csl_jax.methods.base import Method, StepContext, check_fields, check_network, init_network
 from csl_jax.methods.parts import ccvc_losses, losses, passes, views
 from csl_jax.models.ccvc import BRANCHES
 from csl_jax.parallel import AXIS
@@ -89,8 +89,7 @@ class CCVC(Method):
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
         check_options(config.method)
         super().__init__(config, num_classes)
-        if config.model.get("name") != "ccvc":
-            raise ValueError(f"config.model.name={config.model.get('name')!r}; CCVC needs the two-branch 'ccvc' model")
+        check_network(config, "ccvc")
         self.opts = config.method
 
     # -- networks, state, streams ----------------------------------------------------------------

@@ -28,7 +28,7 @@ import ml_collections
 
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
-from csl_jax.methods.base import Method, StepContext, check_fields, init_network
+from csl_jax.methods.base import Method, StepContext, check_fields, check_network, init_network
 from csl_jax.methods.parts import cpcl_data  # noqa: F401  (registers the 'cpcl' geometry and 'cpcl_mask' view)
 from csl_jax.methods.parts import cpcl_losses, passes
 from csl_jax.models.cpcl import BRANCHES
@@ -79,9 +79,7 @@ class CPCL(Method):
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
         check_options(config.method)
-        if config.model.get("name") != NAME:
-            raise ValueError(f"config.model.name={config.model.get('name')!r}; CPCL trains the two-branch 'cpcl' "
-                             "network (csl_jax/models/cpcl.py); set --config.model.name=cpcl")
+        check_network(config, NAME)
         if config.loss.labeled not in LABELED_LOSSES:
             raise ValueError(f"config.loss.labeled={config.loss.labeled!r}; CPCL expects one of {LABELED_LOSSES}")
         weights = tuple(config.method.class_weights)

@@ -34,7 +34,7 @@ import ml_collections
 
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
-from csl_jax.methods.base import Method, StepContext, check_fields, init_network
+from csl_jax.methods.base import Method, StepContext, check_fields, check_network, init_network
 from csl_jax.methods.parts import css_data, css_losses, css_targets, passes, teacher, u2pl_contrastive
 from csl_jax.parallel import AXIS
 
@@ -100,12 +100,7 @@ class CSS(Method):
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
         check_options(config.method)
-        if config.model.get("name") != NAME:
-            raise ValueError(f"config.model.name={config.model.get('name')!r}: CSS trains the 'css' network "
-                             "(csl_jax/models/css.py); set --config.model.name=css")
-        if config.batch.labeled != config.batch.unlabeled:
-            raise ValueError(f"config.batch.labeled={config.batch.labeled} and config.batch.unlabeled="
-                             f"{config.batch.unlabeled} must be equal: CSS pairs labeled and unlabeled loss groups")
+        check_network(config, NAME, paired_batches=True)
         super().__init__(config, num_classes)
         self.opts = config.method
         self.group_size = int(config.loss.group_size)

@@ -32,7 +32,7 @@ import ml_collections
 
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
-from csl_jax.methods.base import Method, StepContext, check_fields, init_network, with_later_fields
+from csl_jax.methods.base import Method, StepContext, check_fields, check_network, init_network, with_later_fields
 from csl_jax.methods.parts import passes, u2pl_contrastive, u2pl_queue, u2pl_unsup
 from csl_jax.methods.parts import u2pl_data  # noqa: F401  (registers the 'u2pl' geometry and 'u2pl_box' view)
 from csl_jax.models.layers import resize_align_corners
@@ -138,12 +138,7 @@ class U2PL(Method):
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
         check_options(config.method)
-        if config.model.get("name") != NAME:
-            raise ValueError(f"config.model.name={config.model.get('name')!r}: U2PL trains the 'u2pl' network "
-                             "(csl_jax/models/u2pl.py); set --config.model.name=u2pl")
-        if config.batch.labeled != config.batch.unlabeled:
-            raise ValueError(f"config.batch.labeled={config.batch.labeled} and config.batch.unlabeled="
-                             f"{config.batch.unlabeled} must be equal: U2PL pairs labeled and unlabeled loss groups")
+        check_network(config, NAME, paired_batches=True)
         super().__init__(config, num_classes)
         self.opts = with_later_fields(config.method, LATER_FIELDS)
         self.group_size = int(config.loss.group_size)
