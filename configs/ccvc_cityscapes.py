@@ -9,8 +9,9 @@ same ImageNet file, model.init_from='imagenet'), OS8 with multi-grid (layer4 dil
 12/24/36; branch 2's mapping (1x1 conv, BN, ReLU, Dropout2d 0.5); crop 712; global batch 8 labeled /
 8 unlabeled, loss groups and CutMix partner groups of 2 (the official per-GPU batch on 4 GPUs); CutMix
 box always on; SGD lr 5e-3 everywhere (base 1e-3 x5 for backbones and the rest: optim.lr 5e-3,
-lr_multi 1), momentum 0.9, weight decay 1e-4 on all parameters, poly 0.9; 250 epochs over the
-unlabeled set; labeled loss CE (the yaml's OHEM is not selected by the official commands; OHEM 0.7 /
+lr_multi 1), momentum 0.9, weight decay 1e-4 on all parameters, poly 0.9 with the lr set after each
+step; 250 epochs over the unlabeled set, the reference's total steps (`STEPS`; 1/2 by the same
+formula); labeled loss CE (the yaml's OHEM is not selected by the official commands; OHEM 0.7 /
 100000 per 2 images with --config.loss.labeled=ohem); w_CE 1, w_con 1, w_dis 1, w_confident 2.0,
 tau 0 compared with the max logit; sliding-window evaluation at the CCVC window (712, stride 474,
 softmax sum) of branch 1, branch 2 and their logit average (the average picks the best checkpoint).
@@ -23,7 +24,12 @@ csl_jax.
 """
 
 from configs import common
+from configs.ccvc_pascal import split_steps
 from csl_jax.methods import ccvc
+
+#: total steps of the reference per split: 250 epochs x floor(ceil(|U| / 4 GPUs) / 2 per GPU), the
+#: iterations of a `DistributedSampler` loader (docs/methods/ccvc.md §5).
+STEPS = {"1_30": 89750, "1_16": 87250, "1_8": 81250, "1_4": 69750, "1_2": 46500}
 
 
 def get_config(arg: str = "1_16"):
@@ -31,6 +37,7 @@ def get_config(arg: str = "1_16"):
     ccvc.configure(c)
     c.data.name = "cityscapes"
     c.data.split = arg
+    c.optim.total_steps = split_steps("cityscapes", arg, STEPS)
     c.data.crop_size = 712
     c.model.init_from = "imagenet"
     c.model.depth = 50

@@ -86,6 +86,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay_on = "all"  # "all" params, or "kernels" only (conv/dense weights, not BN/bias)
     c.optim.poly_power = 0.9
     c.optim.min_lr = 0.0  # floor of the poly schedule (lr never decays below it)
+    # True: step 0 runs at lr and step t >= 1 at poly(t - 1), as loops that set the lr after each
+    # step (UniMatch, CCVC); False: step t runs at poly(t) (csl_jax/optim.py)
+    c.optim.lr_after_step = False
     c.optim.epochs = 80
     c.optim.total_steps = 0  # > 0 overrides epochs x iterations per epoch
 
@@ -184,7 +187,8 @@ def get_recipe(dataset: str, split: str, method: str, variant: str = "csl") -> m
     the unlabeled set, the method's option preset. CSL: OS8, ASPP 12/24/36, bf16 convolutions, the
     options of `variant` ('csl', 'csl_online', 'csl_released') and its `CSL_RECIPES` entry. Pascal
     and Cityscapes start from the ImageNet backbone (model.init_from='imagenet'); CamVid from
-    random weights, with the TMP block scaled to the crop (32 px at 321).
+    random weights, with the TMP block scaled to the crop (32 px at 321). The lr is set after each
+    step (`optim.lr_after_step`) except for CSL.
     """
     r = DATASET_RECIPES[dataset]
     c = get_base_config()
@@ -197,6 +201,8 @@ def get_recipe(dataset: str, split: str, method: str, variant: str = "csl") -> m
         c.model.init_from = "imagenet"
     c.optim.lr = r["lr"]
     c.optim.lr_multi = r["lr_multi"]
+    # UniMatch's loops set the lr after each step; CSL's Lightning LambdaLR gives step t poly(t)
+    c.optim.lr_after_step = method != "csl"
     c.eval.protocol = r["protocol"]
     if method == "supervised":
         c.batch.labeled = 16

@@ -13,6 +13,11 @@ Evaluations: 'teacher' and 'student' with the house sliding window (the referenc
 
 Targets: the paper's tables (ICCV 2023, arXiv 2307.09755) could not be retrieved in this session
 and the repository publishes none; no target numbers are recorded. Not yet measured with csl_jax.
+A number of the reference code is the maximum over its evaluations of the teacher after every labeled
+epoch (floor(|L| / 16) steps: 1_30: 6, 1_16: 11, 1_8: 23, 1_4: 46, 1_2: 93), e.g. 7,272
+evaluations at 1_16 (docs/methods/css.md "Official quirks"). `--config.eval.every_steps=11`
+(1_16; the step count above for the other splits) reproduces that schedule; `python -m
+csl_jax.report --select best` then reads the maximum.
 """
 
 from configs.css_pascal import css_recipe

@@ -32,6 +32,11 @@ Targets: the paper's tables (ICCV 2023, arXiv 2307.09755) could not be retrieved
 (the search tool returned only the abstract), and the official repository publishes no results;
 no target numbers are recorded here rather than unverified ones. Which rep_temp the published
 numbers used is unknown. Not yet measured with csl_jax at this recipe.
+A number of the reference code is the maximum over its evaluations of the teacher after every labeled
+epoch (floor(|L| / 32) steps: 92: 2, 183: 5, 366: 11, 732: 22, 1464: 45, 1_16: 20, 1_8: 41,
+1_4: 82), e.g. 1,777 evaluations at 1464 (docs/methods/css.md "Official quirks").
+`--config.eval.every_steps=45` (1464; the step count above for the other splits) reproduces that
+schedule; `python -m csl_jax.report --select best` then reads the maximum.
 """
 
 from configs import common

@@ -12,8 +12,12 @@ The method decides which parameters are 'backbone' and which are 'head'
     poly_power          lr_t = base * (1 - t / T)^power, step t (from 0) runs at lr_t
     min_lr              lr floor (default 0.0 = none): lr_t = max(base * (1 - t / T)^power, min_lr)
                         in every group, the same absolute floor for 'backbone' and 'head' (CSS)
+    lr_after_step       False (default): step t runs at lr_t. True: the lr is set after each step
+                        from that step's index (UniMatch, FixMatch, its supervised baseline, CCVC),
+                        so step 0 runs at lr_0 = base and step t >= 1 at lr_{t-1}
 
-`weight_decay_on` and `min_lr` may be absent from older configs; they default to 'all' and 0.0.
+`weight_decay_on`, `min_lr` and `lr_after_step` may be absent from older configs; they default to
+'all', 0.0 and False.
 """
 
 from __future__ import annotations
@@ -58,27 +62,33 @@ def param_groups(params: PyTree) -> PyTree:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def poly_schedule(base_lr: float, total_steps: int, power: float = 0.9, min_lr: float = 0.0) -> optax.Schedule:
-    """lr_t = max(base_lr * (1 - t / T)^power, min_lr); step 0 runs at base_lr (UniMatch's indexing).
+def poly_schedule(base_lr: float, total_steps: int, power: float = 0.9, min_lr: float = 0.0,
+                  lr_after_step: bool = False) -> optax.Schedule:
+    """Optimizer step count t -> lr_t = max(base_lr * (1 - t / T)^power, min_lr), or lr_{max(t-1, 0)}
+    with `lr_after_step` (the torch loops that set the lr after step t from index t, so that step 0
+    runs at base_lr and step t >= 1 at lr_{t-1}: UniMatch `unimatch.py`, `supervised.py`; CCVC).
 
     The floor is CSS's `PolyLR(optimizer, total_iter, min_lr=1e-4)`
     (`generalframeworks/scheduler/my_lr_scheduler.py`): `max(base_lr * (1 - t/T)^power, min_lr)`
     for every torch param group's own `base_lr`, i.e. a clamp of the ordinary poly curve, not a
     poly that decays towards `min_lr`, and the same absolute floor whatever the group's base lr.
     After T steps optax's poly stays at 0, so the clamped lr stays at `min_lr` (as CSS's does).
-    With `min_lr <= 0` the schedule is optax's polynomial schedule unchanged.
+    With `min_lr <= 0` and no `lr_after_step` the schedule is optax's polynomial schedule unchanged.
     """
     poly = optax.polynomial_schedule(init_value=base_lr, end_value=0.0, power=power, transition_steps=total_steps)
-    if min_lr <= 0.0:
-        return poly
-    return lambda count: jnp.maximum(poly(count), min_lr)
+    floored = poly if min_lr <= 0.0 else (lambda count: jnp.maximum(poly(count), min_lr))
+    if not lr_after_step:
+        return floored
+    return lambda count: floored(jnp.maximum(count - 1, 0))
 
 
 def group_schedules(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> dict[str, optax.Schedule]:
-    """{'backbone': lr schedule, 'head': lr schedule}: base lr and lr * lr_multi, the same poly and floor."""
+    """{'backbone': lr schedule, 'head': lr schedule}: base lr and lr * lr_multi, the same poly, floor
+    and indexing (`lr_after_step`)."""
     min_lr = float(optim_cfg.get("min_lr", 0.0))
+    after = bool(optim_cfg.get("lr_after_step", False))
     base = {"backbone": optim_cfg.lr, "head": optim_cfg.lr * optim_cfg.lr_multi}
-    return {g: poly_schedule(base[g], total_steps, optim_cfg.poly_power, min_lr) for g in GROUPS}
+    return {g: poly_schedule(base[g], total_steps, optim_cfg.poly_power, min_lr, after) for g in GROUPS}
 
 
 def is_kernel(path) -> bool:
@@ -142,5 +152,6 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int,
 
 
 def learning_rates(optim_cfg: ml_collections.ConfigDict, total_steps: int, step: jax.Array) -> dict:
-    """{'lr': backbone lr, 'lr_head': head lr} at `step` (floor included), for logging."""
+    """{'lr': backbone lr, 'lr_head': head lr} that step `step` (from 0) runs at, floor and
+    `lr_after_step` included, for logging."""
     return {_LOG_KEYS[g]: schedule(step) for g, schedule in group_schedules(optim_cfg, total_steps).items()}

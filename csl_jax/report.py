@@ -1,6 +1,7 @@
 """Results tables generated from training workdirs, never typed by hand.
 
-    python -m csl_jax.report RUN_DIR... [--select final|best] [--diag KEY[,KEY]] [--diag-steps K] [--out DIR]
+    python -m csl_jax.report RUN_DIR... [--select final|best] [--diag KEY[,KEY]] [--diag-steps K] [--per-class]
+                             [--out DIR]
 
 A RUN_DIR is a workdir (recognised by its config.json, see csl_jax.workdir) or a folder with
 workdirs below it. Per workdir the report reads:
@@ -8,7 +9,8 @@ workdirs below it. Per workdir the report reads:
     config.json          the run's config: method, dataset, split, seed and the recipe
     final_results.json   written by a finished run: 'evaluations' ({evaluation name: mIoU fraction})
                          and 'evaluation' (the one that picks the best checkpoint)
-    eval_results.jsonl   every evaluation at every evaluation step ('step', 'evaluation', 'miou')
+    eval_results.jsonl   every evaluation at every evaluation step ('step', 'evaluation', 'miou',
+                         'iou_per_class' {class name: IoU fraction})
     metrics.jsonl        the training scalars of every logged step (diagnostics)
     checkpoints/<step>/  where an unfinished run resumes
     .lock                present while a training run holds the workdir
@@ -23,8 +25,11 @@ warning on stderr names the keys. Only finished runs (with final_results.json) e
 unfinished ones are listed under the table with the step they reached.
 
 Printed: the command line, a caption line, the Markdown table (mIoU in %, `mean ± std (n)` over
-seeds, sample std with ddof=1; one seed shows its value alone), the unfinished runs. With --out
-DIR: DIR/report.json (the aggregated table, mIoU as fractions) and DIR/miou_over_steps.png.
+seeds, sample std with ddof=1; one seed shows its value alone), the unfinished runs. --per-class
+adds, per dataset and evaluation column, a table of the per-class IoU beside the mIoU of the same
+evaluation records (eval_results.jsonl: the final step's, or with --select best the best one's),
+classes named and ordered as the dataset's. With --out DIR: DIR/report.json (the aggregated
+table, mIoU as fractions; 'per_class' with --per-class) and DIR/miou_over_steps.png.
 """
 
 from __future__ import annotations
@@ -161,6 +166,24 @@ class Run:
                 raise ReportError(f"{os.path.join(self.workdir, EVAL_RESULTS)} has no record of evaluation {name!r}, "
                                   "which --select best needs")
             out[self.label(name)] = float(max(mious))
+        return out
+
+    def class_ious(self, select: str) -> dict[str, dict]:
+        """{column label: the eval_results.jsonl record of that evaluation whose values `values(select)`
+        reports}: the record at the final step ('final') or the first with the highest mIoU ('best').
+        ReportError naming the file when it lacks the record or its 'iou_per_class'."""
+        out = {}
+        for name in self.final["evaluations"]:
+            records = [r for r in self.evals if r.get("evaluation") == name]
+            if select == "final":
+                records = [r for r in records if r["step"] == self.final["step"]][-1:]
+            else:
+                records = [max(records, key=lambda r: r["miou"])] if records else []
+            if not records or not isinstance(records[0].get("iou_per_class"), dict):
+                at = f"at step {self.final['step']}" if select == "final" else "over the run"
+                raise ReportError(f"{os.path.join(self.workdir, EVAL_RESULTS)} has no 'iou_per_class' of evaluation "
+                                  f"{name!r} {at}, which --per-class needs")
+            out[self.label(name)] = records[0]
         return out
 
     def curve(self, label: str) -> dict[int, float]:
@@ -305,6 +328,26 @@ def aggregate(groups: Sequence[Group], select: str, diag: Sequence[str], diag_st
             "diag_steps": diag_steps, "rows": rows, "unfinished": unfinished}
 
 
+def per_class(groups: Sequence[Group], select: str) -> list[dict]:
+    """Per-class tables as JSON-ready data, one per (dataset, evaluation label) in first-seen order:
+    'dataset', 'evaluation', 'classes' (names in the records' order), 'rows' (one per group with a
+    finished run: 'split', 'method', 'miou' and 'classes' {name: summarize(...)} over its seeds)."""
+    tables: dict[tuple, dict] = {}
+    for group in groups:
+        per_run = [run.class_ious(select) for run in group.finished]
+        for label in dict.fromkeys(label for records in per_run for label in records):
+            records = [r[label] for r in per_run if label in r]
+            names = list(dict.fromkeys(c for record in records for c in record["iou_per_class"]))
+            table = tables.setdefault((group.dataset, label),
+                                      {"dataset": group.dataset, "evaluation": label, "classes": [], "rows": []})
+            table["classes"] += [c for c in names if c not in table["classes"]]
+            table["rows"].append({"split": group.split, "method": group.label,
+                                  "miou": summarize([r["miou"] for r in records]),
+                                  "classes": {c: summarize([r["iou_per_class"][c] for r in records
+                                                            if c in r["iou_per_class"]]) for c in names}})
+    return list(tables.values())
+
+
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +392,22 @@ def markdown(table: dict) -> str:
             lines.append(f"- `{u['workdir']}`: {u['dataset']} {u['split']} {u['method']} seed {u['seed']}, "
                          f"step {u['step']} of {u['of']}{checkpoint}{locked}")
     return "\n".join(lines)
+
+
+def per_class_markdown(tables: Sequence[dict], select: str) -> str:
+    """The Markdown of `per_class`'s tables: a caption line and a table each (IoU in %, `mean ± std (n)`)."""
+    which = "the final step's" if select == "final" else "the best one's"
+    blocks = []
+    for table in tables:
+        header = ["split", "method", "mIoU", *table["classes"]]
+        lines = [f"Per-class IoU (%) of {table['dataset']} `{table['evaluation']}`, {which} evaluation record "
+                 "(eval_results.jsonl): mean ± sample std (n seeds) over seeds.", "",
+                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in table["rows"]:
+            cells = [format_cell(row["classes"][c]) if c in row["classes"] else "-" for c in table["classes"]]
+            lines.append("| " + " | ".join([row["split"], row["method"], format_cell(row["miou"]), *cells]) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def plot_curves(groups: Sequence[Group], path: str) -> None:
@@ -398,6 +457,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="comma-separated metrics.jsonl keys to average over the last --diag-steps steps "
                              f"(default: those of {','.join(DEFAULT_DIAG)} that some run logs; '' for none)")
     parser.add_argument("--diag-steps", type=int, default=100, help="steps the diagnostics average over")
+    parser.add_argument("--per-class", action="store_true",
+                        help="add a per-class IoU table per dataset and evaluation (mean ± std over seeds)")
     parser.add_argument("--out", default="", help=f"folder for {JSON_FILE} and {PLOT_FILE}")
     return parser.parse_args(argv)
 
@@ -432,12 +493,16 @@ def report(argv: Sequence[str]) -> tuple[str, dict]:
     table = aggregate(groups, args.select, diag_keys(args.diag, runs), args.diag_steps)
     command = "python -m csl_jax.report " + shlex.join(argv)
     table.update(command=command, caption=caption(table), warnings=warnings)
+    text = f"$ {command}\n\n{table['caption']}\n\n{markdown(table)}"
+    if args.per_class:
+        table["per_class"] = per_class(groups, args.select)
+        text += "\n\n" + per_class_markdown(table["per_class"], args.select)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, JSON_FILE), "w") as f:
             json.dump(table, f, indent=1)
         plot_curves(groups, os.path.join(args.out, PLOT_FILE))
-    return f"$ {command}\n\n{table['caption']}\n\n{markdown(table)}", table
+    return text, table
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,8 @@
 against a PyTorch transcription of `Discrepancy_DeepLabV3Plus`, the branch-2 mapping and dropout,
 initialisation of both backbones from one file, optimiser groups and the predict functions."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ from csl_jax import optim
 from csl_jax.methods import build_method
 from csl_jax.models import build_model, ccvc, convert
 from csl_jax.train import TrainState
+from data_prep.splits import shipped_list, shipped_splits
 from tests.test_convert_parity import TorchDeepLab, randomise_bn
 
 tnn, F = torch.nn, torch.nn.functional
@@ -242,6 +245,39 @@ def test_recipes():
         assert got == e, name
         assert (c.model.name, c.model.init_from, c.data.cutmix_prob, c.method.confidence) == ("ccvc", "imagenet", 1.0,
                                                                                               "logit")
+
+
+def test_labeled_list_rule_and_configs_saved_before_it():
+    """CCVC's labeled list is drawn from the repeated list (`StreamSpec.repeat='sample'`); a config saved
+    before `labeled_repeat` existed keeps the tiled list it trained with, so its resume is exact."""
+    c = ccvc_pascal.get_config("366")
+    assert build_method(c, 21).streams()["labeled"].repeat == "sample"
+    del c.method["labeled_repeat"]
+    assert build_method(c, 21).streams()["labeled"].repeat == "tile"
+    c.method.labeled_repeat = "shuffle"
+    with pytest.raises(ValueError, match="config.method.labeled_repeat='shuffle'"):
+        build_method(c, 21)
+
+
+def test_recipe_steps_are_the_reference_totals():
+    """STEPS = epochs x floor(ceil(|U| / 4) / per-GPU batch): the iterations of the official loader
+    (xiaoyao3302/CCVC `CCVC_aug.py` lines 157-186 at 274672cca69e9aec809b3f0ecd86ed9885d2a0a5:
+    `DistributedSampler` over 4 GPUs, `drop_last=True`, `total_iters = len(trainloader_u) * epochs`;
+    4 GPUs x 4 on Pascal (README), x 2 on Cityscapes (`tools/train.sh`)), on csl_jax's lists."""
+    for module, family, per_gpu, epochs in ((ccvc_pascal, "pascal", 4, 40), (ccvc_cityscapes, "cityscapes", 2, 250)):
+        offered = {s for s in shipped_splits(family) if not s.startswith("u2pl_")}
+        assert set(module.STEPS) == offered, family
+        for split, steps in module.STEPS.items():
+            n_unlabeled = len(shipped_list(f"{family}/{split}/unlabeled.txt"))
+            assert steps == epochs * (math.ceil(n_unlabeled / 4) // per_gpu), (family, split)
+            config = module.get_config(split)
+            assert config.optim.total_steps == steps and config.optim.lr_after_step, (family, split)
+    # the totals quoted from the official runs
+    assert (ccvc_cityscapes.STEPS["1_16"], ccvc_cityscapes.STEPS["1_4"]) == (87250, 69750)
+    assert (ccvc_pascal.STEPS["183"], ccvc_pascal.STEPS["1464"]) == (26000, 22800)
+    with pytest.raises(ValueError, match="split 'u2pl_1_4' has no CCVC schedule; valid: 92, 183"):
+        ccvc_pascal.get_config("u2pl_1_4")
+    assert ccvc_camvid.get_config("1_8").optim.total_steps == 0  # csl_jax's own recipe: 240 epochs
 
 
 def test_train_step_benchmark_knows_ccvc(tmp_path):

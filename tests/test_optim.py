@@ -2,7 +2,8 @@
 
 The reference below is written from torch's documented SGD update (momentum, dampening 0,
 optional Nesterov, weight decay added to the gradient), one param group per label with its own
-lr, and the poly lr max(base * (1 - t/T)^power, min_lr) set before step t.
+lr, and the poly lr max(base * (1 - t/T)^power, min_lr) set before step t, or (lr_after_step)
+from index t - 1 after step t - 1 as UniMatch's loop.
 """
 
 import jax
@@ -52,16 +53,19 @@ def flat(tree):
 
 
 def reference_sgd(params, grads_seq, *, lr, lr_multi, momentum, nesterov, weight_decay, poly_power, min_lr=0.0,
-                  decayed=lambda name: True, is_backbone=lambda name: "backbone" in name.split("/")[:-1]):
-    """torch.optim.SGD.step (float64) with a per-group lr set by PolyLR before each step."""
+                  lr_after_step=False, decayed=lambda name: True,
+                  is_backbone=lambda name: "backbone" in name.split("/")[:-1]):
+    """torch.optim.SGD.step (float64) with a per-group lr set by PolyLR before each step, or
+    (`lr_after_step`) the initial lr at step 0 and the poly lr of index t - 1 at step t."""
     p = flat(params)
     buf = {}
     for t, grads in enumerate(grads_seq):
         g = flat(grads)
+        index = max(t - 1, 0) if lr_after_step else t
         for name in p:
             base = lr if is_backbone(name) else lr * lr_multi
             # Past T CSS's PolyLR is undefined (a negative base to 0.9); optax holds the poly at 0.
-            lr_t = max(base * (1 - min(t, T) / T) ** poly_power, min_lr)
+            lr_t = max(base * (1 - min(index, T) / T) ** poly_power, min_lr)
             d_p = g[name] + weight_decay * p[name] if decayed(name) else g[name]
             if name not in buf:
                 buf[name] = d_p.copy()
@@ -205,6 +209,40 @@ def test_learning_rates_logging_and_defaults():
     params = two_nets(np.random.default_rng(7))
     grads = grads_like(params, 8)
     implicit = run_optax(optim.make_optimizer(c, T), params, grads)
-    explicit = run_optax(optim.make_optimizer(cfg(lr=0.01, weight_decay_on="all", min_lr=0.0), T), params, grads)
+    explicit = run_optax(optim.make_optimizer(cfg(lr=0.01, weight_decay_on="all", min_lr=0.0, lr_after_step=False), T),
+                         params, grads)
     for k in implicit:
         np.testing.assert_array_equal(implicit[k], explicit[k])
+
+
+def test_lr_after_step_sequence_logging_and_resume():
+    """lr_after_step: LiheYoung/UniMatch `unimatch.py` lines 194-208 (and `supervised.py` 177-184)
+    at 0324f3dd4a22128105a5eb135d2586c0bb3cc647 call `optimizer.step()`, then set the lr from the
+    index of that step, so steps 0..T-1 run at base, poly(0), poly(1), ..., poly(T-2)."""
+    c = cfg(lr_after_step=True, min_lr=0.06)  # the floor applies to the shifted poly
+    poly = (1 - np.arange(T) / T) ** 0.9  # poly(0..T-1): 1, 0.772, 0.536, 0.287
+    shifted = np.array([1.0, poly[0], poly[1], poly[2]])
+    lrs = [optim.learning_rates(c, T, jnp.asarray(t)) for t in range(T)]
+    np.testing.assert_allclose([float(lr["lr"]) for lr in lrs], np.maximum(0.1 * shifted, 0.06), rtol=1e-6)
+    np.testing.assert_allclose([float(lr["lr_head"]) for lr in lrs], np.maximum(1.0 * shifted, 0.06), rtol=1e-6)
+
+    params = two_nets(np.random.default_rng(9))
+    rng = np.random.default_rng(10)
+    grads = [jax.tree.map(lambda x: rng.normal(size=np.shape(x)), params) for _ in range(T)]
+    reference = reference_sgd(params, grads, **c.to_dict())
+    assert_close(run_optax(optim.make_optimizer(c, T), params, grads), reference)
+    assert not np.allclose(reference_sgd(params, grads, **cfg(min_lr=0.06).to_dict())["branch1/aspp/conv/kernel"],
+                           reference["branch1/aspp/conv/kernel"])  # the shift changes the run
+
+    # A resume after 2 steps: a new optimizer from the saved state (host copies, as a checkpoint)
+    # continues the sequence from optax's step count.
+    tx = optim.make_optimizer(c, T)
+    p = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    state = tx.init(p)
+    for t in range(T):
+        if t == 2:
+            p, state = jax.device_get((p, state))
+            tx = optim.make_optimizer(c, T)
+        updates, state = tx.update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), grads[t]), state, p)
+        p = jax.tree.map(lambda a, u: a + u, p, updates)
+    assert_close(flat(p), reference)

@@ -138,16 +138,59 @@ def test_resume_from_iterator_state(root, workers):
     _assert_same(expected, _take(fresh, 3))
 
 
+SAMPLED = data.StreamSpec("labeled", "labeled", epoch_of="unlabeled", repeat="sample")
+
+
 def test_epoch_orders():
-    base = pipeline._epoch_base(n_source=4, n_unlabeled=10, epoch_of="unlabeled")
-    np.testing.assert_array_equal(np.bincount(base), [3, 3, 2, 2])  # ceil(10/4) = 3 repeats, truncated
-    assert len(pipeline._epoch_base(4, 10, epoch_of="own")) == 4
+    rng = np.random.default_rng(0)
+    base = pipeline._epoch_base(n_source=4, n_unlabeled=10, spec=SEMI_LABELED, rng=rng)
+    np.testing.assert_array_equal(base, [0, 1, 2, 3, 0, 1, 2, 3, 0, 1])  # 'tile': 3 repeats, the first 10
+    np.testing.assert_array_equal(pipeline._epoch_base(4, 10, SUP_LABELED, rng), [0, 1, 2, 3])
     order = pipeline._EpochOrder(np.arange(7), seed=0, stream=1)
     epochs = [[order(e * 7 + p) for p in range(7)] for e in range(3)]
     assert all(sorted(e) == list(range(7)) for e in epochs)  # each epoch is a permutation
     assert epochs[0] != epochs[1] != epochs[2]
     again = pipeline._EpochOrder(np.arange(7), seed=0, stream=1)  # pure function of the index
     assert [again(p) for p in range(13, 6, -1)] == epochs[1][::-1]
+
+
+def test_sampled_repeat_rule():
+    """repeat='sample' (U2PL `random.sample(list * ceil(|U|/|L|), |U|)`): |U| of the k |L| entries
+    without replacement, a pure function of the generator; `tile` is the same list cut at |U|."""
+    n, u = 7, 30  # k = ceil(30/7) = 5: 35 entries, 5 dropped
+    bases = [pipeline._epoch_base(n, u, SAMPLED, np.random.default_rng([seed, 0, 3])) for seed in range(400)]
+    for base in bases:
+        counts = np.bincount(base, minlength=n)
+        assert len(base) == u and counts.max() <= 5 and counts.sum() == u  # each item 5 times, 5 entries dropped
+    np.testing.assert_array_equal(bases[1], pipeline._epoch_base(n, u, SAMPLED, np.random.default_rng([1, 0, 3])))
+    assert len({b.tobytes() for b in bases}) == len(bases)  # the seeds draw different lists
+    # Every entry is dropped with probability 5/35, so item i appears 5 * 30/35 = 30/7 times on average
+    # (tile: items 0 and 1 five times, the rest four).
+    np.testing.assert_allclose(np.mean([np.bincount(b, minlength=n) for b in bases], 0), 30 / 7, atol=0.1)
+    # |L| > |U| (k = 1): a random subset of distinct items, where 'tile' always keeps the first |U|
+    subsets = {tuple(sorted(pipeline._epoch_base(4, 3, SAMPLED, np.random.default_rng(seed)))) for seed in range(20)}
+    assert all(len(set(s)) == 3 for s in subsets) and len(subsets) == 4
+    with pytest.raises(ValueError, match="repeat='sample' needs epoch_of='unlabeled'"):
+        data.StreamSpec("labeled", "labeled", repeat="sample")
+    with pytest.raises(ValueError, match="StreamSpec.repeat='shuffle'; valid: tile, sample"):
+        data.StreamSpec("labeled", "labeled", epoch_of="unlabeled", repeat="shuffle")
+
+
+@pytest.fixture(scope="module")
+def root_uneven(tmp_path_factory):
+    """Split 1_4 with 5 labeled and 17 unlabeled images: 4 repeats of the labeled list are 20 entries."""
+    return synthetic.prepare(tmp_path_factory.mktemp("syn22"), num_train=22, num_val=4, image_size=(40, 56), seed=0)
+
+
+@pytest.mark.parametrize("spec", [SEMI_LABELED, SAMPLED], ids=["tile", "sample"])
+def test_labeled_repeat_rules_in_the_stream(root_uneven, spec):
+    """Two epochs of the labeled stream (6 batches of 4 > 17) against the seeding rule; every epoch
+    permutes the same list (drawn once per seed with 'sample')."""
+    cfg = _cfg(root_uneven)
+    _assert_same(_reference(cfg, spec, 0, 3, 4, 6), _take(_labeled(cfg, seed=3, global_batch=4, spec=spec), 6))
+    order = pipeline._EpochOrder(pipeline._epoch_base(5, 17, spec, np.random.default_rng([3, 0, 3])), seed=3, stream=0)
+    epochs = [sorted(order(e * 17 + p) for p in range(17)) for e in range(3)]
+    assert epochs[0] == epochs[1] == epochs[2]
 
 
 def test_eval_dataset_is_original_and_exact(root):
@@ -287,11 +330,18 @@ def test_tmp_block_scales_with_the_crop(crop):
 def _reference(cfg, spec, stream, seed, global_batch, num_batches, process_index=0, process_count=1,
                geometry=transforms.sample_geometry):
     """Batches computed directly from the documented rule (not through the pipeline): epoch e of the
-    stream's list (cyclically extended to |U| when epoch_of='unlabeled') is permuted by (seed, stream, 1, e);
-    sample i's geometry is drawn from (seed, stream, 2, i, 0) and view v's from (seed, stream, 2, i, id_v)."""
+    stream's list (when epoch_of='unlabeled': repeated k = ceil(|U|/|list|) times, then its first |U|
+    entries, or with repeat='sample' those at the first |U| positions of the permutation of (seed,
+    stream, 3)) is permuted by (seed, stream, 1, e); sample i's geometry is drawn from
+    (seed, stream, 2, i, 0) and view v's from (seed, stream, 2, i, id_v)."""
     labeled, unlabeled = sources.train_sources(cfg)
     records = labeled if spec.source == "labeled" else unlabeled
-    base = np.resize(np.arange(len(records)), len(unlabeled) if spec.epoch_of == "unlabeled" else len(records))
+    base = np.arange(len(records))
+    if spec.epoch_of == "unlabeled":
+        base = np.resize(base, -(-len(unlabeled) // len(records)) * len(records))
+        keep = np.random.default_rng([seed, stream, 3]).permutation(len(base)) if spec.repeat == "sample" else \
+            np.arange(len(base))
+        base = base[keep[:len(unlabeled)]]
     crop, b = cfg.crop_size, global_batch // process_count
     batches = []
     for k in range(num_batches):

@@ -66,6 +66,17 @@ def test_published_recipes_start_from_imagenet_weights():
         assert config.model.init_from == "none"
 
 
+def test_lr_after_step_per_recipe():
+    """UniMatch's loops (unimatch.py, fixmatch.py, supervised.py) set the lr after each step; CSL's
+    Lightning module steps a LambdaLR after each step, so its step t runs at poly(t) (docs/methods/csl.md §11)."""
+    for dataset in common.DATASET_RECIPES:
+        for method in ("supervised", "unimatch", "fixmatch"):
+            assert common.get_recipe(dataset, "1_8", method).optim.lr_after_step, (dataset, method)
+        for variant in VARIANT_TABLE:
+            assert not common.get_recipe(dataset, "1_8", "csl", variant).optim.lr_after_step, (dataset, variant)
+    assert not demo.get_config().optim.lr_after_step and not common.get_base_config().optim.lr_after_step
+
+
 def test_tmp_block_scaling_per_recipe():
     # Pascal and Cityscapes: the reference's 32 px at any crop; CamVid and the demo: 32 px at 321, scaled
     assert (csl_pascal.get_config().data.block_size_reference_crop,

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from configs import demo
-from csl_jax import report, run_info, train
+from csl_jax import data, report, run_info, train
 from csl_jax import workdir as workdir_lib
 from tests.test_training_run import tiny_config
 
@@ -26,7 +26,8 @@ def make_workdir(path, method="supervised", seed=0, final=None, evals=(), metric
     """A workdir as a run leaves it: config.json (demo config of `method`, `overrides` as
     {'method.teacher': 'online'}), final_results.json when `final` ({evaluation: mIoU}, the first
     picks the best checkpoint), eval_results.jsonl (`evals`: (step, evaluation, mIoU)),
-    metrics.jsonl (`metrics`: dicts with 'step') and checkpoints/<checkpoint>/."""
+    metrics.jsonl (`metrics`: dicts with 'step') and checkpoints/<checkpoint>/. An `evals` entry may
+    add a fourth item, the record's 'iou_per_class' ({class name: IoU})."""
     config = demo.get_config(method)
     config.seed = seed
     for key, value in overrides.items():
@@ -43,8 +44,9 @@ def make_workdir(path, method="supervised", seed=0, final=None, evals=(), metric
             json.dump({"step": 300, "total_steps": 300, "finished": True, "miou": next(iter(final.values())),
                        "evaluation": next(iter(final)), "evaluations": final, "unit": "fraction"}, f)
     with open(os.path.join(path, "eval_results.jsonl"), "w") as f:
-        for step, name, miou in evals:
-            f.write(json.dumps({"step": step, "evaluation": name, "miou": miou}) + "\n")
+        for step, name, miou, *per_class in evals:
+            record = {"step": step, "evaluation": name, "miou": miou}
+            f.write(json.dumps(dict(record, **{"iou_per_class": c for c in per_class})) + "\n")
     with open(os.path.join(path, "metrics.jsonl"), "w") as f:
         for record in metrics:
             f.write(json.dumps(record) + "\n")
@@ -137,6 +139,61 @@ def test_table_means_sample_std_per_seed_and_unfinished(handmade, capsys, tmp_pa
                                     "workdir": str(handmade / "nested" / "csl_s3"), "step": 120, "of": 300,
                                     "checkpoint": 100, "locked": True}]
     assert saved["command"] == f"python -m csl_jax.report {handmade} --out {tmp_path / 'out'}"
+
+
+CLASSES = ("background", "disk", "square")
+
+
+def test_per_class_tables(tmp_path, capsys):
+    """--per-class: per dataset and evaluation, each class's IoU over the seeds' records of the
+    final step (or of the best one with --select best), beside their mIoU."""
+    root = tmp_path / "runs"
+    rng = np.random.default_rng(0)
+    ious = {}  # (seed, step, evaluation) -> per-class IoU
+    for seed in (0, 1):
+        evals = []
+        for step in (150, 300):
+            for name in ("teacher", "student"):
+                ious[seed, step, name] = rng.uniform(0.2, 0.9, len(CLASSES))
+                evals.append((step, name, ious[seed, step, name].mean(), dict(zip(CLASSES, ious[seed, step, name]))))
+        make_workdir(root / f"csl_s{seed}", "csl", seed, {n: ious[seed, 300, n].mean() for n in ("teacher", "student")},
+                     evals=evals)
+    sup = {"background": 0.9, "disk": 0.5, "square": 0.25}
+    make_workdir(root / "sup_s0", "supervised", 0, {"model": 0.55}, evals=[(300, "model", 0.55, sup)])
+
+    code, out, err = run_report(capsys, root, "--per-class", "--out", tmp_path / "out")
+    assert code == 0 and err == ""
+    blocks = out.split("Per-class IoU (%) of ")[1:]
+    assert [b.split("\n")[0] for b in blocks] == [
+        f"synthetic `{label}`, the final step's evaluation record (eval_results.jsonl): mean ± sample std "
+        "(n seeds) over seeds." for label in ("teacher val", "student val", "model val")]
+    header, rows = table_rows(blocks[0])
+    assert header == ["split", "method", "mIoU", *CLASSES]
+    [teacher] = [[c.strip() for c in line.strip("|").split("|")] for line in blocks[0].splitlines()
+                 if line.startswith("| 1_4 ")]
+    finals = np.array([ious[seed, 300, "teacher"] for seed in (0, 1)])
+    assert teacher == ["1_4", "csl", cell(finals.mean(1)), *[cell(finals[:, c]) for c in range(len(CLASSES))]]
+    assert teacher[2] == table_rows(out)[1]["csl"]["teacher val"]  # the same mIoU as the main table
+    assert "| 1_4 | supervised | 55.00 | 90.00 | 50.00 | 25.00 |" in blocks[2]
+    with open(tmp_path / "out" / "report.json") as f:
+        saved = json.load(f)["per_class"]
+    assert [(t["dataset"], t["evaluation"], t["classes"]) for t in saved] == [
+        ("synthetic", label, list(CLASSES)) for label in ("teacher val", "student val", "model val")]
+    disk = saved[1]["rows"][0]["classes"]["disk"]
+    student = np.array([ious[seed, 300, "student"][1] for seed in (0, 1)])
+    assert (disk["mean"], disk["std"], disk["n"]) == pytest.approx((student.mean(), student.std(ddof=1), 2))
+
+    # --select best: the record of the best mIoU of each run
+    code, out, _ = run_report(capsys, root / "csl_s0", root / "csl_s1", "--per-class", "--select", "best")
+    best = [max((ious[seed, step, "student"] for step in (150, 300)), key=np.mean) for seed in (0, 1)]
+    student_block = out.split("Per-class IoU (%) of synthetic `student val`, the best one's evaluation")[1]
+    assert f"| 1_4 | csl | {cell(np.mean(best, 1))} | {cell([b[0] for b in best])} |" in student_block
+
+    # A record without per-class IoU (an older run) names the file.
+    old = make_workdir(tmp_path / "old", "supervised", 0, {"model": 0.5}, evals=[(300, "model", 0.5)])
+    code, _, err = run_report(capsys, old, "--per-class")
+    assert (code, err) == (2, f"error: {os.path.join(old, 'eval_results.jsonl')} has no 'iou_per_class' of "
+                              "evaluation 'model' at step 300, which --per-class needs\n")
 
 
 def test_select_best_takes_the_maximum_over_the_run(handmade, capsys):
@@ -313,6 +370,18 @@ def test_report_of_tiny_runs(runs, capsys, tmp_path):
     with Image.open(out_dir / "miou_over_steps.png") as image:
         image.verify()
         assert image.size == (3 * 550, 400)  # three evaluations side by side, 5.5 x 4 in at 100 dpi
+
+    # --per-class: the dataset's class names, each seed's record of the last step
+    code, out, _ = run_report(capsys, runs / "camvid_like" / "sup_s0", runs / "camvid_like" / "sup_s1", "--per-class")
+    config = workdir_lib.load_config(str(runs / "camvid_like" / "sup_s0" / "config.json"))
+    names = list(data.dataset_info(config.data).class_names)
+    header, rows = table_rows(out.split("Per-class IoU (%) of ")[1])
+    records = [[json.loads(line) for line in open(runs / "camvid_like" / f"sup_s{seed}" / "eval_results.jsonl")][-1]
+               for seed in (0, 1)]
+    assert header == ["split", "method", "mIoU", *names] and all(r["step"] == 6 for r in records)
+    [row] = rows.values()  # one row (table_rows keys rows by their third cell, here the mIoU)
+    assert (row["method"], row["mIoU"]) == ("supervised", cell(sup))
+    assert [row[c] for c in names] == [cell([r["iou_per_class"][c] for r in records]) for c in names]
 
 
 def test_module_entry_point_exit_codes(runs, tmp_path):

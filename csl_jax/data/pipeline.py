@@ -5,8 +5,10 @@ Sample order and augmentation are pure functions of (seed, stream id, global sam
   zlib.crc32(name) + 3 (stable across processes and runs; a name whose id another name of this
   process already has is refused);
 - an epoch is one pass over the stream's list (`epoch_of='own'`) or, with `epoch_of='unlabeled'`,
-  over the list repeated ceil(|U|/|list|) times and truncated to |U|; each epoch is a permutation
-  drawn from (seed, stream id, 1, epoch); streams never end;
+  over the list repeated k = ceil(|U|/|list|) times and cut to |U| entries: the first |U|
+  (`repeat='tile'`) or |U| of the k |list| positions drawn without replacement, once per run, by
+  the permutation from (seed, stream id, 3) (`repeat='sample'`); each epoch is a permutation of
+  that list drawn from (seed, stream id, 1, epoch); streams never end;
 - global batch k holds global sample indices [kB, (k+1)B); process p of P yields the slice
   [kB + pB/P, kB + (p+1)B/P), so batches do not depend on the number of processes or workers;
 - sample i's geometry generator is seeded with (seed, stream id, 2, i, 0) and each view's with
@@ -41,6 +43,7 @@ from csl_jax.data import sources, transforms, views as views_lib
 
 SOURCES = ("labeled", "unlabeled")
 EPOCHS_OF = ("own", "unlabeled")
+REPEATS = ("tile", "sample")
 _FIXED_STREAM_IDS = {"labeled": 0, "unlabeled": 1, "mix": 2}
 _STREAM_NAMES = {i: n for n, i in _FIXED_STREAM_IDS.items()}  # id -> name, every stream id of this process
 _DEFAULTS = {"num_workers": 0, "num_threads": 2, "prefetch": 2}
@@ -60,18 +63,25 @@ class StreamSpec:
     views:    names in `views.VIEWS`, added to the base sample.
     geometry: name in `transforms.GEOMETRIES`.
     epoch_of: 'own': an epoch is one pass over its own list; 'unlabeled': the list repeated
-              ceil(|U|/|list|) times and truncated to |U| (the semi-supervised labeled stream).
+              ceil(|U|/|list|) times and cut to |U| entries (the semi-supervised labeled stream).
+    repeat:   with epoch_of='unlabeled', which |U| entries: 'tile' the first ones (UniMatch: the
+              first images of the list get the extra copies), 'sample' ones drawn without
+              replacement once per run seed (U2PL's `random.sample`, CCVC's shuffle and cut).
     """
     source: str
     batch: str
     views: tuple[str, ...] = ()
     geometry: str = "unimatch"
     epoch_of: str = "own"
+    repeat: str = "tile"
 
     def __post_init__(self):
         _choice("StreamSpec.source", self.source, SOURCES)
         _choice("StreamSpec.batch", self.batch, SOURCES)
         _choice("StreamSpec.epoch_of", self.epoch_of, EPOCHS_OF)
+        _choice("StreamSpec.repeat", self.repeat, REPEATS)
+        if self.repeat != "tile" and self.epoch_of != "unlabeled":
+            raise ValueError(f"StreamSpec.repeat={self.repeat!r} needs epoch_of='unlabeled' (nothing is repeated)")
         object.__setattr__(self, "views", tuple(self.views))
         repeated = sorted({v for v in self.views if self.views.count(v) > 1})
         if repeated:
@@ -174,13 +184,19 @@ def _iterator(data_cfg, sample: _Sample) -> grain.DatasetIterator:
     return iter(it_ds)
 
 
-def _epoch_base(n_source: int, n_unlabeled: int, epoch_of: str) -> np.ndarray:
-    """Per-epoch index list of a source of `n_source` images: once ('own') or repeated to |U| ('unlabeled')."""
-    if epoch_of == "own":
+def _epoch_base(n_source: int, n_unlabeled: int, spec: StreamSpec, rng: np.random.Generator) -> np.ndarray:
+    """Per-epoch source indices (int64) of a source of `n_source` images: each once (epoch_of='own'),
+    or (n_unlabeled,) entries of arange(n_source) tiled ceil(n_unlabeled / n_source) times: the
+    first ones (repeat='tile') or those at n_unlabeled positions drawn without replacement by
+    `rng` (repeat='sample')."""
+    if spec.epoch_of == "own":
         return np.arange(n_source)
     if n_unlabeled == 0:
         raise ValueError("semi-supervised epochs need unlabeled images; the split has none")
-    return np.tile(np.arange(n_source), math.ceil(n_unlabeled / n_source))[:n_unlabeled]
+    repeated = np.tile(np.arange(n_source), math.ceil(n_unlabeled / n_source))
+    if spec.repeat == "tile":
+        return repeated[:n_unlabeled]
+    return repeated[rng.permutation(len(repeated))[:n_unlabeled]]
 
 
 def stream_iterator(data_cfg, spec: StreamSpec, *, name: str, seed: int, global_batch: int, process_index: int = 0,
@@ -206,7 +222,7 @@ def stream_iterator(data_cfg, spec: StreamSpec, *, name: str, seed: int, global_
     records = labeled if spec.source == "labeled" else unlabeled
     if len(records) == 0:
         raise ValueError(f"config.data.split={data_cfg.get('split')!r} has no {spec.source} images")
-    order = _EpochOrder(_epoch_base(len(records), len(unlabeled), spec.epoch_of), seed, sid)
+    order = _EpochOrder(_epoch_base(len(records), len(unlabeled), spec, _rng(seed, sid, 3)), seed, sid)
     resolved = []
     for view in spec.views:
         entry = views_lib.VIEWS[view]

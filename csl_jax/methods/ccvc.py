@@ -31,12 +31,13 @@ import ml_collections
 
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
-from csl_jax.methods.base import Method, StepContext, check_fields, check_network, init_network
+from csl_jax.data.pipeline import REPEATS
+from csl_jax.methods.base import Method, StepContext, check_fields, check_network, init_network, with_later_fields
 from csl_jax.methods.parts import ccvc_losses, losses, passes, views
 from csl_jax.models.ccvc import BRANCHES
 from csl_jax.parallel import AXIS
 
-_CHOICES = {"confidence": ccvc_losses.CONFIDENCES, "mask_alignment": ("reference", "mixed")}
+_CHOICES = {"confidence": ccvc_losses.CONFIDENCES, "mask_alignment": ("reference", "mixed"), "labeled_repeat": REPEATS}
 #: The reference softmax confidence behind the logged "Mask" ratio (a diagnostic only).
 MASK_RATIO_THRESHOLD = 0.95
 #: fold_in index of each train-mode pass, so the mapping's Dropout2d masks differ between passes.
@@ -49,24 +50,32 @@ def default_options() -> ml_collections.ConfigDict:
     Fields: name; w_ce, w_con, w_dis (loss weights); w_confident (weight of confident conflicting
     pseudo-labels); tau (`conf_threshold`); confidence ('logit' | 'prob'); mask_alignment
     ('reference' | 'mixed'); mix_group (CutMix partner = reversal inside groups of this many
-    consecutive unlabeled samples: the reference per-GPU batch).
+    consecutive unlabeled samples: the reference per-GPU batch); labeled_repeat (`StreamSpec.repeat`
+    of the labeled list: 'sample', the reference's shuffle-and-cut of the repeated list,
+    `dataset/aug_semi2.py` lines 25-28; 'tile' before it existed).
     """
     return ml_collections.ConfigDict(dict(
         name="ccvc", w_ce=5.0, w_con=2.0, w_dis=1.0, w_confident=1.5, tau=0.9, confidence="logit",
-        mask_alignment="reference", mix_group=4))
+        mask_alignment="reference", mix_group=4, labeled_repeat="sample"))
+
+
+#: fields added after CCVC's first release, with the values older saved configs meant.
+LATER_FIELDS = {"labeled_repeat": "tile"}
 
 
 def configure(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Turns a config into a CCVC one: the 'ccvc' model, `default_options()`, CutMix box always on."""
+    """Turns a config into a CCVC one: the 'ccvc' model, `default_options()`, CutMix box always on,
+    the lr set after each step (`CCVC_aug.py` sets the poly lr after `optimizer.step()`)."""
     c.model.name = "ccvc"
     c.method = default_options()
     c.data.cutmix_prob = 1.0
+    c.optim.lr_after_step = True
     return c
 
 
 def check_options(opts: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the `config.method` field that is missing or invalid."""
-    check_fields(opts, default_options(), "ccvc", _CHOICES)
+    check_fields(with_later_fields(opts, LATER_FIELDS), default_options(), "ccvc", _CHOICES)
     if int(opts.mix_group) < 1:
         raise ValueError(f"config.method.mix_group={opts.mix_group} must be >= 1")
     for key in ("w_ce", "w_con", "w_dis", "w_confident"):
@@ -90,7 +99,7 @@ class CCVC(Method):
         check_options(config.method)
         super().__init__(config, num_classes)
         check_network(config, "ccvc")
-        self.opts = config.method
+        self.opts = with_later_fields(config.method, LATER_FIELDS)
 
     # -- networks, state, streams ----------------------------------------------------------------
     def init(self, rng, image_shape):
@@ -102,7 +111,8 @@ class CCVC(Method):
                 {"batch_stats": {name: nets[name]["batch_stats"] for name in BRANCHES}})
 
     def streams(self):
-        return {"labeled": StreamSpec(source="labeled", batch="labeled", epoch_of="unlabeled"),
+        return {"labeled": StreamSpec(source="labeled", batch="labeled", epoch_of="unlabeled",
+                                      repeat=self.opts.labeled_repeat),
                 "unlabeled": StreamSpec(source="unlabeled", batch="unlabeled", views=("strong",))}
 
     # -- evaluation ------------------------------------------------------------------------------

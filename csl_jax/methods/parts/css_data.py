@@ -94,8 +94,8 @@ def warp(weak: np.ndarray, rng: np.random.Generator, crop: int, scale: tuple[flo
 
 def css_photometric(weak: np.ndarray, valid: np.ndarray, rng: np.random.Generator, crop: int, options) -> dict:
     """The 'css_photometric' view: {'css_image': (crop, crop, 3) float32, normalised}. The reflected
-    padding is jittered with the image (the reference jitters before padding; the blur may differ
-    at the padding seam)."""
+    padding is jittered and blurred with the image: the reference's `transform` also pads and crops
+    before its jitter and blur."""
     del valid, crop, options
     return {"css_image": transforms.normalize(photometric(weak, rng))}
 
