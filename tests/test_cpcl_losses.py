@@ -1,7 +1,8 @@
-"""CPCL loss pieces against float64 PyTorch / NumPy transcriptions of the official exp_*/train.py
-statements (NCHW tensors, sklearn's confusion_matrix written out), the class-weighted
+"""CPCL loss pieces against float64 PyTorch / NumPy transcriptions of the official code: the unlabeled
+part of leofansq/CPCL exp_voc/train.py and exp_city/train.py at HEAD f0e1800 and at the first commit
+0bf0c50 (NCHW tensors, sklearn's confusion_matrix written out), the class-weighted
 ProbOhemCrossEntropy2d of furnace/seg_opr/loss_opr.py, and the device split of every batch-global
-statistic."""
+statistic. The recipes' defaults give HEAD's losses; `:SPLIT,first_commit` gives 0bf0c50's."""
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +12,13 @@ import torch
 import torch.nn.functional as F
 from jax.sharding import PartitionSpec as P
 
+from configs import cpcl_camvid, cpcl_cityscapes, cpcl_pascal
 from csl_jax import parallel
+from csl_jax.methods import cpcl
 from csl_jax.methods.parts import cpcl_losses as cl
 
 C = 5
+HEAD, FIRST = "f0e1800", "0bf0c50"  # leofansq/CPCL commits
 
 
 def confusion_matrix(y_true, y_pred, n):
@@ -24,22 +28,36 @@ def confusion_matrix(y_true, y_pred, n):
     return out
 
 
-def reference_unsup(logits_tea_1, logits_tea_2, stu_1, stu_2, reduction):
-    """The official unlabeled part, float64, on mixed teacher logits and student logits (B, C, H, W).
+def reference_unsup(logits_tea_1, logits_tea_2, stu_1, stu_2, commit=HEAD, exp="exp_voc"):
+    """The official unlabeled part in float64, on mixed teacher logits and student logits (B, C, H, W).
 
-    reduction 'mean' is exp_voc (criterion = CrossEntropyLoss(reduction='mean')), 'none' exp_city.
+    leofansq/CPCL `exp`/train.py at `commit`: lines 174-201 (0bf0c50's exp_voc: 173-200), the
+    criterion from lines 69-71. exp_voc and exp_city have the same statements at each commit except
+    the unlabeled criterion of 0bf0c50's exp_voc. The commits differ in three statements:
+    - loss_w_k: HEAD `torch.max(F.softmax(z, dim=1), dim=1)[0]` (line 181); 0bf0c50
+      `torch.max(F.softmax(z, dim=-1))` (exp_voc line 180, exp_city 181);
+    - w: HEAD `w / (np.sum(w) + 1e-6)` (line 186); 0bf0c50 `w / np.sum(w)` (exp_voc 185, exp_city 186);
+    - the unlabeled criterion: `criterion_unsup`, CrossEntropyLoss(reduction='none') (HEAD exp_voc
+      line 70, exp_city line 71 at both commits); 0bf0c50's exp_voc uses `criterion` (line 69,
+      reduction='mean').
     """
+    first = commit == FIRST
     label = list(range(C))
+    reduction = "mean" if first and exp == "exp_voc" else "none"
     criterion = torch.nn.CrossEntropyLoss(reduction=reduction, ignore_index=255)
     _, ps_label_1 = torch.max(logits_tea_1, dim=1)
     _, ps_label_2 = torch.max(logits_tea_2, dim=1)
-    loss_w_1 = torch.max(F.softmax(logits_tea_1, dim=-1))
-    loss_w_2 = torch.max(F.softmax(logits_tea_2, dim=-1))
+    if first:
+        loss_w_1 = torch.max(F.softmax(logits_tea_1, dim=-1))
+        loss_w_2 = torch.max(F.softmax(logits_tea_2, dim=-1))
+    else:
+        loss_w_1 = torch.max(F.softmax(logits_tea_1, dim=1), dim=1)[0]
+        loss_w_2 = torch.max(F.softmax(logits_tea_2, dim=1), dim=1)[0]
     confusion = confusion_matrix(np.concatenate([ps_label_1.view(-1).numpy(), np.array(label)]),
                                  np.concatenate([ps_label_2.view(-1).numpy(), np.array(label)]), C)
     w = (np.sum(confusion, axis=0) - np.diag(confusion)) / np.sum(confusion, axis=0) + \
         (np.sum(confusion, axis=1) - np.diag(confusion)) / np.sum(confusion, axis=1)
-    w = torch.from_numpy(w / np.sum(w))
+    w = torch.from_numpy(w / np.sum(w) if first else w / (np.sum(w) + 1e-6))
     inter = torch.where(ps_label_1 == ps_label_2, ps_label_1, torch.ones_like(ps_label_1) * 255)
     union = torch.where(w[ps_label_1] > w[ps_label_2], ps_label_1, ps_label_2)
     union = torch.where(ps_label_1 == ps_label_2, ps_label_1, union)
@@ -47,8 +65,8 @@ def reference_unsup(logits_tea_1, logits_tea_2, stu_1, stu_2, reduction):
     loss_union = torch.mean(criterion(stu_2, union) * torch.where(
         ps_label_1 == ps_label_2, (loss_w_1 + loss_w_2) / 2, torch.where(w[ps_label_1] > w[ps_label_2], loss_w_1,
                                                                          loss_w_2)))
-    return {"w": w.numpy(), "inter": inter.numpy(), "union": union.numpy(), "c1": float(loss_w_1),
-            "c2": float(loss_w_2), "loss_inter": float(loss_inter), "loss_union": float(loss_union),
+    return {"w": w.numpy(), "inter": inter.numpy(), "union": union.numpy(), "c1": loss_w_1.numpy(),
+            "c2": loss_w_2.numpy(), "loss_inter": float(loss_inter), "loss_union": float(loss_union),
             "overlap": np.sum(np.diag(confusion)) / np.sum(confusion)}
 
 
@@ -66,12 +84,12 @@ def teacher_logits(seed, b=4, h=6, w=7):
     return [x.astype(np.float32) for x in (z1, z2, s1, s2)]
 
 
-def our_unsup(z1, z2, s1, s2, reduction, group_size, axis_name=None):
+def our_unsup(z1, z2, s1, s2, confidence, reduction, group_size, axis_name=None):
     y1, y2 = jnp.argmax(z1, -1), jnp.argmax(z2, -1)
     confusion = cl.pair_confusion(y1, y2, C, axis_name=axis_name)
     w = cl.disagreement_weights(confusion)
     t = cl.pseudo_labels(y1, y2, w)
-    c1, c2 = (cl.confidence(z, "reference", axis_name=axis_name) for z in (z1, z2))
+    c1, c2 = (cl.confidence(z, confidence, axis_name=axis_name) for z in (z1, z2))
     w_inter, w_union = cl.loss_weights(c1, c2, t["agree"], t["pick1"])
     kw = dict(reduction=reduction, group_size=group_size, axis_name=axis_name)
     return {"w": w, "inter": t["inter"], "union": t["union"], "c1": c1, "c2": c2, "confusion": confusion,
@@ -79,23 +97,51 @@ def our_unsup(z1, z2, s1, s2, reduction, group_size, axis_name=None):
             "loss_union": cl.unlabeled_loss(s2, t["union"], w_union, **kw)}
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("reduction,torch_reduction", [("valid_mean", "mean"), ("pixel_mean", "none")])
-def test_labels_weights_and_losses_match_the_reference(seed, reduction, torch_reduction):
-    z1, z2, s1, s2 = teacher_logits(seed)
-    ref = reference_unsup(nchw(z1), nchw(z2), nchw(s1), nchw(s2), torch_reduction)
-    ours = our_unsup(z1, z2, s1, s2, reduction, group_size=4)
+#: (commit, experiment) -> the (confidence, unsup_reduction) options that reproduce it.
+OPTIONS = {(HEAD, "exp_voc"): ("pixel", "pixel_mean"), (HEAD, "exp_city"): ("pixel", "pixel_mean"),
+           (FIRST, "exp_voc"): ("first_commit", "valid_mean"), (FIRST, "exp_city"): ("first_commit", "pixel_mean")}
+
+
+def assert_matches(ours, ref):
     np.testing.assert_allclose(ours["w"], ref["w"], rtol=1e-6)
     np.testing.assert_array_equal(ours["inter"], ref["inter"])
     np.testing.assert_array_equal(ours["union"], ref["union"])
-    assert 0.2 < (ref["inter"] != 255).mean() < 0.9  # both agreement and disagreement are exercised
-    assert (ref["union"] != ref["inter"]).any() and (ref["union"][ref["inter"] == 255] != np.argmax(z2, -1)[
-        ref["inter"] == 255]).any()  # the union takes branch 1's label somewhere
-    np.testing.assert_allclose([ours["c1"], ours["c2"]], [ref["c1"], ref["c2"]], rtol=1e-6)
+    np.testing.assert_allclose(ours["c1"], ref["c1"], rtol=1e-6)
+    np.testing.assert_allclose(ours["c2"], ref["c2"], rtol=1e-6)
     np.testing.assert_allclose(ours["loss_inter"], ref["loss_inter"], rtol=1e-5)
     np.testing.assert_allclose(ours["loss_union"], ref["loss_union"], rtol=1e-5)
     confusion = np.asarray(ours["confusion"])
     np.testing.assert_allclose(np.trace(confusion) / confusion.sum(), ref["overlap"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("commit,exp", list(OPTIONS))
+def test_labels_weights_and_losses_match_the_reference(seed, commit, exp):
+    z1, z2, s1, s2 = teacher_logits(seed)
+    ref = reference_unsup(nchw(z1), nchw(z2), nchw(s1), nchw(s2), commit, exp)
+    assert_matches(our_unsup(z1, z2, s1, s2, *OPTIONS[commit, exp], group_size=4), ref)
+    assert 0.2 < (ref["inter"] != 255).mean() < 0.9  # both agreement and disagreement are exercised
+    assert (ref["union"] != ref["inter"]).any() and (ref["union"][ref["inter"] == 255] != np.argmax(z2, -1)[
+        ref["inter"] == 255]).any()  # the union takes branch 1's label somewhere
+
+
+@pytest.mark.parametrize("module,arg,commit,exp", [
+    (None, None, HEAD, "exp_voc"), (cpcl_pascal, "1_8", HEAD, "exp_voc"), (cpcl_camvid, "1_8", HEAD, "exp_voc"),
+    (cpcl_cityscapes, "1_8", HEAD, "exp_city"), (cpcl_pascal, "1_8,first_commit", FIRST, "exp_voc"),
+    (cpcl_camvid, "1_8,first_commit", FIRST, "exp_voc"), (cpcl_cityscapes, "1_8,first_commit", FIRST, "exp_city")])
+def test_recipe_options_give_their_commits_losses(module, arg, commit, exp):
+    """`cpcl.default_options()` (module None) and every recipe are HEAD's code; `,first_commit` is 0bf0c50's."""
+    opts = cpcl.default_options() if module is None else module.get_config(arg).method
+    z1, z2, s1, s2 = teacher_logits(4)
+    ref = reference_unsup(nchw(z1), nchw(z2), nchw(s1), nchw(s2), commit, exp)
+    assert_matches(our_unsup(z1, z2, s1, s2, opts.confidence, opts.unsup_reduction, group_size=4), ref)
+
+
+def test_reference_is_the_old_name_of_first_commit_and_unknown_names_are_refused():
+    z = np.random.default_rng(0).normal(size=(2, 3, 4, C)).astype(np.float32)
+    np.testing.assert_array_equal(cl.confidence(z, "reference"), cl.confidence(z, "first_commit"))
+    with pytest.raises(ValueError, match="config.method.confidence"):
+        cl.confidence(z, "max")
 
 
 def test_union_ties_take_branch_2s_label():
@@ -105,37 +151,33 @@ def test_union_ties_take_branch_2s_label():
     np.testing.assert_array_equal(t["inter"], [[255, 255, 2, 255]])
 
 
-def test_pixel_confidence_is_the_max_class_probability():
-    z = np.random.default_rng(0).normal(size=(2, 3, 4, C)).astype(np.float32)
-    want = F.softmax(nchw(z), dim=1).max(dim=1).values.numpy()
-    np.testing.assert_allclose(cl.confidence(z, "pixel"), want, rtol=1e-6)
-    with pytest.raises(ValueError, match="config.method.confidence"):
-        cl.confidence(z, "max")
-
-
 def sharded(fn, n_devices, n_in):
     mesh = parallel.make_mesh(jax.devices()[:n_devices])
     return jax.jit(parallel.shard_map(fn, mesh, in_specs=(P(parallel.AXIS),) * n_in, out_specs=P()))
 
 
-@pytest.mark.parametrize("reduction", ["valid_mean", "pixel_mean"])
-def test_batch_global_statistics_do_not_depend_on_the_device_count(reduction):
-    """N, w and the confidences psum / pmax over devices; the per-device losses average to the batch loss."""
+@pytest.mark.parametrize("confidence,reduction", [("pixel", "pixel_mean"), ("first_commit", "valid_mean")])
+def test_batch_global_statistics_do_not_depend_on_the_device_count(confidence, reduction):
+    """N, w and the scalar confidences psum / pmax over devices; the per-device losses average to the batch loss."""
     z1, z2, s1, s2 = teacher_logits(3, b=8)
-    one = our_unsup(z1, z2, s1, s2, reduction, group_size=8)
+    one = our_unsup(z1, z2, s1, s2, confidence, reduction, group_size=8)
 
     def per_device(z1, z2, s1, s2):
-        out = our_unsup(z1, z2, s1, s2, reduction, group_size=8, axis_name=parallel.AXIS)
+        out = our_unsup(z1, z2, s1, s2, confidence, reduction, group_size=8, axis_name=parallel.AXIS)
+        out["c1"], out["c2"] = jnp.mean(out["c1"]), jnp.mean(out["c2"])
         return jax.lax.pmean({k: out[k] for k in ("loss_inter", "loss_union", "c1", "c2", "w")}, parallel.AXIS)
 
     four = sharded(per_device, 4, 4)(z1, z2, s1, s2)
+    one["c1"], one["c2"] = np.mean(one["c1"]), np.mean(one["c2"])
     for key, value in four.items():
         np.testing.assert_allclose(value, one[key], rtol=1e-5, err_msg=key)
 
 
 # -- class-weighted OHEM -------------------------------------------------------------------------
 def reference_ohem(pred, target, thresh, min_kept, weight):
-    """`ProbOhemCrossEntropy2d.forward` (use_weight) in float64 on (B, C, H, W) logits."""
+    """`ProbOhemCrossEntropy2d` with use_weight in float64 on (B, C, H, W) logits: leofansq/CPCL
+    furnace/seg_opr/loss_opr.py lines 159-201 at HEAD f0e1800 (unchanged since ed98ba8), the class
+    weights passed in."""
     b, c, h, w = pred.size()
     target = target.view(-1)
     valid_mask = target.ne(255)

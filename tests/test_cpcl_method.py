@@ -1,7 +1,8 @@
 """One CPCL step, wired as the official exp_voc / exp_city train.py: per branch the train-mode passes
 x -> u0 -> u1 -> x_mix (BN statistics chained), teacher logits mixed with the 3-box mask, and the
-unlabeled losses of the float64 transcription in tests/test_cpcl_losses.py on those logits; L_inter
-reaches branch 1 only, L_union branch 2 only; option errors name their key."""
+unlabeled losses of the float64 transcription in tests/test_cpcl_losses.py on those logits (the
+default config: leofansq/CPCL at HEAD f0e1800; `,first_commit`: 0bf0c50); L_inter reaches branch 1
+only, L_union branch 2 only; option errors name their key."""
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from csl_jax import parallel
 from csl_jax.methods import StepContext, build_method, check_config
 from csl_jax.models import build_model
 from data_prep import synthetic
-from tests.test_cpcl_losses import nchw, reference_unsup
+from tests.test_cpcl_losses import FIRST, HEAD, nchw, reference_unsup
 from tests.test_method_contract import NUM_CLASSES as CONTRACT_CLASSES
 from tests.test_method_contract import contract_config, run_steps, two_batches
 
@@ -22,8 +23,8 @@ NUM_CLASSES = 5
 B, CROP = 4, 33
 
 
-def tiny_config(**method):
-    c = cpcl_camvid.get_config("1_8")
+def tiny_config(arg="1_8", **method):
+    c = cpcl_camvid.get_config(arg)
     common.tiny_model(c, width=4, head_width=8, reduce_width=4)
     c.loss.group_size = B
     c.method.update(method)
@@ -60,9 +61,10 @@ def run_loss(method, params, state, data, grad_of=None):
     return jax.device_get(jax.jit(fn)(params, state, parallel.to_global(data, mesh)))
 
 
-@pytest.mark.parametrize("reduction,torch_reduction", [("valid_mean", "mean"), ("pixel_mean", "none")])
-def test_one_step_matches_the_reference_wiring(reduction, torch_reduction):
-    method = build_method(tiny_config(unsup_reduction=reduction), NUM_CLASSES)
+@pytest.mark.parametrize("arg,commit", [("1_8", HEAD), ("1_8,first_commit", FIRST)])
+def test_one_step_matches_the_reference_wiring(arg, commit):
+    """The recipe's own options, unchanged: the default is HEAD's exp_voc, `,first_commit` 0bf0c50's."""
+    method = build_method(tiny_config(arg), NUM_CLASSES)
     params, state = method.init(jax.random.PRNGKey(0), (CROP, CROP, 3))
     data = batch()
     loss, (new_state, metrics) = run_loss(method, params, state, data)
@@ -80,10 +82,11 @@ def test_one_step_matches_the_reference_wiring(reduction, torch_reduction):
         stats[b] = chained
     tea = [np.asarray(logits[b, "u0"]) * (1 - m) + np.asarray(logits[b, "u1"]) * m for b in ("branch1", "branch2")]
     ref = reference_unsup(nchw(tea[0]), nchw(tea[1]), nchw(logits["branch1", "x_mix"]),
-                          nchw(logits["branch2", "x_mix"]), torch_reduction)
+                          nchw(logits["branch2", "x_mix"]), commit, "exp_voc")
     np.testing.assert_allclose(metrics["loss_inter"], ref["loss_inter"], rtol=1e-4)
     np.testing.assert_allclose(metrics["loss_union"], ref["loss_union"], rtol=1e-4)
     np.testing.assert_allclose(metrics["overlap"], ref["overlap"], rtol=1e-5)
+    np.testing.assert_allclose([metrics["conf1"], metrics["conf2"]], [ref["c1"].mean(), ref["c2"].mean()], rtol=1e-5)
     np.testing.assert_allclose(loss, metrics["loss_sup"] + metrics["loss_inter"] + metrics["loss_union"], rtol=1e-6)
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(new_state["batch_stats"]),
                                  jax.tree.leaves(stats)):
@@ -97,6 +100,14 @@ def test_each_unlabeled_loss_reaches_one_branch():
         grads = run_loss(method, params, state, batch(1), grad_of=metric)
         assert all(np.all(g == 0) for g in jax.tree.leaves(grads[untouched])), metric
         assert sum(float(np.abs(g).sum()) for g in jax.tree.leaves(grads[trained])) > 0, metric
+
+
+def test_a_config_saved_with_the_old_defaults_still_loads():
+    """Before HEAD's defaults: confidence='reference' (now also 'first_commit'), 'valid_mean', no variant."""
+    c = tiny_config(confidence="reference", unsup_reduction="valid_mean")
+    del c.method["variant"]
+    check_config(c)
+    assert build_method(c, NUM_CLASSES).opts.confidence == "reference"
 
 
 def test_options_are_checked_by_name():

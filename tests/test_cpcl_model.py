@@ -15,7 +15,7 @@ from benchmarks import train_step
 from configs import common, cpcl_camvid, cpcl_cityscapes, cpcl_pascal
 from csl_jax import optim
 from csl_jax.methods import build_method
-from csl_jax.models import build_model, convert, cpcl
+from csl_jax.models import build_model, convert, cpcl, pretrained
 from csl_jax.train import TrainState
 from tests.test_convert_parity import TorchResNet, randomise_bn
 
@@ -215,13 +215,17 @@ def test_converter_cli_writes_the_two_branch_variables(tmp_path):
         np.testing.assert_array_equal(tree, value, err_msg=str(path))
 
 
-def test_both_backbones_load_the_same_file_the_heads_differ_and_follow_the_init(tmp_path):
+def test_both_backbones_load_the_same_file_the_heads_differ_and_follow_the_init(tmp_path, monkeypatch):
+    """The backbone file by its registered name 'imagenet:resnet50_v1c' (the recipes'), put into the cache
+    by hand: a furnace deep-stem ResNet state dict (resnet.py keys conv1.{0,1,3,4,6}, bn1, layer*)."""
     tmodel = randomised_torch_cpcl()
     backbone = {k[len("branch1.backbone."):]: v for k, v in tmodel.state_dict().items()
                 if k.startswith("branch1.backbone.")}
-    path = tmp_path / "resnet50_v1c.pth"
-    torch.save(backbone, path)
-    method = build_method(cpcl_config(init_from=str(path)), NUM_CLASSES)
+    monkeypatch.setenv(pretrained.WEIGHTS_DIR_ENV, str(tmp_path))
+    (tmp_path / "imagenet").mkdir()
+    torch.save(backbone, tmp_path / "imagenet" / "resnet50_v1c.pth")
+    assert cpcl_pascal.get_config().model.init_from == "imagenet:resnet50_v1c"
+    method = build_method(cpcl_config(init_from="imagenet:resnet50_v1c"), NUM_CLASSES)
     params, state = method.init(jax.random.PRNGKey(0), (33, 33, 3))
     expected = convert.convert_state_dict({f"backbone.{k}": v for k, v in backbone.items()})
     for branch in ("branch1", "branch2"):
@@ -265,15 +269,30 @@ def test_recipes():
     for c in (pascal, city, camvid):
         assert (c.model.name, c.model.depth, c.model.output_stride, c.model.multi_grid) == ("cpcl", 50, 16, True)
         assert (c.optim.lr_multi, c.optim.weight_decay, c.optim.weight_decay_on) == (1.0, 1e-4, "kernels")
+        assert (c.method.variant, c.method.confidence, c.method.unsup_reduction) == ("cpcl", "pixel", "pixel_mean")
     assert (pascal.data.crop_size, pascal.batch.labeled, pascal.loss.group_size, pascal.optim.lr,
             pascal.optim.total_steps, pascal.eval.protocol) == (512, 8, 8, 0.005, 39338, "sliding_cpcl")
-    assert (pascal.method.unsup_weight, pascal.method.unsup_reduction, pascal.loss.labeled) == (1.0, "valid_mean", "ce")
+    assert (pascal.method.unsup_weight, pascal.loss.labeled) == (1.0, "ce")
     assert (city.data.crop_size, city.batch.unlabeled, city.loss.group_size, city.optim.lr, city.optim.total_steps,
-            city.loss.ohem_min_kept, city.method.unsup_weight, city.method.unsup_reduction) == (
-        800, 16, 16, 0.01, 22272, 800000, 5.0, "pixel_mean")
+            city.loss.ohem_min_kept, city.method.unsup_weight) == (800, 16, 16, 0.01, 22272, 800000, 5.0)
     assert city.loss.labeled == "ohem_weighted" and len(city.method.class_weights) == 19
+    # exp_city/config.py: nepochs x (max(L, U) // batch), L = 2975 // ratio (spec §5)
+    assert [cpcl_cityscapes.get_config(s).optim.total_steps for s in ("1_8", "1_4", "1_2")] == [22194, 22240, 22320]
+    assert (pascal.model.init_from, city.model.init_from, camvid.model.init_from) == (
+        "imagenet:resnet50_v1c", "imagenet:resnet50_v1c", "none")
+    # the first commit 0bf0c50: width-softmax confidence; exp_voc's 'mean' criterion; exp_city's batch of 3
+    old_pascal, old_city = cpcl_pascal.get_config("1_8,first_commit"), cpcl_cityscapes.get_config("1_16,first_commit")
+    assert (old_pascal.method.variant, old_pascal.method.confidence, old_pascal.method.unsup_reduction,
+            old_pascal.batch.labeled, old_pascal.optim.total_steps) == (
+        "cpcl_first_commit", "first_commit", "valid_mean", 8, 39338)
+    assert (old_city.method.confidence, old_city.method.unsup_reduction, old_city.batch.labeled,
+            old_city.batch.unlabeled, old_city.loss.group_size, old_city.loss.ohem_min_kept,
+            old_city.optim.total_steps) == ("first_commit", "pixel_mean", 3, 3, 3, 150000, 128 * (2790 // 3))
+    assert cpcl_camvid.get_config("1_4,first_commit").data.split == "1_4"
     with pytest.raises(ValueError, match="valid: 1_16, 1_8"):
         cpcl_cityscapes.get_config("744")
+    with pytest.raises(ValueError, match="variant 'latest'; valid: head, first_commit"):
+        cpcl_pascal.get_config("1_8,latest")
 
 
 def test_train_step_benchmark_knows_cpcl(tmp_path):

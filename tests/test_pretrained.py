@@ -252,10 +252,28 @@ def test_registered_names_and_the_imagenet_alias():
         pretrained.resolve_init(tiny_model_config("imagenet"))
 
 
+@pytest.mark.parametrize("name,filename,link", [
+    ("imagenet:resnet50_v1c", "resnet50_v1c.pth", "https://pan.baidu.com/s/1agsf6BSvmVVGTvk23JXxaw?pwd=skrv"),
+    ("imagenet:resnet101_v1c", "resnet101_v1c.pth", "https://pan.baidu.com/s/1PLg22P_Nv9GwR-KEzGdvTA?pwd=0g8u"),
+    ("imagenet:resnet101_u2pl", "resnet101_u2pl.pth", "1nzSX8bX3zoRREn6WnoEeAPbKYPPOa-3Y")])
+def test_cpcl_and_u2pl_backbones_resolve_by_name(name, filename, link, backbone, cache):
+    """CPCL's README (leofansq/CPCL f0e1800) and U2PL's (HEAD ab3d2be) links, resolved from a file put into
+    the cache by hand (no network): deep-stem ResNets, loaded as 'deep_backbone'."""
+    record = pretrained.REGISTRY[name]
+    assert (record.kind, record.filename) == ("deep_backbone", filename) and link in record.url
+    path = cache / "imagenet" / filename
+    path.parent.mkdir(parents=True)
+    path.write_bytes(backbone[0])
+    source = pretrained.resolve_init(tiny_model_config(name))
+    assert (source.path, source.name, source.kind, source.sha256) == (str(path), name, "deep_backbone",
+                                                                      sha256(backbone[0]))
+
+
 def test_unknown_names_and_missing_paths_are_clear(cache, tmp_path):
     with pytest.raises(ValueError, match=r"'xyz:abc' is not a registered weights name; registered: "
-                                         r"\['imagenet:resnet101', 'imagenet:resnet50', 'torchvision:resnet101', "
-                                         r"'torchvision:resnet50'\]"):
+                                         r"\['imagenet:resnet101', 'imagenet:resnet101_u2pl', "
+                                         r"'imagenet:resnet101_v1c', 'imagenet:resnet50', 'imagenet:resnet50_v1c', "
+                                         r"'torchvision:resnet101', 'torchvision:resnet50'\]"):
         pretrained.resolve_init(tiny_model_config("xyz:abc"))
     missing = tmp_path / "nope.pth"
     with pytest.raises(FileNotFoundError, match=f"no such file {re.escape(str(missing))}; give 'none', 'imagenet'"):

@@ -9,15 +9,17 @@ chains the branch's BN statistics x -> u0 -> u1 -> x_mix:
     Zk     = where(M, f_k(u1), f_k(u0)) without gradient;  yk = argmax Zk
     N      = confusion(y1, y2) over the whole batch (psum) + I;  w = class-wise disagreement rate
     y_inter = y1 where y1 == y2 else 255;  y_union = y1 where agree or w[y1] > w[y2], else y2
-    ck     = confidence of Zk ('reference': max over the batch of the width-softmax, a scalar; 'pixel')
+    ck     = confidence of Zk ('pixel': max class probability per pixel; 'first_commit': a scalar)
     L_inter = CE(f1(x_mix), y_inter) weighted by (c1 + c2) / 2                (branch 1: conservative)
     L_union = CE(f2(x_mix), y_union) weighted by (c1 + c2) / 2 | c1 | c2     (branch 2: progressive)
     L      = L_sup + unsup_weight (L_inter + L_union)
 
-x_mix = where(M, u1, u0). The unlabeled reduction is 'valid_mean' (VOC code) or 'pixel_mean'
-(Cityscapes code), `cpcl_losses.unlabeled_loss`. Predict functions: 'branch1' (what CPCL
-evaluates; picks the best checkpoint) and 'branch2', both on the two-branch variables (the
-official checkpoints hold both).
+x_mix = where(M, u1, u0). The defaults are leofansq/CPCL at HEAD (f0e1800; exp_*/train.py as of
+c1a3cef): per-pixel confidence and both unlabeled losses averaged over all pixels ('pixel_mean').
+The first commit 0bf0c50 is `confidence='first_commit'` and, for its exp_voc,
+`unsup_reduction='valid_mean'` (`cpcl_losses`). Predict functions: 'branch1' (what CPCL evaluates;
+picks the best checkpoint) and 'branch2', both on the two-branch variables (the official
+checkpoints hold both).
 """
 
 from __future__ import annotations
@@ -40,16 +42,17 @@ LABELED_LOSSES = ("ce", "ohem_weighted")
 
 
 def default_options() -> ml_collections.ConfigDict:
-    """`config.method` of CPCL, the official VOC code (exp_voc/train.py, config.py).
+    """`config.method` of CPCL, the official VOC code at HEAD (f0e1800: exp_voc/train.py, config.py).
 
-    Fields: name; unsup_weight (lambda_u: VOC 1, Cityscapes 5); confidence ('reference': the
-    official scalar max of the width-softmax | 'pixel': per-pixel max class probability, the
-    paper); unsup_reduction ('valid_mean' VOC | 'pixel_mean' Cityscapes); mask_padding (drop crop
+    Fields: name; unsup_weight (lambda_u: VOC 1, Cityscapes 5); confidence ('pixel': per-pixel max
+    class probability, HEAD and the paper | 'first_commit': 0bf0c50's scalar max of the
+    width-softmax; 'reference' is its former name, an alias kept for saved configs); unsup_reduction
+    ('pixel_mean': HEAD, both datasets | 'valid_mean': 0bf0c50's exp_voc); mask_padding (drop crop
     padding from N and both unlabeled losses; False = the reference, which counts it); class_weights
     (OHEM class weights, used with config.loss.labeled='ohem_weighted'; () = all 1).
     """
-    return ml_collections.ConfigDict(dict(name=NAME, unsup_weight=1.0, confidence="reference",
-                                          unsup_reduction="valid_mean", mask_padding=False, class_weights=()))
+    return ml_collections.ConfigDict(dict(name=NAME, unsup_weight=1.0, confidence="pixel",
+                                          unsup_reduction="pixel_mean", mask_padding=False, class_weights=()))
 
 
 def configure(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -14,10 +14,11 @@ place only after its checksum passed. Offline, put the file at that path yoursel
 
 Checksums: a published sha256 (or torchvision's 8-hex prefix, from its file names) is checked on
 every download and every use of the cached file. Files without a published checksum (the Google
-Drive files of the UniMatch README) are trusted on first use: the sha256 of the first download (or
-of a file put into the cache by hand) is printed, kept in `<file>.sha256` and checked on every
-later use. A cached file that fails its check is an error, never replaced silently: delete it to
-download it again. Run records hold the name, path, sha256 and kind (`InitSource.record`).
+Drive and Baidu Cloud files of the UniMatch, U2PL and CPCL READMEs) are trusted on first use: the
+sha256 of the first download (or of a file put into the cache by hand) is printed, kept in
+`<file>.sha256` and checked on every later use. A cached file that fails its check is an error,
+never replaced silently: delete it to download it again. Run records hold the name, path, sha256
+and kind (`InitSource.record`).
 """
 
 from __future__ import annotations
@@ -131,6 +132,20 @@ register_weights("imagenet:resnet50", kind="deep_backbone", filename="resnet50.p
 register_weights("imagenet:resnet101", kind="deep_backbone", filename="resnet101.pth",
                  description="ImageNet ResNet-101, deep stem (UniMatch/CSL backbone)", **_google_drive(
                      "1Rx0legsMolCWENpfvE2jUScT3ogalMO8"))
+# CPCL's backbones (leofansq/CPCL exp_*/config.py loads DATA/pytorch-weight/resnet50_v1c.pth, as CPS
+# does): its README (f0e1800) links the R50 and R101 files on Baidu Cloud only, which has no direct
+# download: a run names the page (`?pwd=` fills in the README's extraction code) and the cache path.
+# No checksums are published for these or U2PL's file: trusted on first use.
+register_weights("imagenet:resnet50_v1c", kind="deep_backbone", filename="resnet50_v1c.pth",
+                 url="https://pan.baidu.com/s/1agsf6BSvmVVGTvk23JXxaw?pwd=skrv",
+                 description="ImageNet ResNet-50 v1c, deep stem (CPS/CPCL backbone; Baidu Cloud, code skrv)")
+register_weights("imagenet:resnet101_v1c", kind="deep_backbone", filename="resnet101_v1c.pth",
+                 url="https://pan.baidu.com/s/1PLg22P_Nv9GwR-KEzGdvTA?pwd=0g8u",
+                 description="ImageNet ResNet-101 v1c, deep stem (CPS/CPCL backbone; Baidu Cloud, code 0g8u)")
+# U2PL's ImageNet ResNet-101 (README "Prepare Pretrained Backbone"; u2pl/models/resnet.py loads it).
+register_weights("imagenet:resnet101_u2pl", kind="deep_backbone", filename="resnet101_u2pl.pth",
+                 description="ImageNet ResNet-101, deep stem (U2PL backbone)", **_google_drive(
+                     "1nzSX8bX3zoRREn6WnoEeAPbKYPPOa-3Y"))
 # torchvision's IMAGENET1K_V1 weights (torchvision.models.ResNet{50,101}_Weights); the 8 hex
 # digits in the file names are the start of their sha256.
 register_weights("torchvision:resnet50", kind="torchvision", filename="resnet50-0676ba61.pth",

@@ -1,6 +1,8 @@
 """CPCL's loss pieces (docs/methods/cpcl.md §3): disagreement weights, intersection / union pseudo-labels,
 confidence weights, the unlabeled losses and the class-weighted OHEM.
 
+The defaults are leofansq/CPCL at HEAD (f0e1800; exp_voc/train.py and exp_city/train.py unchanged
+since c1a3cef); the first commit 0bf0c50's statements stay available as named options.
 Pure, jit-able functions on one device's share of the batch, float32 whatever the input dtype.
 Logits are (B, H, W, C), label maps (B, H, W) int32. Where a statistic is batch-global in the
 reference (one process), `axis_name` sums (or maxes) it over the devices inside shard_map.
@@ -13,8 +15,10 @@ import jax.numpy as jnp
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.methods.parts import losses
 
-CONFIDENCES = ("reference", "pixel")
-REDUCTIONS = ("valid_mean", "pixel_mean")
+#: config.method.confidence: 'pixel' (HEAD), 'first_commit' (0bf0c50), 'reference' (its old name, an alias).
+CONFIDENCES = ("pixel", "first_commit", "reference")
+#: config.method.unsup_reduction: 'pixel_mean' (HEAD, both datasets), 'valid_mean' (0bf0c50's exp_voc).
+REDUCTIONS = ("pixel_mean", "valid_mean")
 #: ProbOhemCrossEntropy2d(use_weight=True): the Cityscapes class weights of the CPS/CPCL code.
 CITYSCAPES_CLASS_WEIGHTS = (0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023, 0.9539,
                             0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507)
@@ -40,14 +44,15 @@ def pair_confusion(y1: jax.Array, y2: jax.Array, num_classes: int, counted: jax.
 
 
 def disagreement_weights(confusion: jax.Array) -> jax.Array:
-    """w_c = (colsum_c - N_cc) / colsum_c + (rowsum_c - N_cc) / rowsum_c, normalised to sum 1; (C,) float32.
+    """w_c = (colsum_c - N_cc) / colsum_c + (rowsum_c - N_cc) / rowsum_c, then w / (sum(w) + 1e-6); (C,) float32.
 
-    Large for classes the branches often disagree on. Only comparisons of w are used.
+    Large for classes the branches often disagree on. The normalisation is HEAD's (c1a3cef; 0bf0c50
+    divided by sum(w)); only comparisons of w are used, which a positive scale does not change.
     """
     diag = jnp.diagonal(confusion)
     col, row = jnp.sum(confusion, axis=0), jnp.sum(confusion, axis=1)
     w = (col - diag) / col + (row - diag) / row
-    return w / jnp.sum(w)
+    return w / (jnp.sum(w) + 1e-6)
 
 
 def pseudo_labels(y1: jax.Array, y2: jax.Array, w: jax.Array) -> dict:
@@ -66,17 +71,18 @@ def pseudo_labels(y1: jax.Array, y2: jax.Array, w: jax.Array) -> dict:
 def confidence(logits: jax.Array, kind: str, axis_name: str | None = None) -> jax.Array:
     """Confidence of (B, H, W, C) mixed teacher logits, float32, no gradient.
 
-    'reference': `torch.max(F.softmax(logits, dim=-1))` of the official code on NCHW logits: the
-      softmax runs over the image WIDTH and the max over the whole batch (pmax over devices), a
-      scalar () array.
-    'pixel': the paper's max class probability per pixel, (B, H, W).
+    'pixel' (HEAD since c1a3cef, and the paper): `torch.max(F.softmax(logits, dim=1), dim=1)[0]`, the
+      max class probability per pixel, (B, H, W).
+    'first_commit' (0bf0c50; 'reference' is its former name, kept for saved configs):
+      `torch.max(F.softmax(logits, dim=-1))` on NCHW logits: the softmax runs over the image WIDTH and
+      the max over the whole batch (pmax over devices), a scalar () array.
     """
     logits = jax.lax.stop_gradient(logits).astype(jnp.float32)
-    if kind == "reference":
-        peak = jnp.max(jax.nn.softmax(logits, axis=2))
-        return peak if axis_name is None else jax.lax.pmax(peak, axis_name)
     if kind == "pixel":
         return jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+    if kind in ("first_commit", "reference"):
+        peak = jnp.max(jax.nn.softmax(logits, axis=2))
+        return peak if axis_name is None else jax.lax.pmax(peak, axis_name)
     raise ValueError(f"config.method.confidence must be one of {CONFIDENCES}, got {kind!r}")
 
 
@@ -91,11 +97,11 @@ def unlabeled_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array, *, 
                    axis_name: str | None = None) -> jax.Array:
     """Confidence-weighted CE of a student on pseudo-labels (255 = ignored), float32 scalar.
 
-    'pixel_mean' (the official Cityscapes code, CE with reduction='none'): mean over ALL pixels of
-      CE_i w_i (ignored pixels contribute 0 and stay in the denominator).
-    'valid_mean' (the official VOC code, CE with reduction='mean'): the CE mean over the valid
-      pixels of each loss group (`losses.ce_loss`), times the mean of w over all pixels of the
-      batch (over devices with `axis_name`).
+    'pixel_mean' (HEAD's exp_voc and exp_city, and 0bf0c50's exp_city: CE with reduction='none'):
+      mean over ALL pixels of CE_i w_i (ignored pixels contribute 0 and stay in the denominator).
+    'valid_mean' (0bf0c50's exp_voc, CE with reduction='mean'): the CE mean over the valid pixels
+      of each loss group (`losses.ce_loss`), times the mean of w over all pixels of the batch (over
+      devices with `axis_name`).
     Per device, the value's mean over devices is the loss of the whole batch.
     """
     weights = jax.lax.stop_gradient(jnp.asarray(weights, jnp.float32))
