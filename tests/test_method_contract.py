@@ -83,7 +83,8 @@ class TwoNetworks(Method):
 
 if "toy_two_networks" not in METHODS:
     register_method("toy_two_networks", TwoNetworks)
-NAMES = sorted(METHODS)
+#: every registered method, and the named variants of a method that change its step ('NAME:VARIANT')
+NAMES = sorted(METHODS) + ["u2pl:intended"]
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +96,14 @@ def data_root(tmp_path_factory):
 
 #: name -> setup of a method's own model and options on the demo config (CutMix groups of 2: the
 #: local batch of 8 devices)
+def _u2pl(variant):
+    return lambda c: u2pl.configure(c, variant).update(
+        model=dict(rep_dim=8), method=dict(queue_capacity=300, queue_capacity_class0=500, num_queries=16,
+                                           num_negatives=4))
+
+
 METHOD_SETUP = {"ccvc": lambda c: ccvc.configure(c).method.update(mix_group=2),
-                "u2pl": lambda c: u2pl.configure(c).update(
-                    model=dict(rep_dim=8),
-                    method=dict(queue_capacity=300, queue_capacity_class0=500, num_queries=16, num_negatives=4)),
+                "u2pl": _u2pl("reference"), "u2pl:intended": _u2pl("intended"),
                 "css": lambda c: css.configure(c).update(model=dict(rep_dim=8),
                                                          method=dict(num_queries=16, num_negatives=8)),
                 "cpcl": cpcl.configure}

@@ -1,6 +1,7 @@
 """U2PL loss pieces against float64 NumPy / PyTorch transcriptions of the official formulas
-(u2pl/utils/loss_helper.py, u2pl/utils/utils.py, train_semi.py), and the static-shape samplers
-against the reference's uniform draws."""
+(Haochen-Wang409/U2PL at ab3d2be313d4d6b2885e7a0213d4fce82a803b79, the latest commit; the published
+code, unchanged since the release 53bbdd2: u2pl/utils/loss_helper.py, u2pl/utils/utils.py,
+train_semi.py), and the static-shape samplers against the reference's uniform draws."""
 
 import jax
 import jax.numpy as jnp
@@ -149,9 +150,16 @@ def test_info_nce_matches_torch_cosine_cross_entropy():
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
-def reference_group_loss(rep, rep_t, probs, low, bank, anchor_idx, negative_idx, threshold, temp):
+def reference_group_loss(rep, rep_t, probs, low, bank, anchor_idx, negative_idx, threshold, temp,
+                         pairing="intended"):
     """The aggregation of `compute_contra_memobank_loss` in float64 torch, with the anchor and negative
-    indices given (bank: list of (n_c, D) tensors, the filled part of each class queue)."""
+    indices given (bank: list of (n_c, D) tensors, the filled part of each class queue).
+
+    'reference': the official pairing (loss_helper.py lines 103-154 collect anchors and prototypes
+    for every class index and list the present classes in `valid_classes`; lines 173-207 run slot
+    i < |valid| with anchors and prototype of class i and the bank `memobank[valid_classes[i]]`;
+    line 233 divides by |valid|), written from that description. 'intended': class c with bank c.
+    Returns (loss, {slot: bank class} of the slots that were used)."""
     num_classes = low.shape[1]
     valid, protos, anchors_all = [], [], []
     for c in range(num_classes):
@@ -161,21 +169,24 @@ def reference_group_loss(rep, rep_t, probs, low, bank, anchor_idx, negative_idx,
         if low_c.sum() > 0:
             valid.append(c)
     if len(valid) <= 1:
-        return 0.0
-    loss = torch.tensor(0.0, dtype=torch.float64)
-    for c in valid:
-        if len(anchors_all[c]) == 0 or bank[c].shape[0] == 0:
+        return 0.0, {}
+    loss, used = torch.tensor(0.0, dtype=torch.float64), {}
+    slots = dict(enumerate(valid)) if pairing == "reference" else {c: c for c in valid}
+    for c, b in slots.items():
+        if len(anchors_all[c]) == 0 or bank[b].shape[0] == 0:
             continue
+        used[c] = b
         anchor = anchors_all[c][anchor_idx[c]]
-        neg = bank[c][negative_idx[c]].reshape(anchor.shape[0], -1, rep.shape[1])
+        neg = bank[b][negative_idx[c]].reshape(anchor.shape[0], -1, rep.shape[1])
         feats = torch.cat([protos[c].unsqueeze(0).repeat(anchor.shape[0], 1, 1), neg], dim=1)
         logits = torch.cosine_similarity(anchor.unsqueeze(1), feats, dim=2)
         loss = loss + F.cross_entropy(logits / temp, torch.zeros(anchor.shape[0]).long())
-    return (loss / len(valid)).item()
+    return (loss / len(valid)).item(), used
 
 
-@pytest.mark.parametrize("case", ["all", "no_anchor", "empty_queue", "one_class"])
-def test_group_loss_matches_the_reference_given_its_draws(case):
+@pytest.mark.parametrize("pairing", ["intended", "reference"])
+@pytest.mark.parametrize("case", ["all", "no_anchor", "empty_queue", "one_class", "absent_class"])
+def test_group_loss_matches_the_reference_given_its_draws(case, pairing):
     n, d, c, q, k = 60, 6, 4, 16, 5
     caps = (20, 12, 12, 12)
     rep = RNG.normal(size=(n, d)).astype(np.float32)
@@ -190,15 +201,21 @@ def test_group_loss_matches_the_reference_given_its_draws(case):
         fill[1] = 0
     if case == "one_class":
         low[:, 1:] = False
+    if case == "absent_class":  # present {0, 2, 3}: the reference pairs slot 1 with bank 2, slot 2 with 3
+        low[:, 1] = False
     bank = queue_lib.init_queue(caps, d)
     offs = queue_lib.offsets(caps)
     keys = RNG.normal(size=(sum(caps), d)).astype(np.float32)
     bank = {"keys": jnp.asarray(keys), "ptr": jnp.zeros(c, jnp.int32), "fill": jnp.asarray(fill, jnp.int32)}
     rng = jax.random.PRNGKey(3)
     got, present = con.group_loss(jnp.asarray(rep), jnp.asarray(rep_t), jnp.asarray(probs), jnp.asarray(low), bank,
-                                  caps, rng, num_queries=q, num_negatives=k, temperature=0.5, threshold=0.3)
+                                  caps, rng, num_queries=q, num_negatives=k, temperature=0.5, threshold=0.3,
+                                  pairing=pairing)
 
-    # the same draws as group_loss: per class fold_in(rng, c) -> (anchor key, negative key)
+    # the same draws as group_loss: per slot fold_in(rng, slot) -> (anchor key, negative key), the
+    # negatives' rows uniform over the filled part of the slot's bank
+    present_classes = list(np.flatnonzero(low.any(0)))
+    bank_of = (present_classes + [0] * c)[:c] if pairing == "reference" else list(range(c))
     anchor_idx, negative_idx = {}, {}
     for cls in range(c):
         key_a, key_n = jax.random.split(jax.random.fold_in(rng, cls))
@@ -206,16 +223,46 @@ def test_group_loss_matches_the_reference_given_its_draws(case):
         index = np.asarray(con.sample_masked(jnp.asarray(mask), q, key_a))
         anchor_idx[cls] = torch.from_numpy(np.searchsorted(np.flatnonzero(mask), index)) if mask.any() else None
         u = np.asarray(jax.random.uniform(key_n, (q * k,)))
-        row = np.minimum(np.floor(u * fill[cls]).astype(np.int64), max(fill[cls] - 1, 0))
-        negative_idx[cls] = torch.from_numpy(row)
+        n_keys = fill[bank_of[cls]]
+        negative_idx[cls] = torch.from_numpy(np.minimum(np.floor(u * n_keys).astype(np.int64), max(n_keys - 1, 0)))
     torch_bank = [torch.from_numpy(keys[offs[i]:offs[i] + fill[i]].astype(np.float64)) for i in range(c)]
-    want = reference_group_loss(torch.from_numpy(rep.astype(np.float64)), torch.from_numpy(rep_t.astype(np.float64)),
-                                torch.from_numpy(probs.astype(np.float64)), torch.from_numpy(low), torch_bank,
-                                anchor_idx, negative_idx, 0.3, 0.5)
+    want, used = reference_group_loss(
+        torch.from_numpy(rep.astype(np.float64)), torch.from_numpy(rep_t.astype(np.float64)),
+        torch.from_numpy(probs.astype(np.float64)), torch.from_numpy(low), torch_bank, anchor_idx, negative_idx,
+        0.3, 0.5, pairing)
     np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-7)
+    if case == "absent_class":
+        assert used == ({0: 0, 2: 3} if pairing == "reference" else {0: 0, 2: 2, 3: 3})
     assert float(present) == low.any(0).sum()
     if case == "one_class":
         assert float(got) == 0.0
+
+
+def test_class_pairing_on_a_hand_computed_case():
+    """Present {0, 2, 3}, one anchor pixel per class (its own prototype), one key per bank, T 0.5,
+    1 negative: loss(a, k) = log(1 + exp((cos(a, k) - 1) / 0.5)). Intended: (l(a0, k0) + l(a2, k2)
+    + l(a3, k3)) / 3. Reference: slot 0 = class 0 with bank 0, slot 1 (class 1: no anchor) = 0, slot 2
+    = class 2 with bank v_2 = 3, slot 3 >= P unused: (l(a0, k0) + l(a2, k3)) / 3."""
+    s = 1 / np.sqrt(2)
+    feats = np.array([[1, 0], [0, 1], [s, s], [1, 0]], np.float32)  # pixels of classes 0, 2, 3, none
+    low = np.zeros((4, 4), bool)
+    low[0, 0] = low[1, 2] = low[2, 3] = True
+    probs = np.full((4, 4), 0.1, np.float32)
+    probs[0, 0] = probs[1, 2] = probs[2, 3] = 0.7
+    keys = np.array([[0, 1], [1, 1], [1, 0], [0, 1]], np.float32)  # bank c holds key k_c
+    bank = {"keys": jnp.asarray(keys), "ptr": jnp.ones(4, jnp.int32), "fill": jnp.ones(4, jnp.int32)}
+
+    def loss(pairing):
+        return float(con.group_loss(jnp.asarray(feats), jnp.asarray(feats), jnp.asarray(probs), jnp.asarray(low),
+                                    bank, (1, 1, 1, 1), jax.random.PRNGKey(0), num_queries=3, num_negatives=1,
+                                    temperature=0.5, threshold=0.3, pairing=pairing)[0])
+
+    def pair(cos_ak):
+        return np.log1p(np.exp((cos_ak - 1) / 0.5))
+
+    # cos(a0, k0) = 0, cos(a2, k2) = 0, cos(a3, k3) = 1/sqrt(2), cos(a2, k3) = 1
+    np.testing.assert_allclose(loss("intended"), (pair(0) + pair(0) + pair(s)) / 3, rtol=1e-6)
+    np.testing.assert_allclose(loss("reference"), (pair(0) + pair(1)) / 3, rtol=1e-6)
 
 
 def test_group_loss_gradient_reaches_only_the_anchors():
@@ -284,6 +331,31 @@ def test_queue_write_of_more_keys_than_capacity_keeps_the_last_ones():
     np.testing.assert_array_equal(np.asarray(bank["keys"])[:, 0], rings[0][:, 0])
     assert sorted(np.asarray(bank["keys"])[:, 0]) == [5.0, 6.0, 7.0] == sorted(official[0][:, 0])
     assert int(bank["ptr"][0]) == ptr[0] == 8 % 3 and int(bank["fill"][0]) == 3
+
+
+def test_write_candidates_is_the_official_concatenate_and_keep_the_tail():
+    """'newest': every candidate, in pixel order, appended per class; the class keeps its last cap_c keys
+    (`dequeue_and_enqueue`, u2pl/utils/utils.py lines 28-47: cat, then keep [-queue_size:]). Four
+    steps with a wrap-around and a step of more keys than a capacity; the ring rows equal
+    one-key-at-a-time ring writes, the filled set equals the official queue, ptr and fill as the ring."""
+    caps, d, m = (9, 6, 5), 2, 12
+    rng = np.random.default_rng(5)
+    bank = queue_lib.init_queue(caps, d)
+    writes = []
+    for step in range(4):
+        cand = rng.random((m, 3)) < (0.9 if step == 2 else 0.3)
+        feats = rng.normal(size=(m, d)).astype(np.float32)
+        bank = queue_lib.write_candidates(bank, jnp.asarray(cand), jnp.asarray(feats), caps)
+        writes.append([[feats[cand[:, c]] for c in range(3)]])  # one sequence per class, pixel order
+    rings, ptr, fill, official = reference_ring(caps, writes)
+    offs = queue_lib.offsets(caps)
+    for c in range(3):
+        rows = np.asarray(bank["keys"])[offs[c]:offs[c] + caps[c]]
+        np.testing.assert_array_equal(rows, rings[c].astype(np.float32))
+        assert {tuple(r) for r in rows[:fill[c]]} == {tuple(r) for r in official[c].astype(np.float32)}
+    np.testing.assert_array_equal(np.asarray(bank["ptr"]), ptr)
+    np.testing.assert_array_equal(np.asarray(bank["fill"]), fill)
+    assert max(len(w[0][1]) for w in writes) > caps[1]  # a step wrote more keys than class 1 holds
 
 
 def test_select_keys_takes_distinct_candidates_up_to_the_limit():

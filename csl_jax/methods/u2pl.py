@@ -20,6 +20,12 @@ One step, per device, in loss groups of g labeled + g unlabeled images (`config.
 
 Predict functions: 'model' (the student up to epoch E0, the teacher after: what U2PL validates
 and selects checkpoints with), 'teacher', 'student'.
+
+Variants (`VARIANTS`, docs/methods/u2pl.md "Variants"): 'reference' (the defaults) runs the official
+code as it produced the published numbers: its one-hot bug and the one-hot gate on the keys, its
+class/bank pairing of the contrastive loss (issue #111), every key written and the newest kept, crop
+padding labelled 0. 'intended' runs the method of the paper: per-sample one-hot, class c
+contrasted with bank c, a random capped subset of keys per group, padding ignored.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import ml_collections
 
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
+from csl_jax.data.pipeline import REPEATS
 from csl_jax.methods.base import Method, StepContext, check_fields, check_network, init_network, with_later_fields
 from csl_jax.methods.parts import passes, u2pl_contrastive, u2pl_queue, u2pl_unsup
 from csl_jax.methods.parts import u2pl_data  # noqa: F401  (registers the 'u2pl' geometry and 'u2pl_box' view)
@@ -42,18 +49,24 @@ NAME = "u2pl"
 
 
 def default_options() -> ml_collections.ConfigDict:
-    """`config.method` of U2PL with the published values (experiments/*/ours/config.yaml, train_semi.py).
+    """`config.method` of U2PL as its official code runs (experiments/*/ours/config.yaml, train_semi.py, the
+    'reference' variant; `VARIANTS['intended']` lists what the corrected method changes).
 
     sup_only_epochs E0 (Pascal 1, the code default; Cityscapes 0); ema_momentum; drop_percent (80:
     q_0 = 20 %); low_entropy_threshold (alpha_0 = 20 %); low_rank / high_rank (3 / 20);
     current_class_threshold (0.3); current_class_negative_threshold (1); num_queries (256);
     num_negatives (50); temperature (0.5); queue_capacity (30000) and queue_capacity_class0
-    (50000); max_keys_per_group (0 = ceil(capacity_c / global groups)); contrastive_weight (the
-    reference's effective 1/W: 0.25 Pascal, 0.125 Cityscapes); unsup_weight (1); aux_weight (0.4,
-    used when model.aux); cutmix_prob (0.5); reference_onehot (reproduce the official one-hot bug);
-    labeled_negatives (the paper's labeled negatives, off as in the code); pad_label (255: crop
-    padding is ignored; 0: the reference's, labeled padding is background and unlabeled padding
-    gets pseudo-labels and counts everywhere).
+    (50000); queue_write ('newest': every key written in order, the newest capacity_c kept, as
+    the reference; 'random_capped': at most max_keys_per_group random keys per group and class);
+    max_keys_per_group ('random_capped' only; 0 = ceil(capacity_c / global groups));
+    contrastive_weight (the reference's effective 1/W: 0.25 Pascal, 0.125 Cityscapes); unsup_weight
+    (1); aux_weight (0.4, used when model.aux); cutmix_prob (0.5); reference_onehot (True: the
+    official one-hot bug and its gate on the keys); class_pairing ('reference': the official slot /
+    bank pairing of L_c; 'intended': class c with bank c); labeled_negatives (the paper's labeled
+    negatives, off as in the code); pad_label (0: the reference's, labeled padding is background
+    and unlabeled padding gets pseudo-labels and counts everywhere; 255: crop padding is ignored);
+    labeled_repeat (how the labeled list is repeated to |U| entries, `StreamSpec.repeat`: 'sample',
+    the reference's `random.sample` once per seed; 'tile' before it existed).
     """
     o = ml_collections.ConfigDict()
     o.name = NAME
@@ -70,26 +83,41 @@ def default_options() -> ml_collections.ConfigDict:
     o.temperature = 0.5
     o.queue_capacity = 30000
     o.queue_capacity_class0 = 50000
+    o.queue_write = "newest"
     o.max_keys_per_group = 0
     o.contrastive_weight = 0.25
     o.unsup_weight = 1.0
     o.aux_weight = 0.4
     o.cutmix_prob = 0.5
-    o.reference_onehot = False
+    o.reference_onehot = True
+    o.class_pairing = "reference"
     o.labeled_negatives = False
-    o.pad_label = 255
+    o.pad_label = 0
+    o.labeled_repeat = "sample"
     return o
 
 
+#: `:SPLIT,VARIANT` of the U2PL configs -> config.method overrides of `default_options()`.
+VARIANTS = {"reference": {},
+            "intended": dict(reference_onehot=False, class_pairing="intended", queue_write="random_capped",
+                             pad_label=IGNORE_INDEX)}
 #: fields added after U2PL's first release, with the values older saved configs meant.
-LATER_FIELDS = {"pad_label": 255}
+LATER_FIELDS = {"pad_label": IGNORE_INDEX, "class_pairing": "intended", "queue_write": "random_capped",
+                "labeled_repeat": "tile"}
+_CHOICES = {"class_pairing": ("reference", "intended"), "queue_write": ("newest", "random_capped"),
+            "labeled_repeat": REPEATS}
 
 
-def configure(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Makes config `c` a U2PL config: `default_options()` as `c.method`, the 'u2pl' network with
-    U2PL's backbone settings (ceil-mode max-pool, multi-grid) and a 256-d representation head; the
-    widths, output stride and ASPP rates stay `c`'s. Returns `c`."""
+def configure(c: ml_collections.ConfigDict, variant: str = "reference") -> ml_collections.ConfigDict:
+    """Makes config `c` a U2PL config: `default_options()` with the `VARIANTS[variant]` overrides as
+    `c.method` (`method.variant` 'u2pl' or 'u2pl_<variant>' names the report's row), the 'u2pl'
+    network with U2PL's backbone settings (ceil-mode max-pool, multi-grid) and a 256-d
+    representation head; the widths, output stride and ASPP rates stay `c`'s. Returns `c`."""
+    if variant not in VARIANTS:
+        raise ValueError(f"U2PL variant {variant!r}; valid: {sorted(VARIANTS)}")
     c.method = default_options()
+    c.method.update(VARIANTS[variant])
+    c.method.variant = NAME if variant == "reference" else f"{NAME}_{variant}"
     c.model.name = NAME
     c.model.maxpool_ceil = True
     c.model.multi_grid = True
@@ -101,7 +129,7 @@ def configure(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def check_options(opts: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the `config.method` field that is missing or invalid."""
     opts = with_later_fields(opts, LATER_FIELDS)
-    check_fields(opts, default_options(), "u2pl")
+    check_fields(opts, default_options(), "u2pl", _CHOICES)
     positive = ("num_queries", "num_negatives", "queue_capacity", "queue_capacity_class0", "temperature")
     for key in positive:
         if not opts[key] > 0:
@@ -169,7 +197,8 @@ class U2PL(Method):
 
     def streams(self):
         geometry = "u2pl" if self.opts.pad_label == IGNORE_INDEX else "u2pl_pad0"
-        return {"labeled": StreamSpec(source="labeled", batch="labeled", epoch_of="unlabeled", geometry=geometry),
+        return {"labeled": StreamSpec(source="labeled", batch="labeled", epoch_of="unlabeled",
+                                      repeat=self.opts.labeled_repeat, geometry=geometry),
                 "unlabeled": StreamSpec(source="unlabeled", batch="unlabeled", views=("u2pl_box",),
                                         geometry=geometry)}
 
@@ -271,20 +300,15 @@ class U2PL(Method):
         pseudo_u = downsample(mixed["pseudo"], small)
         group_inputs = self._group_inputs(out["rep"], t_out["rep"], probs_t, label_l, pseudo_u, low_u, high_u)
 
-        # keys: every group's random subset, all devices, global group order; then the losses
+        # keys of all devices' groups in global group order into the bank; then the losses
         first_group = jax.lax.axis_index(AXIS) * (n // g)
         group_ids = first_group + jnp.arange(n // g)
-        keys, counts = jax.vmap(lambda cand, feats, gid: u2pl_queue.select_keys(
-            cand, feats, max(self.key_limits), jax.random.fold_in(rng_keys, gid), self.key_limits))(
-            group_inputs["candidates"], group_inputs["rep_t"], group_ids)
-        keys = jax.lax.all_gather(keys, AXIS, tiled=True)
-        counts = jax.lax.all_gather(counts, AXIS, tiled=True)
-        queue = u2pl_queue.write(state["queue"], keys, counts, self.capacities)
+        queue = self._write_keys(state["queue"], group_inputs, group_ids, rng_keys)
         group_losses, present = jax.vmap(lambda rep, rep_t, probs, low, gid: u2pl_contrastive.group_loss(
             rep, rep_t, probs, low, queue, self.capacities, jax.random.fold_in(rng_con, gid),
             num_queries=o.num_queries, num_negatives=o.num_negatives, temperature=o.temperature,
-            threshold=o.current_class_threshold))(group_inputs["rep"], group_inputs["rep_t"], group_inputs["probs"],
-                                                   group_inputs["low"], group_ids)
+            threshold=o.current_class_threshold, pairing=o.class_pairing))(
+            group_inputs["rep"], group_inputs["rep_t"], group_inputs["probs"], group_inputs["low"], group_ids)
         loss_c = jnp.mean(group_losses)
         loss = jnp.where(sup_phase, loss_sup, loss_sup + o.unsup_weight * loss_u + o.contrastive_weight * loss_c)
 
@@ -299,6 +323,30 @@ class U2PL(Method):
         metrics = {"loss": loss, "loss_sup": loss_sup, "queue_fill": _queue_fill(queue, self.capacities),
                    **jax.tree.map(lambda m: jnp.where(sup_phase, 0.0, m), unlabeled)}
         return loss, (new_state, metrics)
+
+    def _write_keys(self, queue, group_inputs, group_ids, rng):
+        """The bank after this step's keys (`config.method.queue_write`, u2pl_queue), the same on every device.
+
+        'newest' gathers every group's candidate masks (G, N', C) and teacher features (G, N', D),
+        N' the unlabeled pixels only when labeled pixels give no keys, and writes them all in
+        order; 'random_capped' gathers each group's random subset (`select_keys`).
+        """
+        if self.opts.queue_write == "newest":
+            first = 0 if self._labeled_keys() else group_inputs["candidates"].shape[1] // 2
+            cand, feats = (jax.lax.all_gather(group_inputs[k][:, first:], AXIS, tiled=True)
+                           for k in ("candidates", "rep_t"))
+            return u2pl_queue.write_candidates(queue, cand.reshape(-1, cand.shape[-1]),
+                                               feats.reshape(-1, feats.shape[-1]), self.capacities)
+        keys, counts = jax.vmap(lambda cand, feats, gid: u2pl_queue.select_keys(
+            cand, feats, max(self.key_limits), jax.random.fold_in(rng, gid), self.key_limits))(
+            group_inputs["candidates"], group_inputs["rep_t"], group_ids)
+        keys = jax.lax.all_gather(keys, AXIS, tiled=True)
+        counts = jax.lax.all_gather(counts, AXIS, tiled=True)
+        return u2pl_queue.write(queue, keys, counts, self.capacities)
+
+    def _labeled_keys(self) -> bool:
+        """Whether labeled pixels can be keys: the paper's labeled rule, never with the reference one-hot."""
+        return bool(self.opts.labeled_negatives and not self.opts.reference_onehot)
 
     def _group_inputs(self, rep, rep_t, probs_t, label_l, pseudo_u, low_u, high_u):
         """Per-group (G, N, ...) arrays of the contrastive loss, N = 2 g h w pixels, labeled first.
@@ -327,7 +375,7 @@ class U2PL(Method):
             p_u, high_u.reshape(-1), low_rank=o.low_rank, high_rank=o.high_rank,
             negative_threshold=o.current_class_negative_threshold,
             gate=oh_u.reshape(-1, c) if o.reference_onehot else None).reshape(oh_u.shape)
-        if o.labeled_negatives and not o.reference_onehot:
+        if self._labeled_keys():
             cand_l = u2pl_contrastive.labeled_negative_candidates(
                 p_l, oh_l.reshape(-1, c), valid_l.reshape(-1), low_rank=o.low_rank,
                 negative_threshold=o.current_class_negative_threshold).reshape(oh_l.shape)

@@ -12,6 +12,11 @@ Per loss group (g labeled + g unlabeled images), at stride 4, pixels flattened t
 - loss_c = mean over anchors of CE(cos(a, [pos, n_1..n_K]) / temperature, 0); 0 without anchor
   candidate or with an empty bank (still counted); L_c = sum_c loss_c / |present|, 0 when
   |present| <= 1.
+Class pairing (`pairing`): 'intended' is the above, class c with bank c. 'reference' is the
+official second loop (`compute_contra_memobank_loss`, U2PL issue #111): with the present classes
+v_0 < ... < v_{P-1}, slot r = 0..P-1 takes anchors(r) and positive(r) of class r but the negatives
+(and the emptiness test) of bank v_r; slots r >= P and slots without anchor candidates give 0; the
+sum is still divided by P.
 Key candidates for the bank (`negative_candidates`): unlabeled valid pixels with H >= gamma_high,
 P_T[c] < `negative_threshold` and c at a rank in [low_rank, high_rank) of P_T.
 """
@@ -125,8 +130,8 @@ def labeled_negative_candidates(probs: jax.Array, onehot: jax.Array, valid: jax.
 
 def group_loss(rep: jax.Array, rep_teacher: jax.Array, probs: jax.Array, low: jax.Array, queue: PyTree,
                capacities: Sequence[int], rng: jax.Array, *, num_queries: int, num_negatives: int,
-               temperature: float, threshold: float) -> tuple[jax.Array, jax.Array]:
-    """L_c of one group (module docstring) and its number of present classes.
+               temperature: float, threshold: float, pairing: str = "intended") -> tuple[jax.Array, jax.Array]:
+    """L_c of one group (module docstring, `pairing` 'intended' or 'reference') and its number of present classes.
 
     Args:
       rep: (N, D) student features (with gradient); rep_teacher: (N, D) teacher features;
@@ -138,21 +143,27 @@ def group_loss(rep: jax.Array, rep_teacher: jax.Array, probs: jax.Array, low: ja
     rep_teacher = jax.lax.stop_gradient(rep_teacher)
     num_classes = low.shape[1]
     present = jnp.any(low, axis=0)
+    n_present = jnp.sum(present).astype(jnp.float32)
     candidates = low & (probs > threshold)
     protos = prototypes(rep_teacher, low)
+    if pairing == "reference":  # slot r < P, negatives from the bank of the r-th present class
+        slot_used = jnp.arange(num_classes) < n_present
+        bank_of = jnp.argsort(jnp.where(present, 0, 1), stable=True)
+    else:
+        slot_used, bank_of = present, jnp.arange(num_classes)
 
     def class_loss(inputs):
         c, key = inputs
         key_a, key_n = jax.random.split(key)
         mask = candidates[:, c]
         anchors = jnp.take(rep, sample_masked(mask, num_queries, key_a), axis=0)
-        negatives = u2pl_queue.sample(queue, c, num_queries * num_negatives, key_n, capacities)
+        bank = bank_of[c]
+        negatives = u2pl_queue.sample(queue, bank, num_queries * num_negatives, key_n, capacities)
         negatives = jax.lax.stop_gradient(negatives.astype(jnp.float32)).reshape(num_queries, num_negatives, -1)
         loss = info_nce(anchors.astype(jnp.float32), protos[c], negatives, temperature)
-        usable = present[c] & jnp.any(mask) & (queue["fill"][c] > 0)
+        usable = slot_used[c] & jnp.any(mask) & (queue["fill"][bank] > 0)
         return jnp.where(usable, loss, 0.0)
 
     keys = jax.vmap(lambda c: jax.random.fold_in(rng, c))(jnp.arange(num_classes))
     per_class = jax.lax.map(class_loss, (jnp.arange(num_classes), keys))
-    n_present = jnp.sum(present).astype(jnp.float32)
     return jnp.where(n_present > 1, jnp.sum(per_class) / jnp.maximum(n_present, 1.0), 0.0), n_present

@@ -7,8 +7,13 @@ rows are therefore always the last fill_c keys written, the set U2PL's `dequeue_
 keeps (it concatenates and keeps the tail); sampling is uniform over that set, so the row order
 inside it does not matter.
 
-Each loss group proposes at most k_c keys per class (`select_keys`: a uniformly random subset of
-its candidates); the groups of all devices are written in global group order (`write`).
+Two write rules (`config.method.queue_write`):
+- 'newest' (the reference's `dequeue_and_enqueue`): every candidate key of every group, in global
+  group order and pixel order within a group, is appended; the class keeps the newest cap_c
+  (`write_candidates`).
+- 'random_capped': each loss group proposes at most k_c keys per class (`select_keys`: a uniformly
+  random subset of its candidates); the groups of all devices are written in global group order
+  (`write`).
 """
 from __future__ import annotations
 
@@ -55,8 +60,28 @@ def select_keys(candidates: jax.Array, features: jax.Array, max_keys: int, rng: 
     return jnp.take(jax.lax.stop_gradient(features), index, axis=0), count
 
 
+def _ring_rows(queue: PyTree, index: jax.Array, valid: jax.Array, total: jax.Array,
+               capacities: Sequence[int]) -> jax.Array:
+    """Bank rows of the keys of one write, (..., C) int32.
+
+    index: (..., C) int32, each key's position in this write's class-c sequence; valid: (..., C)
+    bool; total: (C,) keys written per class. A valid key among the last cap_c of its class goes to
+    row off_c + (ptr_c + index) mod cap_c; every other key gets row sum(cap) (dropped by the scatter).
+    """
+    caps = jnp.asarray(capacities, jnp.int32)
+    keep = valid & (index >= total - caps)
+    rows = jnp.asarray(offsets(capacities)) + (queue["ptr"] + index) % caps
+    return jnp.where(keep, rows, queue["keys"].shape[0])
+
+
+def _advanced(queue: PyTree, keys: jax.Array, total: jax.Array, capacities: Sequence[int]) -> PyTree:
+    """The bank with rows `keys` after writing total_c keys per class: ptr and fill moved on."""
+    caps = jnp.asarray(capacities, jnp.int32)
+    return {"keys": keys, "ptr": (queue["ptr"] + total) % caps, "fill": jnp.minimum(queue["fill"] + total, caps)}
+
+
 def write(queue: PyTree, keys: jax.Array, counts: jax.Array, capacities: Sequence[int]) -> PyTree:
-    """Writes the keys of G groups in group order, then slot order (module docstring).
+    """Writes the keys of G groups in group order, then slot order (module docstring, 'random_capped').
 
     Args:
       queue: the bank (`init_queue`).
@@ -66,16 +91,38 @@ def write(queue: PyTree, keys: jax.Array, counts: jax.Array, capacities: Sequenc
       the new bank.
     """
     g, c, k, _ = keys.shape
-    caps = jnp.asarray(capacities, jnp.int32)
     total = jnp.sum(counts, axis=0)                                   # (C,) keys written per class
-    start = jnp.cumsum(counts, axis=0) - counts                       # (G, C) global index of slot 0
-    j = start[:, :, None] + jnp.arange(k, dtype=jnp.int32)[None, None, :]  # (G, C, K)
-    keep = (jnp.arange(k)[None, None, :] < counts[:, :, None]) & (j >= (total - caps)[None, :, None])
-    rows = jnp.asarray(offsets(capacities))[None, :, None] + (queue["ptr"][None, :, None] + j) % caps[None, :, None]
-    rows = jnp.where(keep, rows, queue["keys"].shape[0])  # out of range: dropped
-    new_keys = queue["keys"].at[rows.reshape(-1)].set(keys.reshape(g * c * k, -1).astype(queue["keys"].dtype),
-                                                      mode="drop")
-    return {"keys": new_keys, "ptr": (queue["ptr"] + total) % caps, "fill": jnp.minimum(queue["fill"] + total, caps)}
+    start = jnp.cumsum(counts, axis=0) - counts                       # (G, C) index of each group's slot 0
+    index = start[:, None, :] + jnp.arange(k, dtype=jnp.int32)[None, :, None]  # (G, K, C)
+    valid = jnp.arange(k)[None, :, None] < counts[:, None, :]
+    rows = _ring_rows(queue, index, valid, total, capacities)
+    updates = jnp.swapaxes(keys, 1, 2).reshape(g * k * c, -1).astype(queue["keys"].dtype)
+    return _advanced(queue, queue["keys"].at[rows.reshape(-1)].set(updates, mode="drop"), total, capacities)
+
+
+def write_candidates(queue: PyTree, candidates: jax.Array, features: jax.Array, capacities: Sequence[int]) -> PyTree:
+    """Writes every candidate key in order, keeping the newest cap_c per class (module docstring, 'newest').
+
+    Args:
+      queue: the bank (`init_queue`).
+      candidates: (M, C) bool, pixel m is a key of class c; M = the pixels of all groups in global
+        group order, pixel order within a group (the order of the reference's gathered keys).
+      features: (M, D) teacher features (no gradient).
+      capacities: (C,) Python ints.
+    Returns:
+      the new bank.
+    """
+    count = candidates.astype(jnp.int32)
+    index = jnp.cumsum(count, axis=0) - count                         # (M, C) position among class c's keys
+    total = jnp.sum(count, axis=0)
+    rows = _ring_rows(queue, index, candidates, total, capacities)
+    updates = jax.lax.stop_gradient(features).astype(queue["keys"].dtype)
+
+    def write_class(c, keys):  # one scatter per class: the features are shared, never copied C times
+        return keys.at[rows[:, c]].set(updates, mode="drop")
+
+    keys = jax.lax.fori_loop(0, candidates.shape[1], write_class, queue["keys"])
+    return _advanced(queue, keys, total, capacities)
 
 
 def sample(queue: PyTree, cls: jax.Array, num: int, rng: jax.Array, capacities: Sequence[int]) -> jax.Array:
