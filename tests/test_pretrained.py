@@ -256,17 +256,77 @@ def test_registered_names_and_the_imagenet_alias():
     ("imagenet:resnet50_v1c", "resnet50_v1c.pth", "https://pan.baidu.com/s/1agsf6BSvmVVGTvk23JXxaw?pwd=skrv"),
     ("imagenet:resnet101_v1c", "resnet101_v1c.pth", "https://pan.baidu.com/s/1PLg22P_Nv9GwR-KEzGdvTA?pwd=0g8u"),
     ("imagenet:resnet101_u2pl", "resnet101_u2pl.pth", "1nzSX8bX3zoRREn6WnoEeAPbKYPPOa-3Y")])
-def test_cpcl_and_u2pl_backbones_resolve_by_name(name, filename, link, backbone, cache):
+def test_cpcl_and_u2pl_backbones_resolve_by_name(name, filename, link, cache):
     """CPCL's README (leofansq/CPCL f0e1800) and U2PL's (HEAD ab3d2be) links, resolved from a file put into
     the cache by hand (no network): deep-stem ResNets, loaded as 'deep_backbone'."""
     record = pretrained.REGISTRY[name]
     assert (record.kind, record.filename) == ("deep_backbone", filename) and link in record.url
     path = cache / "imagenet" / filename
     path.parent.mkdir(parents=True)
-    path.write_bytes(backbone[0])
+    data = resnet_skeleton(101 if "101" in name else 50)
+    path.write_bytes(data)
     source = pretrained.resolve_init(tiny_model_config(name))
-    assert (source.path, source.name, source.kind, source.sha256) == (str(path), name, "deep_backbone",
-                                                                      sha256(backbone[0]))
+    assert (source.path, source.name, source.kind, source.sha256) == (str(path), name, "deep_backbone", sha256(data))
+
+
+def resnet_skeleton(depth: int) -> bytes:
+    """torch.save bytes of a deep-stem ResNet-`depth` state dict with every block's keys and 1x1x1x1 kernels
+    (the layout `validation_error` checks; too small to load into a model)."""
+    keys = ["conv1.0.weight", "bn1.weight", "fc.weight"]
+    for stage, blocks in enumerate(pretrained.RESNET_BLOCKS[depth], start=1):
+        keys += [f"layer{stage}.{i}.conv{j}.weight" for i in range(blocks) for j in (1, 2, 3)]
+    buffer = io.BytesIO()
+    torch.save({k: torch.zeros((1, 1, 1, 1) if "conv" in k else (1,)) for k in keys}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"<!DOCTYPE html><html>quota exceeded</html>", "not a torch.save file"),
+    ("resnet50", "layer3 has 6 blocks, a ResNet-101 has 23 (keys backbone.layer3.<i>.*)")])
+def test_a_wrong_file_put_into_the_cache_is_moved_aside_and_never_pinned(content, reason, cache):
+    """A hand-placed file is checked before its checksum is recorded: a web page or another network's file
+    is moved to .invalid with one line saying what to do; the right file is then accepted and pinned."""
+    name = "imagenet:resnet101"
+    path = cache / "imagenet" / "resnet101.pth"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(resnet_skeleton(50) if content == "resnet50" else content)
+    with pytest.raises(pretrained.WeightsUnavailableError) as error:
+        pretrained.resolve_init(tiny_model_config(name))
+    message = str(error.value)
+    assert message.startswith(f"{path} is not a valid '{name}' weights file (") and reason in message
+    assert message.endswith(f"moved it to {path}.invalid; put the right file from "
+                            f"{pretrained.REGISTRY[name].page} at {path}") and "\n" not in message
+    assert files_in(cache) == ["imagenet/resnet101.pth.invalid"]  # nothing pinned
+    path.write_bytes(resnet_skeleton(101))
+    assert pretrained.resolve_init(tiny_model_config(name)).sha256 == sha256(resnet_skeleton(101))
+    assert (cache / "imagenet" / "resnet101.pth.sha256").read_text() == sha256(resnet_skeleton(101)) + "\n"
+
+
+def test_a_download_that_is_not_a_checkpoint_is_not_kept(server, cache):
+    server.files["/junk.pth"] = bytes(range(256)) * 8
+    pretrained.register_weights(NAME, url=server.url("/junk.pth"), kind="deep_backbone", filename="tiny.pth")
+    with pytest.raises(pretrained.WeightsUnavailableError, match="the downloaded file is not a valid weights file: "):
+        pretrained.resolve_init(tiny_model_config(NAME))
+    assert files_in(cache) == []
+
+
+def test_a_recorded_checksum_is_reset_by_one_command(cache, capsys):
+    """After a wrong file was trusted on first use, the right file is refused with the reset command named;
+    `python -m csl_jax.models.pretrained --reset=NAME` forgets the pin."""
+    name = "imagenet:resnet50"
+    path = cache / "imagenet" / "resnet50.pth"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(resnet_skeleton(50))
+    pretrained.resolve_init(tiny_model_config(name))  # pinned
+    right = resnet_skeleton(50) + b"\0"
+    path.write_bytes(right)
+    with pytest.raises(pretrained.ChecksumError, match=re.escape(
+            f"run `python -m csl_jax.models.pretrained --reset={name}`")):
+        pretrained.resolve_init(tiny_model_config(name))
+    assert pretrained.main([f"--reset={name}"]) == 0
+    assert f"{name}: removed the recorded checksum {path}.sha256" in capsys.readouterr().out
+    assert pretrained.resolve_init(tiny_model_config(name)).sha256 == sha256(right)
+    assert pretrained.main(["--reset=imagenet:nope"]) == 2
 
 
 def test_unknown_names_and_missing_paths_are_clear(cache, tmp_path):

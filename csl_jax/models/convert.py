@@ -14,7 +14,7 @@ and CSS checkpoints ('css': `ema_model` (converted) / `model` with `resnet_*`, `
     model, variables = from_unimatch(state_dict, num_classes=21, depth=101)
     logits, _ = model.apply(variables, images, train=False)  # (logits, out), as every model
 
-CLI (needs torch to read the .pth):
+CLI (reads the .pth without torch: csl_jax.models.torch_pickle):
     python -m csl_jax.models.convert SRC.pth OUT_DIR [--kind auto] [--format msgpack|npz]
 writes OUT_DIR/variables.{msgpack,npz} and OUT_DIR/report.json.
 """
@@ -33,6 +33,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
+from csl_jax.models import torch_pickle
 from csl_jax.models.deeplabv3plus import DeepLabV3Plus
 
 KINDS = ("auto", "deep_backbone", "torchvision", "unimatch", "csl", "ccvc", "u2pl", "css", "cpcl", "flax")
@@ -179,24 +180,12 @@ def merge_variables(variables: Mapping[str, Any], loaded: Mapping[Path, Any],
 
 
 def load_file(path: str) -> Any:
-    """Read a checkpoint: .msgpack/.npz (converted Flax variables) or a PyTorch file (needs torch)."""
+    """Read a checkpoint: .msgpack/.npz (converted Flax variables) or a torch.save file (without torch)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith((".msgpack", ".npz")):
         return load_variables(path)
-    try:
-        import torch  # test/conversion-only dependency
-    except ImportError as e:
-        raise ImportError(f"reading the PyTorch file {path} needs torch; convert it once with "
-                          "`python -m csl_jax.models.convert` where torch is installed") from e
-    # NumPy arrays (CSS saves its prototypes as one) are allowed; nothing else beyond torch's weights-only set
-    np_core = np._core if hasattr(np, "_core") else np.core  # numpy 2 / numpy 1
-    numpy_globals = [np.ndarray, np.dtype, type(np.dtype(np.float32)), np_core.multiarray._reconstruct]
-    try:
-        with torch.serialization.safe_globals(numpy_globals):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or non-checkpoint file
-        raise ValueError(f"cannot read PyTorch checkpoint {path}: {e}") from e
+    return torch_pickle.load(path)  # tensors as NumPy, no torch needed; refuses any code in the pickle
 
 
 def load_pretrained(variables: Mapping[str, Any], source: Union[str, Mapping[str, Any]],

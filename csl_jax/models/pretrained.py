@@ -6,7 +6,8 @@
     'imagenet'              the ImageNet ResNet of model.depth for model.stem: 'imagenet:resnet{50,101}'
                             (deep stem) or 'torchvision:resnet{50,101}' (torchvision stem)
     'imagenet:resnet101'    a registered name (REGISTRY; `register_weights` adds one)
-    '/weights/r101.pth'     a file: a PyTorch .pth or a converted .msgpack/.npz (csl_jax.models.convert)
+    '/weights/r101.pth'     a file: a PyTorch .pth (read without torch: csl_jax.models.torch_pickle) or a
+                            converted .msgpack/.npz (csl_jax.models.convert)
 
 A registered file is downloaded once into $CSL_JAX_WEIGHTS_DIR (default ~/.cache/csl_jax/weights)
 as <dir>/<family>/<filename> ('imagenet/resnet101.pth'), through a temporary file renamed into
@@ -16,9 +17,12 @@ Checksums: a published sha256 (or torchvision's 8-hex prefix, from its file name
 every download and every use of the cached file. Files without a published checksum (the Google
 Drive and Baidu Cloud files of the UniMatch, U2PL and CPCL READMEs) are trusted on first use: the
 sha256 of the first download (or of a file put into the cache by hand) is printed, kept in
-`<file>.sha256` and checked on every later use. A cached file that fails its check is an error,
-never replaced silently: delete it to download it again. Run records hold the name, path, sha256
-and kind (`InitSource.record`).
+`<file>.sha256` and checked on every later use, but only once the file has been checked to be a
+readable checkpoint of its kind (`validation_error`): a web page or another network's file is never
+pinned (a download is not kept, a hand-placed file is moved to `<file>.invalid`). A cached file that
+fails its check is an error, never replaced silently: delete it to download it again.
+`python -m csl_jax.models.pretrained --reset=NAME` forgets a recorded checksum (`--list`: the names
+and cache paths). Run records hold the name, path, sha256 and kind (`InitSource.record`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import http.client
-import importlib.util
 import os
 import re
 import sys
@@ -35,8 +38,10 @@ import urllib.error
 import urllib.request
 
 import ml_collections
+import numpy as np
 from absl import logging
 
+from csl_jax.models import convert
 from csl_jax.models.convert import KINDS
 
 WEIGHTS_DIR_ENV = "CSL_JAX_WEIGHTS_DIR"
@@ -207,7 +212,6 @@ def resolve_init(model_cfg: ml_collections.ConfigDict) -> InitSource | None:
         if init_kind not in ("auto", record.kind):
             raise ValueError(f"config.model.init_kind={init_kind!r} contradicts the {record.kind!r} weights "
                              f"{name!r}; leave it 'auto'")
-        _check_torch(record.filename, name)
         path, sha256 = fetch(record)
         return InitSource(path=path, name=name, sha256=sha256, kind=record.kind)
     path = os.path.expanduser(value)
@@ -218,7 +222,6 @@ def resolve_init(model_cfg: ml_collections.ConfigDict) -> InitSource | None:
         raise FileNotFoundError(f"config.model.init_from={value!r}: no such file {os.path.abspath(path)}; give "
                                 f"'none', 'imagenet', a registered name ({', '.join(sorted(REGISTRY))}) or the "
                                 "path of a weights file")
-    _check_torch(path, value)
     return InitSource(path=os.path.abspath(path), name=None, sha256=file_sha256(path), kind=init_kind)
 
 
@@ -243,15 +246,6 @@ def random_init_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
 def init_record(source: InitSource | None) -> dict:
     """What run records and final results hold: `source.record()`, or {'name': 'none'} for random init."""
     return {"name": "none"} if source is None else source.record()
-
-
-def _check_torch(path: str, what: str) -> None:
-    """ImportError, before any download, when reading `path` (a PyTorch file) needs the absent torch."""
-    if path.endswith((".msgpack", ".npz")) or importlib.util.find_spec("torch") is not None:
-        return
-    raise ImportError(f"config.model.init_from={what!r} is a PyTorch file, which needs torch to read; install "
-                      "torch (CPU build is enough), or convert the file once where torch is installed "
-                      "(python -m csl_jax.models.convert FILE OUT_DIR) and set init_from to OUT_DIR/variables.msgpack")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +286,54 @@ def _mismatch(record: WeightsRecord, sha256: str) -> bool:
     return record.sha256_prefix is not None and not sha256.startswith(record.sha256_prefix)
 
 
+#: ResNet blocks per stage, by depth (what a backbone file of a registered 'resnetNN' name must hold).
+RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+def validation_error(record: WeightsRecord, path: str) -> str | None:
+    """What is wrong with `path` as `record`'s file, or None when it is a readable checkpoint of its kind.
+
+    Checks: it reads as a torch.save file (no code runs, `torch_pickle`); its state dict has the
+    layout of `record.kind`; for a backbone whose name says 'resnet50' / 'resnet101', every block
+    of the four stages is there and no more, each with a 4-d conv1 weight.
+    """
+    try:
+        state_dict, _, _ = convert.unwrap_state_dict(convert.load_file(path), record.kind)
+    except (ValueError, OSError, TypeError) as error:
+        return str(error)
+    depth = re.search(r"resnet(\d+)", record.name)
+    if record.kind not in ("deep_backbone", "torchvision") or not depth or int(depth[1]) not in RESNET_BLOCKS:
+        return None
+    for stage, blocks in enumerate(RESNET_BLOCKS[int(depth[1])], start=1):
+        found = {int(k.split(".")[2]) for k in state_dict if k.startswith(f"backbone.layer{stage}.")}
+        if found != set(range(blocks)):
+            return (f"layer{stage} has {len(found)} blocks, a ResNet-{depth[1]} has {blocks} (keys "
+                    f"backbone.layer{stage}.<i>.*)")
+        weights = [np.ndim(state_dict.get(f"backbone.layer{stage}.{i}.conv1.weight")) for i in range(blocks)]
+        if any(ndim != 4 for ndim in weights):
+            return f"layer{stage}: a block's conv1.weight is missing or not a 4-d conv kernel"
+    return None
+
+
+def _move_aside(record: WeightsRecord, path: str, reason: str) -> WeightsUnavailableError:
+    """Moves an invalid cached file to `<path>.invalid` (never deleted) and returns the error to raise."""
+    os.replace(path, path + ".invalid")
+    source = record.page or record.url
+    return WeightsUnavailableError(f"{path} is not a valid '{record.name}' weights file ({reason}); moved it to "
+                                   f"{path}.invalid; put the right file from {source} at {path}")
+
+
+def reset_pin(name: str) -> str:
+    """Removes the trust-on-first-use checksum recorded for registered weights `name`; returns what it did."""
+    if name not in REGISTRY:
+        raise ValueError(f"{name!r} is not a registered weights name; registered: {', '.join(sorted(REGISTRY))}")
+    pin = cache_path(REGISTRY[name]) + ".sha256"
+    if not os.path.exists(pin):
+        return f"{name}: no recorded checksum ({pin} does not exist)"
+    os.remove(pin)
+    return f"{name}: removed the recorded checksum {pin}; the next use checks and records the file again"
+
+
 def _trust_on_first_use(record: WeightsRecord, path: str, sha256: str) -> None:
     with open(path + ".sha256", "w") as f:
         f.write(sha256 + "\n")
@@ -310,12 +352,17 @@ def _verify_cached(record: WeightsRecord, path: str) -> str:
             recorded = f.read().strip()
         if sha256 != recorded:
             expected, origin = recorded, f"recorded at its first use in {path}.sha256"
-    elif record.sha256 is None:
+    elif record.sha256 is None:  # a file put there by hand: checked before its checksum is recorded
+        reason = validation_error(record, path)
+        if reason is not None:
+            raise _move_aside(record, path, reason)
         _trust_on_first_use(record, path, sha256)
     if expected is not None:
+        reset = (f"; if it is the right file and the recorded one was wrong, run `python -m csl_jax.models.pretrained "
+                 f"--reset={record.name}`" if origin != "published" else "")
         raise ChecksumError(f"the cached weights {path} ('{record.name}') are corrupt or not the registered file: "
                             f"sha256 {sha256}, expected {expected} ({origin}); delete the file to download it "
-                            f"again from {record.url}, or put the right file there")
+                            f"again from {record.url}, or put the right file there{reset}")
     return sha256
 
 
@@ -376,6 +423,9 @@ def _download(record: WeightsRecord, path: str) -> str:
         if _mismatch(record, sha256):
             raise ChecksumError(f"the download of '{record.name}' from {record.url} has sha256 {sha256}, expected "
                                 f"{_expected(record)}; it was not kept (nothing written to {path})")
+        reason = validation_error(record, partial)
+        if reason is not None:
+            raise _unavailable(record, path, f"the downloaded file is not a valid weights file: {reason}")
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):
@@ -383,3 +433,31 @@ def _download(record: WeightsRecord, path: str) -> str:
     if record.sha256 is None:
         _trust_on_first_use(record, path, sha256)
     return sha256
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m csl_jax.models.pretrained --reset=NAME`: forget the recorded checksum of registered weights
+    NAME (after replacing a wrong file that was trusted on first use); `--list`: the registered names."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m csl_jax.models.pretrained", description=main.__doc__)
+    parser.add_argument("--reset", metavar="NAME", help="registered weights name, e.g. imagenet:resnet101")
+    parser.add_argument("--list", action="store_true", help="list the registered weights and their cache paths")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name in sorted(REGISTRY):
+            print(f"{name}\t{cache_path(REGISTRY[name])}")
+    if args.reset:
+        try:
+            print(reset_pin(args.reset))
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    if not (args.list or args.reset):
+        parser.print_usage(sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
