@@ -1,7 +1,7 @@
 r"""CCVC on Cityscapes (docs/methods/ccvc.md): the official recipe of `tools/train.sh` and the example log.
 
     python main.py --config=configs/ccvc_cityscapes.py:1_16 --workdir=runs/ccvc_city_1_16 \
-        --config.data.root=/data/tfds
+        --config.data.root=/data/csl
 
 Splits (`:arg`): 1_30, 1_16, 1_8, 1_4, 1_2 (UniMatch lists, byte-identical to CCVC's `partitions/`;
 the official code ships no 1/2). Two DeepLabV3+ branches (deep-stem R50, both backbones from the

@@ -1,7 +1,7 @@
 r"""CCVC on Pascal VOC 2012 (docs/methods/ccvc.md): the official recipe of the README's `CCVC_aug.py` command.
 
     python main.py --config=configs/ccvc_pascal.py:366 --workdir=runs/ccvc_pascal_366 \
-        --config.data.root=/data/tfds
+        --config.data.root=/data/csl
 
 Splits (`:arg`): classic 92, 183, 366, 732, 1464; blended 1_16, 1_8, 1_4 (UniMatch lists,
 byte-identical to CCVC's `partitions/`). The README's example is the classic 366 split; the other

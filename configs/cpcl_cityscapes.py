@@ -1,7 +1,7 @@
 r"""CPCL on Cityscapes (docs/methods/cpcl.md): the official exp_city recipe.
 
     python main.py --config=configs/cpcl_cityscapes.py:1_8 --workdir=runs/cpcl_city_1_8 \
-        --config.data.root=/data/tfds
+        --config.data.root=/data/csl
 
 Splits (`:SPLIT[,VARIANT]`): 1_16, 1_8, 1_4, 1_2 (UniMatch's lists; CPS's are not available).
 Variants: 'head' (default; report row 'cpcl') is leofansq/CPCL at HEAD f0e1800 (exp_city/config.py

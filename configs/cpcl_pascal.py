@@ -1,7 +1,7 @@
 r"""CPCL on Pascal VOC 2012 (docs/methods/cpcl.md): the official exp_voc recipe.
 
     python main.py --config=configs/cpcl_pascal.py:1_8 --workdir=runs/cpcl_pascal_1_8 \
-        --config.data.root=/data/tfds
+        --config.data.root=/data/csl
 
 Splits (`:SPLIT[,VARIANT]`): blended 1_16, 1_8, 1_4 (UniMatch's lists: CPS's are not available, and
 csl_jax has no blended 1/2 list; see the spec §5) and the classic PseudoSeg-size subsets 92, 183,

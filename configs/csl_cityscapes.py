@@ -1,7 +1,7 @@
 r"""CSL on Cityscapes (docs/methods/csl.md §10-11): UniMatch V1 + CSL soft weights.
 
     python main.py --config=configs/csl_cityscapes.py:1_16 --workdir=runs/csl_city_1_16 \
-        --config.data.root=/data/tfds
+        --config.data.root=/data/csl
 
 `:SPLIT[,VARIANT]`. Splits: 1_30, 1_16, 1_8, 1_4, 1_2 (UniMatch lists). Variants as in
 configs/csl_pascal.py: `csl` (default: EMA teacher 0.99, alpha 8, unscaled, TMP p 0.5 / cover 0.7 /

@@ -1,7 +1,7 @@
 r"""CSL on Pascal VOC 2012 (docs/methods/csl.md §10-11): UniMatch V1 + CSL soft weights.
 
     python main.py --config=configs/csl_pascal.py:1464 --workdir=runs/csl_pascal_1464 \
-        --config.data.root=/data/tfds
+        --config.data.root=/data/csl
     python main.py --config=configs/csl_pascal.py:1_4,csl_released --workdir=runs/csl_rel_1_4 ...
 
 `:SPLIT[,VARIANT]`. Splits: classic 92, 183, 366, 732, 1464; blended 1_16, 1_8, 1_4; u2pl_1_16,

@@ -1,7 +1,7 @@
 r"""CSS on Cityscapes (docs/methods/css.md; official `cross_label.py`, config/CityScapes_config_baseline.yaml).
 
     python main.py --config=configs/css_cityscapes.py:1_16 --workdir=runs/css_city_1_16 \
-        --config.data.root=/data/tfds
+        --config.data.root=/data/csl
 
 `:SPLIT[,VARIANT]` (variants 'reference' / 'intended' as configs/css_pascal.py). Recipe: the CSS
 network (configs/css_pascal.py) at crop 769; global batch 16 + 16 in loss groups of 4 (4 GPUs x 4);

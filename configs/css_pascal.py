@@ -2,7 +2,7 @@ r"""CSS ("Space Engage", ICCV 2023) on Pascal VOC 2012 (docs/methods/css.md; off
 config/VOC_config_baseline.yaml).
 
     python main.py --config=configs/css_pascal.py:1464 --workdir=runs/css_pascal_1464 \
-        --config.data.root=/data/tfds
+        --config.data.root=/data/csl
 
 Splits (`:arg`): classic 92, 183, 366, 732, 1464 and the blended lists where shipped (csl_jax's
 lists: the official seed-3407 lists are not published). Recipe: the CSS DeepLabV3+ (model.name='css':

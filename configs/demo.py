@@ -3,8 +3,8 @@ r"""Demo: a tiny DeepLabV3+ on the generated synthetic dataset, on CPU in a few 
     python main.py --config=configs/demo.py --workdir=runs/demo
 
 main.py generates the synthetic dataset into `data.root` on first use (no download; see
-`csl_jax.data.ensure_prepared`). `:csl` (also `:csl_online`, `:csl_released`, the CSL
-variants), `:unimatch` or `:fixmatch` train that method instead of the supervised baseline, e.g.
+`csl_jax.data.ensure_prepared`). `:supervised` (the default, the supervised baseline), `:csl`
+(also `:csl_online`, `:csl_released`, the CSL variants), `:unimatch` or `:fixmatch` pick the method, e.g.
 `--config=configs/demo.py:csl` (its EMA teacher and student are both evaluated; the teacher's mIoU
 is the one printed). It starts from random weights (model.init_from='none'). Prints the val mIoU at the end.
 """

@@ -1,7 +1,7 @@
 r"""Supervised baseline on Cityscapes (UniMatch `supervised.py` recipe), labeled images only.
 
     python main.py --config=configs/supervised_cityscapes.py:1_16 --workdir=runs/sup_city_1_16 \
-        --config.data.root=/data/tfds
+        --config.data.root=/data/csl
 
 Splits (`:arg`): 1_30, 1_16, 1_8, 1_4, 1_2 (UniMatch lists); R101 OS16, crop 801, global batch 16,
 lr 5e-3 (x1), 240 epochs over the labeled list, OHEM (0.7, 200000 per 2 images), sliding-window

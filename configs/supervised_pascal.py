@@ -1,7 +1,7 @@
 r"""Supervised baseline on Pascal VOC 2012 (UniMatch `supervised.py` recipe), labeled images only.
 
     python main.py --config=configs/supervised_pascal.py:1464 --workdir=runs/sup_pascal_1464 \
-        --config.data.root=/data/tfds
+        --config.data.root=/data/csl
 
 Splits (`:arg`): classic 92, 183, 366, 732, 1464; blended 1_16, 1_8, 1_4; u2pl_1_16, u2pl_1_8,
 u2pl_1_4 (use crop 513 for the U2PL lists). R101 OS16, crop 321, global batch 16 (UniMatch doubles

@@ -1,7 +1,7 @@
 r"""U2PL on Cityscapes (docs/methods/u2pl.md; official experiments/cityscapes/744/ours/config.yaml).
 
     python main.py --config=configs/u2pl_cityscapes.py:744 --workdir=runs/u2pl_city_744 \
-        --config.data.root=/data/tfds
+        --config.data.root=/data/csl
 
 `:SPLIT[,VARIANT]`. Splits (U2PL's lists, data.family='cityscapes_u2pl'): 186, 372, 744, 1488.
 Variants as configs/u2pl_pascal.py: `reference` (default, the official code; the targets below are

@@ -1,7 +1,7 @@
 r"""U2PL on Pascal VOC 2012 (docs/methods/u2pl.md; official experiments/pascal/1464/ours/config.yaml).
 
     python main.py --config=configs/u2pl_pascal.py:1464 --workdir=runs/u2pl_pascal_1464 \
-        --config.data.root=/data/tfds
+        --config.data.root=/data/csl
 
 `:SPLIT[,VARIANT]`. Splits: classic 92, 183, 366, 732, 1464; U2PL blended u2pl_1_16 (662), u2pl_1_8
 (1323), u2pl_1_4 (2646) and 1_2 lists where shipped. Variants (`csl_jax.methods.u2pl.VARIANTS`,

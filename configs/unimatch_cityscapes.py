@@ -1,7 +1,7 @@
 r"""UniMatch V1 on Cityscapes (docs/methods/unimatch.md, current official recipe: OS16, tau 0).
 
     python main.py --config=configs/unimatch_cityscapes.py:1_16 --workdir=runs/unimatch_city_1_16 \
-        --config.data.root=/data/tfds
+        --config.data.root=/data/csl
 
 Splits (`:arg`): 1_30, 1_16, 1_8, 1_4, 1_2 (UniMatch lists). DeepLabV3+ deep-stem R101, OS16,
 ASPP 6/12/18; crop 801; global batch 8 labeled / 8 unlabeled / 8 mix; SGD lr 5e-3 (x1), poly, 240

@@ -1,7 +1,7 @@
 r"""UniMatch V1 on Pascal VOC 2012 (docs/methods/unimatch.md); FixMatch with the overrides below.
 
     python main.py --config=configs/unimatch_pascal.py:1464 --workdir=runs/unimatch_pascal_1464 \
-        --config.data.root=/data/tfds
+        --config.data.root=/data/csl
 
 Splits (`:arg`): classic 92, 183, 366, 732, 1464; blended 1_16, 1_8, 1_4; u2pl_1_16, u2pl_1_8,
 u2pl_1_4 (UniMatch uses crop 513 there: --config.data.crop_size=513). DeepLabV3+ deep-stem R101,

@@ -4,10 +4,12 @@ A workdir holds `checkpoints/<step>/` (the latest `keep` saves: train state + da
 states, for exact resume) and `best/<step>/` (the evaluated variables with the best val mIoU).
 Saves are asynchronous; `wait()` blocks until they are on disk.
 
-Failures are reported in one message each: a train-state checkpoint that cannot be read (a file
-missing or truncated) is moved aside to `checkpoints/<step>.damaged` and the one before it restored
-(`CheckpointDamagedError` when none can be read); one saved by another method or config is a
-ValueError; a save that cannot be written (disk full, ...) is a `CheckpointWriteError`.
+Failures are reported in one message each: at a training resume, a train-state checkpoint that
+cannot be read (a file missing or truncated) is moved aside to `checkpoints/<step>.damaged` and the
+one before it restored (`CheckpointDamagedError` when none can be read); for evaluation
+(`restore_latest`, `restore_best`) one that cannot be read is a `CheckpointDamagedError` naming it,
+with no fallback and nothing moved; one saved by another method or config is a ValueError; a save
+that cannot be written (disk full, ...) is a `CheckpointWriteError`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from absl import logging
 
 
 class CheckpointDamagedError(RuntimeError):
-    """No train-state checkpoint of the workdir can be read (files missing or truncated)."""
+    """A checkpoint that must be read cannot be (files missing or truncated)."""
 
 
 class CheckpointWriteError(OSError):
@@ -83,14 +85,17 @@ def _flat_shapes(tree: Any) -> dict[tuple, tuple]:
 class Checkpointer:
     """Latest-N train-state checkpoints and the single best-by-mIoU evaluated model of a workdir."""
 
-    def __init__(self, workdir: str, keep: int = 2, async_save: bool = True):
+    def __init__(self, workdir: str, keep: int = 2, async_save: bool = True, read_only: bool = False):
+        """read_only: for evaluation, which only reads (`restore_latest`, `restore_best`): creates no folder."""
         for logger in ("absl", "asyncio"):
             std_logging.getLogger(logger).addFilter(_ORBAX_ERRORS)  # once: the same filter object
         if not isinstance(sys.unraisablehook, _QuietAbandonedReads):
             sys.unraisablehook = _QuietAbandonedReads(sys.unraisablehook)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=not read_only)
         self._latest = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
-        best_options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=async_save, create=True)
+        best_options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=async_save,
+                                                    create=not read_only)
         self._best = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "best"), options=best_options)
         self._in_flight: dict[ocp.CheckpointManager, int | None] = {self._latest: None, self._best: None}
 
@@ -134,21 +139,21 @@ class Checkpointer:
             f"stops: {cause} and rerun the same command to "
             f"{'start again from step 0' if resume is None else f'resume from the checkpoint of step {resume}'}.")
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
-        """Restores (state, data_state, step) of `step` (default: the newest readable checkpoint)
-        onto `abstract_state`'s sharding (None: the arrays as saved).
+    def restore(self, abstract_state: Any) -> tuple[Any, dict, int]:
+        """A training resume: restores (state, data_state, step) of the newest readable checkpoint onto
+        `abstract_state`'s sharding (None: the arrays as saved).
 
-        With the default step, a checkpoint that cannot be read (a file missing or truncated) is
-        moved aside to `<step>.damaged` with a warning and the one before it is restored. Raises
-        CheckpointDamagedError when no checkpoint (or the given `step`) can be read, moving nothing,
-        and ValueError when a checkpoint holds another train state (another method, model or config).
+        A checkpoint that cannot be read (a file missing or truncated) is moved aside to
+        `<step>.damaged` with a warning and the one before it is restored. Raises
+        CheckpointDamagedError when no checkpoint can be read, moving nothing, and ValueError when a
+        checkpoint holds another train state (another method, model or config).
         """
-        steps = [step] if step is not None else sorted(self._latest.all_steps(), reverse=True)
+        steps = sorted(self._latest.all_steps(), reverse=True)
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self._latest.directory}")
         damaged = []
         for candidate in steps:
-            restored, reason = self._read(candidate, abstract_state)
+            restored, reason = self._read(self._latest, candidate, self._state_args(abstract_state))
             if restored is not None:
                 break
             mismatch = self._mismatch(candidate, abstract_state)
@@ -162,19 +167,46 @@ class Checkpointer:
             folders = "; ".join(f"{self._latest.directory}/{s} ({reason})" for s, reason in damaged)
             raise CheckpointDamagedError(
                 f"no readable checkpoint: {folders}. A file is missing or truncated (a crash or a full disk "
-                f"while saving?). Nothing was changed; move these folders away to train from "
-                f"{'an older checkpoint' if step is not None else 'step 0'}, or train in a new --workdir.")
+                "while saving?). Nothing was changed; move these folders away to train from step 0, or train "
+                "in a new --workdir.")
         for bad, reason in damaged:
             self._move_aside(bad, reason, candidate)
         return restored.state, restored.data, candidate
 
-    def _read(self, step: int, abstract_state: Any) -> tuple[Any, str]:
-        """(orbax's restored Composite, '') of `step`, or (None, why it could not be read in one line)."""
+    def restore_latest(self) -> tuple[Any, int]:
+        """For evaluation: (the train state as saved, step) of the newest train-state checkpoint; see
+        `_restore_newest`."""
+        restored, step = self._restore_newest(self._latest, self._state_args(None), "train-state checkpoint")
+        return restored.state, step
+
+    @staticmethod
+    def _state_args(abstract_state: Any) -> ocp.args.Composite:
+        return ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+
+    @staticmethod
+    def _read(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> tuple[Any, str]:
+        """(orbax's restored Composite, '') of `manager`'s `step`, or (None, why it could not be read in one line)."""
         try:
-            return self._latest.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())), ""
+            return manager.restore(step, args=args), ""
         except Exception as error:  # orbax/tensorstore raise many types for damaged files
             return None, _one_line(error)
+
+    def _restore_newest(self, manager: ocp.CheckpointManager, args: ocp.args.Composite,
+                        what: str) -> tuple[Any, int]:
+        """(orbax's restored Composite, step) of `manager`'s newest checkpoint, never an older one.
+
+        Raises FileNotFoundError when there is none and CheckpointDamagedError (one line naming the
+        folder) when it cannot be read; nothing is moved or written.
+        """
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no {what} in {manager.directory}")
+        restored, reason = self._read(manager, step, args)
+        if restored is None:
+            raise CheckpointDamagedError(
+                f"the {what} {manager.directory}/{step} cannot be read ({reason}). A file is missing or truncated "
+                "(a crash or a full disk while saving?); nothing was changed.")
+        return restored, step
 
     def _mismatch(self, step: int, abstract_state: Any) -> str:
         """How `step`'s saved tree differs from `abstract_state` ('' when alike or unreadable: damage)."""
@@ -224,14 +256,11 @@ class Checkpointer:
             return None
         return self._best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
-    def restore_best(self, abstract_variables: Any = None) -> tuple[Any, dict]:
-        """(variables, meta) of the best checkpoint; raises FileNotFoundError when there is none."""
-        step = self._best.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no best checkpoint in {self._best.directory}")
-        var_args = ocp.args.StandardRestore(abstract_variables) if abstract_variables is not None else (
-            ocp.args.StandardRestore())
-        restored = self._best.restore(step, args=ocp.args.Composite(variables=var_args, meta=ocp.args.JsonRestore()))
+    def restore_best(self) -> tuple[Any, dict]:
+        """(variables as saved, meta) of the best checkpoint; see `_restore_newest`."""
+        restored, _ = self._restore_newest(
+            self._best, ocp.args.Composite(variables=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+            "best checkpoint")
         return restored.variables, restored.meta
 
     def check_saves(self) -> None:

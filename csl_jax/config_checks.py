@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from data_prep import splits
+
 _MISSING = object()
 #: Splits an evaluation can run on (`test` where the dataset has one prepared).
 EVAL_SPLITS = ("val", "test")
@@ -53,9 +55,10 @@ def check(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError with one line `config.KEY=value: must be ...` for the first invalid setting.
 
     Schedule, logging, checkpoint and stop steps; batch sizes and accumulation; loss groups; crop
-    size; learning rate; model dtype and int tuples; evaluation protocol, interval and the syntax
-    of `eval.evaluations` (PREDICT[@SPLIT][:PROTOCOL]; the method's predict names are checked when
-    it is built). The method's own options are `csl_jax.methods.check_config`'s.
+    size; the split (shipped families); learning rate; model dtype and int tuples; evaluation
+    protocol, interval and the syntax of `eval.evaluations` (PREDICT[@SPLIT][:PROTOCOL]; the
+    method's predict names are checked when it is built). The method's own options are
+    `csl_jax.methods.check_config`'s.
     """
     _require(config, "optim.total_steps", lambda v: _is_int(v) and v >= 0,
              "an int >= 0 (0 = optim.epochs x iterations per epoch)")
@@ -78,8 +81,21 @@ def check(config: ml_collections.ConfigDict) -> None:
                 _require(config, f"batch.{name}", lambda v: _is_int(v) and v > 0, "an int > 0 (a global batch size)")
     _require(config, "loss.group_size", lambda v: _is_int(v) and v >= 1, "an int >= 1 (images per loss group)")
     _require(config, "data.crop_size", lambda v: _is_int(v) and v > 0, "an int > 0 (pixels)")
+    _check_split(config)
     _check_model(config)
     _check_eval(config)
+
+
+def _check_split(config: ml_collections.ConfigDict) -> None:
+    """`data.split` is a shipped split of the dataset's family (data_prep/splits); the synthetic and
+    custom datasets define theirs when prepared and are checked when read."""
+    name, split = _get(config, "data.name"), _get(config, "data.split")
+    if split is _MISSING or name not in splits.FAMILIES:
+        return
+    family = config.data.get("family") or name
+    valid = splits.shipped_splits(family)
+    if split not in valid:
+        raise ValueError(f"config.data.split={split!r}: must be a {family} split: {', '.join(valid)}")
 
 
 def _check_model(config: ml_collections.ConfigDict) -> None:

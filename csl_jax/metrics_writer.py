@@ -152,7 +152,8 @@ class MetricsWriter:
         """Logs the result of evaluation `name` (see csl_jax.evaluation.Evaluator.evaluate) at `step`.
 
         metrics.jsonl and TensorBoard get, for the evaluation that picks the best checkpoint
-        (`is_best_metric`), 'val/miou', 'val/pixel_acc', 'val/mean_acc' and 'val/iou/<class index>';
+        (`is_best_metric`), 'val/miou', 'val/pixel_acc', 'val/mean_acc' and 'val/iou/<class>' (the
+        class name of `results['iou_per_class']`, spaces as '_'; the two-digit index without it);
         for the others (e.g. the student of an EMA-teacher run) the same under 'eval/<name>/'.
         eval_results.jsonl gets the whole result (image samples dropped, arrays as lists) with
         'step' and 'time'.
@@ -161,8 +162,9 @@ class MetricsWriter:
             return
         prefix = "val" if is_best_metric else f"eval/{name}"
         scalars = {f"{prefix}/{k}": _scalar(k, results[k]) for k in EVAL_SCALARS if k in results}
-        scalars.update({f"{prefix}/iou/{c:02d}": _scalar(f"iou[{c}]", v)
-                        for c, v in enumerate(results.get("iou", ()))})
+        per_class = results.get("iou_per_class") or {f"{c:02d}": v for c, v in enumerate(results.get("iou", ()))}
+        scalars.update({f"{prefix}/iou/{name.replace(' ', '_')}": _scalar(f"iou[{name}]", v)
+                        for name, v in per_class.items()})
         self._append(step, scalars)
         full = {k: v for k, v in results.items() if k != "samples"}
         record = {"step": int(step), "time": time.time(), **full}

@@ -17,7 +17,7 @@ The method decides which parameters are 'backbone' and which are 'head'
                         so step 0 runs at lr_0 = base and step t >= 1 at lr_{t-1}
 
 `weight_decay_on`, `min_lr` and `lr_after_step` may be absent from older configs; they default to
-'all', 0.0 and False.
+'all', 0.0 and False (`LATER_FIELDS`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ LabelFn = Callable[[PyTree], PyTree]
 
 #: the parameter groups, their lr relative to `lr`, and their key in the logged metrics.
 GROUPS = ("backbone", "head")
+#: `config.optim` fields added after the first release -> the value that reproduces older runs.
+LATER_FIELDS = {"weight_decay_on": "all", "min_lr": 0.0, "lr_after_step": False}
 _LOG_KEYS = {"backbone": "lr", "head": "lr_head"}
 WEIGHT_DECAY_ON = ("all", "kernels")
 
@@ -85,8 +87,8 @@ def poly_schedule(base_lr: float, total_steps: int, power: float = 0.9, min_lr: 
 def group_schedules(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> dict[str, optax.Schedule]:
     """{'backbone': lr schedule, 'head': lr schedule}: base lr and lr * lr_multi, the same poly, floor
     and indexing (`lr_after_step`)."""
-    min_lr = float(optim_cfg.get("min_lr", 0.0))
-    after = bool(optim_cfg.get("lr_after_step", False))
+    min_lr = float(optim_cfg.get("min_lr", LATER_FIELDS["min_lr"]))
+    after = bool(optim_cfg.get("lr_after_step", LATER_FIELDS["lr_after_step"]))
     base = {"backbone": optim_cfg.lr, "head": optim_cfg.lr * optim_cfg.lr_multi}
     return {g: poly_schedule(base[g], total_steps, optim_cfg.poly_power, min_lr, after) for g in GROUPS}
 
@@ -139,7 +141,7 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int,
         trainer passes `method.param_labels`. 'backbone' trains at `lr`, 'head' at `lr * lr_multi`,
         both on the poly schedule with the `min_lr` floor.
     """
-    decay_on = optim_cfg.get("weight_decay_on", "all")
+    decay_on = optim_cfg.get("weight_decay_on", LATER_FIELDS["weight_decay_on"])
     schedules = group_schedules(optim_cfg, total_steps)
 
     def sgd(schedule):

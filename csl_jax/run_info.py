@@ -45,8 +45,21 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+def eval_records_folder(workdir: str, mode: str, output: str | None = None) -> str | None:
+    """The folder --mode=eval/predict (`mode`) records itself in (runs/) and saves eval_*.json to:
+    `workdir` when it can be written, else `output` (predict's), else None: nothing is written. They
+    never modify a run folder they cannot write; a one-line warning says where the record goes instead."""
+    if not any(workdir_lib.folder_problem(folder) for folder in (workdir, os.path.join(workdir, "runs"))):
+        return workdir
+    instead = f"records this invocation in {os.path.join(output, 'runs')}" if output else (
+        "saves no record and no eval_*.json (the results are printed only)")
+    logging.warning("%s is not writable: --mode=%s leaves it unchanged and %s.", workdir, mode, instead)
+    return output
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str, mode: str) -> str | None:
-    """Records this invocation in `workdir` (process 0 only); returns the record's path (None elsewhere).
+    """Records this invocation in `workdir` (for eval and predict: `eval_records_folder`) (process 0
+    only); returns the record's path (None elsewhere).
 
     A fresh training run (no checkpoint or best model in `workdir` yet) writes config.json, the
     run's config, and run_train.json (with 'init', the initial weights: `pretrained.init_record`); every
@@ -111,7 +124,7 @@ def summary(results: dict, workdir: str) -> str:
 
     results: `csl_jax.train.train_and_evaluate`'s dict: 'step' (last step done), 'total_steps',
     'finished' (bool), 'already_finished' (the run had ended before this invocation), 'stop_reason'
-    ('SIGTERM' or 'stop_after_steps' when stopped early) and, after an evaluation, 'miou' and
+    ('SIGTERM', 'SIGINT' or 'stop_after_steps' when stopped early) and, after an evaluation, 'miou' and
     'best_miou' (fractions).
     """
     step, total = results["step"], results["total_steps"]

@@ -7,8 +7,9 @@ Sections: state, train step (jit of shard_map over the ("data",) mesh), input st
 losses, state and predictions; the evaluation loop (csl_jax/evaluation) its evaluations; everything
 else lives here once.
 
-A finished run writes final_results.json; a stopped one (SIGTERM, `config.stop_after_steps`) does
-not and is resumed by the same command; rerunning a finished run returns its final_results.json.
+A finished run writes final_results.json; a stopped one (SIGTERM, a first Ctrl-C,
+`config.stop_after_steps`) does not and is resumed by the same command; rerunning a finished run
+returns its final_results.json.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ FINAL_RESULTS = "final_results.json"  # written by finished runs only
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/Inf; the run stops and keeps its last good checkpoint."""
+    """The loss became NaN/Inf; the run stops and keeps its last good checkpoint (its message names it)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,37 +209,46 @@ def schedule_length(config: ml_collections.ConfigDict, method: Method) -> tuple[
 # The loop
 # ---------------------------------------------------------------------------------------------
 class _Preemption:
-    """Remembers a SIGTERM so the loop can save and exit cleanly."""
+    """Remembers a SIGTERM or a first SIGINT (Ctrl-C) so the loop can save and exit cleanly; a second
+    SIGINT raises KeyboardInterrupt at once (nothing more is saved). `reason`: the signal's name or ''."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.reason = ""
+        self._previous = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     def _handle(self, signum, frame):
-        del signum, frame
-        logging.warning("SIGTERM received: saving a checkpoint and exiting.")
-        self.requested = True
+        del frame
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.reason:
+            raise KeyboardInterrupt
+        logging.warning("%s received: saving a checkpoint and exiting%s.", name,
+                        " (press Ctrl-C again to abort without saving)" if signum == signal.SIGINT else "")
+        self.reason = self.reason or name
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
-def _mean_metrics(pending: list[tuple[int, dict]], start_step: int) -> dict:
-    """Fetches the pending per-step metrics, checks the loss is finite, returns their means."""
+def _mean_metrics(pending: list[tuple[int, dict]], kept: str) -> dict:
+    """Fetches the pending per-step metrics, checks the loss is finite, returns their means.
+
+    Raises NonFiniteLossError naming the step and `kept`, what the workdir holds to resume from."""
     fetched = jax.device_get([m for _, m in pending])
     for (step, _), metrics in zip(pending, fetched):
         if not np.isfinite(metrics["loss"]):
-            raise NonFiniteLossError(
-                f"loss became {float(metrics['loss'])} at step {step + 1}; stopping. The last good checkpoint "
-                f"(step <= {start_step}) is kept in the workdir; lower optim.lr or check the data.")
+            raise NonFiniteLossError(f"loss became {float(metrics['loss'])} at step {step + 1}; stopped. {kept}; "
+                                     "lower optim.lr or check the data")
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
@@ -263,6 +273,14 @@ def check_loss_groups(config: ml_collections.ConfigDict, method: Method, mesh) -
                              "batch.accum_steps")
 
 
+def check_devices(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError (`check_loss_groups`) when a batch of the method's streams does not split over
+    this machine's devices and accumulation steps into whole loss groups. Reads the prepared data's
+    class count (to build the method); writes nothing."""
+    method = build_method(config, data.dataset_info(config.data).num_classes)
+    check_loss_groups(config, method, parallel.make_mesh())
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns what it did.
 
@@ -271,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     (`config.eval.best`) at the last step, with 'best_miou', 'evaluations' ({name: mIoU} of every
     evaluation), 'iou_per_class' ({class name: IoU}), 'unit' ('fraction') and 'init' (the initial
     weights, `pretrained.init_record`), and writes them to
-    final_results.json. A stopped run adds 'stop_reason' ('SIGTERM' or 'stop_after_steps') and
+    final_results.json. A stopped run adds 'stop_reason' ('SIGTERM', 'SIGINT' or 'stop_after_steps') and
     writes no final_results.json. Rerunning a finished run returns its final_results.json with
     'already_finished': True, without building the input streams or compiling.
     """
@@ -328,7 +346,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         nonlocal data_wait, timer, pending
         if not pending:
             return
-        metrics = _mean_metrics(pending, last_saved)
+        kept = (f"The checkpoint of step {last_saved} is kept ({os.path.join(workdir, 'checkpoints')})"
+                if last_saved else "No checkpoint was written before it")
+        try:
+            metrics = _mean_metrics(pending, kept)
+        except NonFiniteLossError:
+            ckpt.close()  # the kept checkpoint's write completes before the run ends
+            raise
         ckpt.check_saves()  # a failed checkpoint write stops the run at the next log line
         elapsed = time.perf_counter() - timer
         metrics.update({k: float(v) for k, v in optim.learning_rates(config.optim, total_steps, step - 1).items()})
@@ -350,7 +374,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             pending.append((step, metrics))
             done = step + 1
             is_last = done == total_steps
-            if done % config.log_every_steps == 0 or is_last or preemption.requested:
+            # the first step of an invocation is logged too: a progress line (and an ETA) right after compiling
+            if done % config.log_every_steps == 0 or done == start_step + 1 or is_last or preemption.reason:
                 flush(done)
             if done % eval_every == 0 or is_last:
                 flush(done)
@@ -364,8 +389,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                    evaluation=evaluator.best.name, predict=evaluator.best.predict)
                 results = dict(results, evaluations={k: v["miou"] for k, v in evaluations.items()})
                 timer = time.perf_counter()  # steps/s and data-wait exclude evaluation time
-            if preemption.requested:
-                stop_reason = "SIGTERM"
+            if preemption.reason:
+                stop_reason = preemption.reason
             elif done - start_step == config.stop_after_steps:
                 stop_reason = "stop_after_steps"
             if done % config.checkpoint_every_steps == 0 or is_last or stop_reason:

@@ -4,9 +4,12 @@
     WORKDIR/checkpoints/<step>/  train states; WORKDIR/best/<step>/ the best model (csl_jax.checkpoint)
     WORKDIR/.lock                held by the training run in progress: {"pid", "host", "started"}
 
-A resume must keep the model, data and method settings of config.json (`check_resume`); eval and
-predict run on config.json with only evaluation and data-reading settings changed
-(`evaluation_config`).
+A resume must keep the recipe of config.json, fixed when the run started (`check_resume`): model,
+data, method, optimiser, batch, loss and seed settings; what a resume may change is RUNTIME_KEYS,
+RESUME_FREE and everything outside RESUME_KEPT (stop_after_steps, eval.*, logging and checkpoint
+intervals, the compilation cache). A key that config.json lacks because the field was added later
+counts as the value that reproduces the older run (`later_defaults`). Eval and predict run on
+config.json with only evaluation and data-reading settings changed (`evaluation_config`).
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 #: Settings of where and how fast data is read, not of what is read: a resume, eval or predict may change them.
 RUNTIME_KEYS = ("data.root", "data.num_workers", "data.num_threads", "data.prefetch")
-#: Prefixes of the settings a resume must keep (besides RUNTIME_KEYS and RESUME_FREE).
-RESUME_KEPT = ("model.", "data.", "method.")
-#: Only read at step 0 (the checkpoint holds the weights), so a resume may change it.
-RESUME_FREE = ("model.init_from",)
+#: Prefixes (and whole keys) of the recipe settings a resume must keep (besides RUNTIME_KEYS and RESUME_FREE).
+RESUME_KEPT = ("model.", "data.", "method.", "optim.", "batch.", "loss.", "seed")
+#: model.init_from is only read at step 0 (the checkpoint holds the weights); method.variant is a label
+#: (the report's row) whose settings are compared field by field: a resume may change them.
+RESUME_FREE = ("model.init_from", "method.variant")
+#: At most this many differing keys are listed by a refused resume.
+_MAX_LISTED = 12
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
@@ -89,31 +95,55 @@ def flatten(config: ml_collections.ConfigDict) -> dict:
     return dict(walk(_tuples(json.loads(config_to_json(config))), ""))
 
 
+def later_defaults(config: ml_collections.ConfigDict) -> dict:
+    """{'optim.min_lr': 0.0, 'method.pad_label': 255, ...}: for the fields added after a run could have
+    been saved, the value that reproduces it (csl_jax.optim.LATER_FIELDS, the method's `later_fields`)."""
+    from csl_jax import optim
+    from csl_jax.methods import METHODS
+
+    method = METHODS.get(config.get("method", {}).get("name"))
+    return {**{f"optim.{k}": v for k, v in optim.LATER_FIELDS.items()},
+            **{f"method.{k}": v for k, v in (method.later_fields if method else {}).items()}}
+
+
+def _kept(key: str) -> bool:
+    return key.startswith(RESUME_KEPT) and key not in RUNTIME_KEYS + RESUME_FREE
+
+
 def resume_differences(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
-    """'config.KEY: saved X, now Y' for every model/data/method setting a resume may not change."""
-    old, new = flatten(saved), flatten(config)
+    """'config.KEY: saved X, now Y' for every recipe setting a resume may not change, config.method.name
+    first. A key the saved config lacks counts as its `later_defaults` value (shown as '(absent: X)')."""
+    old, new, later = flatten(saved), flatten(config), later_defaults(saved)
     absent = object()
 
-    def show(value) -> str:
-        return "(absent)" if value is absent else repr(value)
+    def saved_value(key):
+        return old.get(key, later.get(key, absent))
 
-    return [f"config.{key}: saved {show(old.get(key, absent))}, now {show(new.get(key, absent))}"
-            for key in sorted(set(old) | set(new))
-            if key.startswith(RESUME_KEPT) and key not in RUNTIME_KEYS + RESUME_FREE
-            and old.get(key, absent) != new.get(key, absent)]
+    def show(value, filled: bool = False) -> str:
+        if value is absent:
+            return "(absent)"
+        return f"(absent: {value!r})" if filled else repr(value)
+
+    keys = sorted((k for k in set(old) | set(new) if _kept(k) and saved_value(k) != new.get(k, absent)),
+                  key=lambda k: (k != "method.name", k))
+    return [f"config.{k}: saved {show(saved_value(k), k not in old)}, now {show(new.get(k, absent))}" for k in keys]
 
 
 def check_resume(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError (one line) when `workdir` holds a trained run whose config.json differs from
-    `config` in a setting a resume must keep (model, data except RUNTIME_KEYS, method)."""
+    """Raises ValueError when `workdir` holds a trained run whose config.json differs from `config` in a
+    recipe setting (`resume_differences`): a first line, then one differing key per line."""
     saved = saved_config(workdir)
     if saved is None or not has_trained_state(workdir):
         return
     differences = resume_differences(saved, config)
     if differences:
-        raise ValueError(f"{workdir} holds a run of another model/data/method config, which this command would "
-                         f"resume: {'; '.join(differences)}. Resume with the saved settings "
-                         f"({os.path.join(workdir, CONFIG_FILE)}) or train in a new --workdir")
+        listed = differences[:_MAX_LISTED]
+        if len(differences) > _MAX_LISTED:
+            listed.append(f"... and {len(differences) - _MAX_LISTED} more")
+        saved_path = os.path.join(workdir, CONFIG_FILE)
+        raise ValueError(f"{workdir} holds a run started with another recipe; resuming it would change:\n  "
+                         + "\n  ".join(listed) + f"\nResume with the saved settings ({saved_path}) or train in a "
+                         "new --workdir")
 
 
 def evaluation_config(saved: ml_collections.ConfigDict, overrides: dict, workdir: str,
@@ -219,3 +249,17 @@ class WorkdirLock:
         """Removes the lock file if this process holds it (idempotent; a forked child never removes it)."""
         if os.getpid() == self.holder["pid"] and _read_holder(self.path) == self.holder:
             os.remove(self.path)
+
+
+def folder_problem(path: str, writing: bool = True) -> str | None:
+    """Why `path` cannot be a folder (a file stands where it or a parent folder should be) or, when
+    `writing`, cannot be written into (the nearest existing folder is read-only: its modes, a read-only
+    mount); None when it can. A missing folder counts as its nearest existing parent, which would hold it."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    if writing and not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None

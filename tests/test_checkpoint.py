@@ -1,5 +1,6 @@
-"""Checkpointer failures, one clear message each: a damaged latest checkpoint (the one before it is
-restored, the damaged folder moved aside), none readable, another run's structure, a failed save."""
+"""Checkpointer failures, one clear message each: a damaged latest checkpoint (at a resume the one before
+it is restored, the damaged folder moved aside; for evaluation an error), none readable, another run's
+structure, a failed save."""
 
 import errno
 import logging
@@ -81,6 +82,20 @@ def test_no_readable_checkpoint_is_one_error_and_moves_nothing(workdir):
     assert "Nothing was changed; move these folders away to train from step 0" in message
     assert "\n" not in message
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
+
+
+@pytest.mark.parametrize("damage", [delete_array_file, truncate_tree_metadata, delete_data_state])
+def test_for_evaluation_a_damaged_latest_is_an_error_naming_it(workdir, damage):
+    """restore_latest (eval, predict) never falls back to step 1 and never moves or creates a folder."""
+    damage(str(workdir / "checkpoints" / "2"))
+    (workdir / "best").rmdir()  # empty, made by the fixture's Checkpointer; a read-only one makes none
+    with pytest.raises(checkpoint.CheckpointDamagedError) as info:
+        checkpoint.Checkpointer(str(workdir), read_only=True).restore_latest()
+    message = str(info.value)
+    assert message.startswith(f"the train-state checkpoint {workdir / 'checkpoints' / '2'} cannot be read (")
+    assert message.endswith("). A file is missing or truncated (a crash or a full disk while saving?); nothing was "
+                            "changed.") and "\n" not in message
+    assert sorted(os.listdir(workdir)) == ["checkpoints"] and sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
 
 
 def test_another_structure_is_a_mismatch_not_damage(workdir):

@@ -379,3 +379,14 @@ def test_tfds_boilerplate_is_quiet(tmp_path, capsys, caplog):
                         "Subsequent calls will reuse"):
         assert boilerplate not in text
     assert "our own message" in caplog.text and "our own warning" in caplog.text
+
+
+def test_unprepared_root_says_how_to_prepare_it_into_a_new_folder(tmp_path):
+    """The hint names the command and a new output folder (never the raw folder the user may have given)."""
+    cfg = ml_collections.ConfigDict({"name": "camvid", "root": str(tmp_path / "raw"), "split": "1_8"})
+    with pytest.raises(FileNotFoundError) as error:
+        sources.version_dir(cfg)
+    assert str(error.value) == (
+        f"no prepared camvid data at {tmp_path}/raw/camvid/1.0.0 (config.data.root='{tmp_path}/raw'); prepare it "
+        "once with `python -m data_prep camvid --raw <the downloaded camvid folder> --out <a new folder>` and pass "
+        "that new folder as config.data.root")

@@ -70,7 +70,8 @@ def test_jsonl_and_tensorboard(tmp_path):
     writer = mw.MetricsWriter(str(tmp_path), total_steps=100)
     writer.write(10, {"loss": np.float32(0.75), "lr": 0.01, "data_wait": 0.1, "steps_per_sec": 2.0})
     writer.write(20, {"loss": 0.5, "lr": 0.009})
-    results = {"miou": 0.625, "iou": [0.5, 0.75], "pixel_acc": 0.9, "mean_acc": 0.8, "num_images": 3,
+    results = {"miou": 0.625, "iou": [0.5, 0.75], "iou_per_class": {"background": 0.5, "traffic light": 0.75},
+               "pixel_acc": 0.9, "mean_acc": 0.8, "num_images": 3,
                "protocol": {"name": "whole", "window": None, "stride": None, "num_images": 3},
                "confusion": np.array([[3, 1], [0, 4]], np.int64), "samples": [(np.zeros(2),) * 3]}
     writer.write_eval(20, results)
@@ -83,17 +84,22 @@ def test_jsonl_and_tensorboard(tmp_path):
     assert lines[1]["step"] == 20 and lines[1]["loss"] == 0.5 and lines[1]["steps_per_sec"] > 0  # measured
     assert lines[0]["time"] <= lines[1]["time"]
     assert lines[2] == {"step": 20, "time": lines[2]["time"], "val/miou": 0.625, "val/pixel_acc": 0.9,
-                        "val/mean_acc": 0.8, "val/iou/00": 0.5, "val/iou/01": 0.75}
+                        "val/mean_acc": 0.8, "val/iou/background": 0.5, "val/iou/traffic_light": 0.75}
 
     (eval_line,) = [json.loads(x) for x in (tmp_path / "eval_results.jsonl").read_text().splitlines()]
     assert eval_line["step"] == 20 and eval_line["miou"] == 0.625 and eval_line["iou"] == [0.5, 0.75]
+    writer = mw.MetricsWriter(str(tmp_path / "no_names"), total_steps=100)
+    writer.write_eval(20, {k: v for k, v in results.items() if k != "iou_per_class"})  # without names: indices
+    writer.close()
+    (unnamed,) = [json.loads(x) for x in (tmp_path / "no_names" / "metrics.jsonl").read_text().splitlines()]
+    assert unnamed["val/iou/00"] == 0.5 and unnamed["val/iou/01"] == 0.75
     assert eval_line["confusion"] == [[3, 1], [0, 4]] and eval_line["protocol"]["name"] == "whole"
     assert "samples" not in eval_line
 
     tb = tb_scalars(tmp_path)  # training scalars under train/, metrics.jsonl keeps the plain names
     assert tb[("train/loss", 10)] == pytest.approx(0.75) and tb[("train/loss", 20)] == pytest.approx(0.5)
     assert tb[("train/lr", 20)] == pytest.approx(0.009) and tb[("val/miou", 20)] == pytest.approx(0.625)
-    assert tb[("val/iou/01", 20)] == pytest.approx(0.75) and ("loss", 10) not in tb
+    assert tb[("val/iou/traffic_light", 20)] == pytest.approx(0.75) and ("loss", 10) not in tb
 
     # appending after a restart keeps the earlier lines
     writer = mw.MetricsWriter(str(tmp_path), total_steps=100)

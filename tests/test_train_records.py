@@ -76,29 +76,29 @@ def test_stops_damaged_checkpoint_resume_and_rerun(data_root, tmp_path, monkeypa
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "5"]
 
     # 2. Checkpoint 5 is damaged: resume from 3 (5 moved aside), drop the records of steps 4 and 5,
-    #    stop by SIGTERM during step 5.
+    #    stop by Ctrl-C (SIGINT, which saves as SIGTERM does) during step 5.
     damaged = os.path.join(workdir, "checkpoints", "5")
     os.remove(os.path.join(damaged, "data", "metadata"))
     calls = []
 
-    def compile_then_sigterm_at_step_5(train_step, state, batch):
+    def compile_then_sigint_at_step_5(train_step, state, batch):
         compiled, seconds = compile_train_step(train_step, state, batch)
 
         def step(state, batch):
             calls.append(1)
             if len(calls) == 2:  # step 5 of 4, 5, ...
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)
             return compiled(state, batch)
 
         return step, seconds
 
-    monkeypatch.setattr(train, "compile_train_step", compile_then_sigterm_at_step_5)
+    monkeypatch.setattr(train, "compile_train_step", compile_then_sigint_at_step_5)
     resumed_at = time.time()
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         out = train.train_and_evaluate(config_of(data_root), workdir)
     monkeypatch.undo()
-    assert out == {"step": 5, "total_steps": 6, "finished": False, "stop_reason": "SIGTERM"}
+    assert out == {"step": 5, "total_steps": 6, "finished": False, "stop_reason": "SIGINT"}
     assert any(f"Checkpoint {damaged} is damaged (" in r.getMessage() for r in caplog.records)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "5", "5.damaged"]
     assert not os.path.exists(final_path)

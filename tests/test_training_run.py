@@ -79,9 +79,38 @@ def test_csl_reliable_pseudo_labels_are_more_accurate(data_root, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path):
     workdir = str(tmp_path / "nan")
     train.train_and_evaluate(tiny_config(data_root, stop_after_steps=3), workdir)
-    with pytest.raises(train.NonFiniteLossError, match=r"at step 5; stopping. The last good checkpoint \(step <= 3\)"):
+    kept = re.escape(f"at step 5; stopped. The checkpoint of step 3 is kept ({workdir}/checkpoints); lower optim.lr")
+    with pytest.raises(train.NonFiniteLossError, match=kept):
         train.train_and_evaluate(tiny_config(data_root, **{"optim.lr": 1e30}), workdir)
     assert checkpoint.Checkpointer(workdir).latest_step() == 3
+
+
+def test_nan_loss_of_a_fresh_run_is_one_line_saying_no_checkpoint_exists(data_root, tmp_path):
+    workdir = tmp_path / "nan"
+    proc = run_main(["--config=configs/demo.py", f"--workdir={workdir}", f"--config.data.root={data_root}",
+                     "--config.data.crop_size=32", "--config.data.synthetic.num_train=32",
+                     "--config.data.synthetic.num_val=4", "--config.data.synthetic.image_size=(40, 40)",
+                     "--config.optim.lr=1e30", "--config.log_every_steps=1"])
+    out, _ = proc.communicate(timeout=600)
+    lines = out.strip().splitlines()
+    assert proc.returncode == 1, out
+    assert re.fullmatch(r"error: loss became (nan|inf|-inf) at step [12]; stopped. No checkpoint was written before "
+                        r"it; lower optim.lr or check the data", lines[-1]), lines[-1]
+    assert "Traceback" not in out
+    assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    """The first SIGINT is remembered (the loop saves and stops, as for SIGTERM); the second raises."""
+    before = signal.getsignal(signal.SIGINT)
+    with train._Preemption() as preemption:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preemption.reason == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preemption.reason == "SIGINT"  # the first signal names the stop
+    assert signal.getsignal(signal.SIGINT) is before  # restored after the loop
 
 
 def test_bad_split_name_lists_valid_ones(data_root, tmp_path):
@@ -101,7 +130,7 @@ def test_demo_sigterm_then_resume_to_the_end(data_root, tmp_path):
     workdir = str(tmp_path / "demo")
     args = ["--config=configs/demo.py", f"--workdir={workdir}", f"--config.data.root={data_root}",
             "--config.data.crop_size=32", "--config.data.synthetic.num_train=32", "--config.data.synthetic.num_val=4",
-            "--config.data.synthetic.image_size=(40, 40)", "--config.optim.total_steps=100000",
+            "--config.data.synthetic.image_size=(40, 40)", "--config.optim.total_steps=200",
             "--config.log_every_steps=1",
             "--config.checkpoint_every_steps=100000", "--config.eval.every_steps=100000"]
     proc = run_main(args)
@@ -116,17 +145,20 @@ def test_demo_sigterm_then_resume_to_the_end(data_root, tmp_path):
     assert proc.returncode == 0, out
     stopped_at = checkpoint.Checkpointer(workdir).latest_step()
     assert stopped_at is not None and stopped_at >= 1
-    assert f"stopped at step {stopped_at} of 100000 (SIGTERM); resume with the same command" in out
+    assert f"stopped at step {stopped_at} of 200 (SIGTERM); resume with the same command" in out
     assert not os.path.exists(os.path.join(workdir, ".lock"))
     records = {name: open(os.path.join(workdir, name)).read() for name in ("config.json", "run_train.json")}
 
-    # The same run, resumed, to a short end: metrics, checkpoint, evaluation and a plot.
-    end = stopped_at + 3
-    proc = run_main(args[:7] + [f"--config.optim.total_steps={end}", "--config.eval.every_steps=1000"])
+    # The same run (the same recipe), resumed to its end: metrics, checkpoint, evaluation and a plot.
+    end = 200
+    proc = run_main(args[:-3] + ["--config.log_every_steps=50", "--config.eval.every_steps=1000"])
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     assert f"Resumed from {workdir} at step {stopped_at}" in out
     assert checkpoint.Checkpointer(workdir).latest_step() == end
+    logged = [r["step"] for r in read_jsonl(metrics) if "loss" in r and r["step"] > stopped_at]
+    assert logged[0] == stopped_at + 1 and logged[-1] == end  # the first step of the invocation and the end ...
+    assert all(step % 50 == 0 for step in logged[1:-1]) and len(logged) >= 3  # ... and every 50th
     results = json.load(open(os.path.join(workdir, "final_results.json")))
     assert 0.0 <= results["miou"] <= 1.0 and results["protocol"]["name"] == "whole"
     assert any(f.endswith(".png") for f in os.listdir(os.path.join(workdir, "plots")))

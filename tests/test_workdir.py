@@ -54,25 +54,56 @@ def _save(workdir, config, steps=(3,)):
         f.write(workdir_lib.config_to_json(config))
 
 
-def test_resume_keeps_model_data_and_method(tmp_path):
+def test_resume_keeps_the_recipe(tmp_path):
     saved = demo.get_config("csl")
     now = demo.get_config("csl")
     now.data.root, now.data.num_workers, now.data.prefetch = "/elsewhere", 3, 7  # where/how fast: free
     now.model.init_from = "/weights/r50.pth"  # read at step 0 only: free
-    now.optim.total_steps, now.eval.every_steps, now.batch.accum_steps = 900, 10, 2  # not the model's: free
+    now.eval.every_steps, now.stop_after_steps, now.log_every_steps = 10, 20, 5  # not the recipe: free
+    now.checkpoint_every_steps = 7
     assert workdir_lib.resume_differences(saved, now) == []
     now.model.aspp_rates, now.data.split, now.method.tau = (1, 2, 3), "1_8", 0.5
+    now.optim.total_steps, now.batch.accum_steps, now.loss.group_size, now.seed = 900, 2, 4, 1
     assert workdir_lib.resume_differences(saved, now) == [
+        "config.batch.accum_steps: saved 1, now 2",
         "config.data.split: saved '1_4', now '1_8'",
+        "config.loss.group_size: saved 8, now 4",
         "config.method.tau: saved 0.95, now 0.5",
-        "config.model.aspp_rates: saved (2, 4, 6), now (1, 2, 3)"]
+        "config.model.aspp_rates: saved (2, 4, 6), now (1, 2, 3)",
+        "config.optim.total_steps: saved 300, now 900",
+        "config.seed: saved 0, now 1"]
     workdir = str(tmp_path / "run")
     _save(workdir, saved, steps=())
     workdir_lib.check_resume(workdir, now)  # nothing trained yet: a fresh run
     os.makedirs(os.path.join(workdir, "checkpoints", "150"))
-    with pytest.raises(ValueError, match=r"holds a run of another model/data/method config, which this command "
-                                         r"would resume: config.data.split: saved '1_4', now '1_8'; "):
+    with pytest.raises(ValueError, match=r"holds a run started with another recipe; resuming it would change:\n"
+                                         r"  config.batch.accum_steps: saved 1, now 2\n"):
         workdir_lib.check_resume(workdir, now)
+    renamed = demo.get_config("csl")
+    renamed.method.name, renamed.batch.labeled = "unimatch", 16
+    assert workdir_lib.resume_differences(saved, renamed) == [  # the method name first
+        "config.method.name: saved 'csl', now 'unimatch'", "config.batch.labeled: saved 8, now 16"]
+    for _ in range(10):  # a long list is cut
+        now.model[f"extra_{_}"] = _
+    with pytest.raises(ValueError, match=r"\n  \.\.\. and 5 more\nResume with the saved settings"):
+        workdir_lib.check_resume(workdir, now)
+
+
+def test_resume_of_a_run_saved_before_a_field_existed_reads_its_later_default():
+    """optim.lr_after_step and U2PL's class_pairing were added later: a config.json without them ran
+    False and 'intended'; a resume with those values is accepted, another value is named."""
+    from configs import u2pl_camvid
+
+    saved, now = u2pl_camvid.get_config("1_8,intended"), u2pl_camvid.get_config("1_8,intended")
+    for key in ("class_pairing", "queue_write", "labeled_repeat", "variant"):
+        del saved.method[key]
+    del saved.optim["lr_after_step"]
+    now.method.labeled_repeat = "tile"
+    assert workdir_lib.resume_differences(saved, now) == []  # method.variant: a label, absent before
+    now.optim.lr_after_step, now.method.class_pairing = True, "reference"
+    assert workdir_lib.resume_differences(saved, now) == [
+        "config.method.class_pairing: saved (absent: 'intended'), now 'reference'",
+        "config.optim.lr_after_step: saved (absent: False), now True"]
 
 
 def test_resume_names_keys_one_config_lacks():

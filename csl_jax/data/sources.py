@@ -123,8 +123,9 @@ def version_dir(data_cfg) -> pathlib.Path:
     name = _name(data_cfg)
     path = pathlib.Path(data_cfg.root) / name / RECORD_VERSION
     if not (path / "dataset_info.json").is_file():
-        raise FileNotFoundError(f"no prepared {name} data at {path} (config.data.root={data_cfg.root!r});"
-                                f" run `python -m data_prep {name} --raw RAW_DIR --out {data_cfg.root}`")
+        raise FileNotFoundError(f"no prepared {name} data at {path} (config.data.root={data_cfg.root!r}); "
+                                f"prepare it once with `python -m data_prep {name} --raw <the downloaded {name} "
+                                "folder> --out <a new folder>` and pass that new folder as config.data.root")
     return path
 
 

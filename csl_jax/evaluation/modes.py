@@ -4,7 +4,8 @@ The method (from the config) owns the networks and their predict functions; thes
 build a model themselves. Which variables: the best checkpoint of the workdir (it holds the
 variables of the predict function that picked it), the latest train state (any predict function),
 or an imported file (a converted or PyTorch checkpoint, loaded into the predict function's
-variables).
+variables). A best or latest checkpoint that cannot be read is an error naming it: these modes
+never fall back to an older one and never move or create anything in the workdir's checkpoint folders.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def load_eval_variables(config: ml_collections.ConfigDict, method, workdir: str,
     which: 'best' or 'latest' checkpoint of `workdir`, or the path of a converted/PyTorch file.
     """
     if which == "best":
-        variables, meta = checkpoint.Checkpointer(workdir).restore_best()
+        variables, meta = checkpoint.Checkpointer(workdir, read_only=True).restore_best()
         saved_for = meta.get("predict", method.best_predict)
         if saved_for != predict:
             raise ValueError(f"the best checkpoint of {workdir} holds the variables of predict function "
@@ -55,7 +56,7 @@ def load_eval_variables(config: ml_collections.ConfigDict, method, workdir: str,
     from csl_jax.train import TrainState
 
     if which == "latest":
-        raw, _, step = checkpoint.Checkpointer(workdir).restore(None)
+        raw, step = checkpoint.Checkpointer(workdir, read_only=True).restore_latest()
         state = TrainState(step=raw["step"], params=raw["params"], opt_state=None, state=raw["state"])
         return method.eval_variables(state, predict), f"latest checkpoint (step {step}, {predict})"
     if not os.path.exists(which):
@@ -76,8 +77,9 @@ def load_eval_variables(config: ml_collections.ConfigDict, method, workdir: str,
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = "best",
-                        evaluation: str = "", split: str = "") -> dict:
-    """`--mode=eval`: evaluates a checkpoint on a whole split; writes eval_<which>[_<evaluation>].json.
+                        evaluation: str = "", split: str = "", save: bool = True) -> dict:
+    """`--mode=eval`: evaluates a checkpoint on a whole split; writes eval_<which>[_<evaluation>].json
+    into `workdir` when `save` (main.py: when the workdir can be written).
 
     The results (and the file) hold 'miou', 'iou' (a list in class order), 'iou_per_class' ({class
     name: IoU}) and the accuracies, all fractions in [0, 1] ('unit': 'fraction').
@@ -97,7 +99,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     default = plan_evaluations(config.eval, method)[1]
     if (chosen.predict, chosen.split, chosen.protocol) != (default.predict, default.split, default.protocol):
         name += "_" + "_".join((chosen.predict, chosen.split, chosen.protocol))
-    if jax.process_index() == 0:
+    if save and jax.process_index() == 0:
         with open(os.path.join(workdir, f"eval_{name}.json"), "w") as f:
             json.dump(results, f, indent=1)
     print(f"{chosen.split} mIoU {100 * results['miou']:.2f} ({chosen.predict}, {results['protocol']['name']}) "
@@ -105,9 +107,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     return results
 
 
-def predict(config: ml_collections.ConfigDict, workdir: str, which: str, input_dir: str, output_dir: str | None,
+def predict(config: ml_collections.ConfigDict, workdir: str, which: str, input_dir: str, output_dir: str,
             evaluation: str = "") -> None:
-    """`--mode=predict`: segments every image of `input_dir`; writes masks, colour masks, overlays.
+    """`--mode=predict`: segments every image of `input_dir`; writes masks, colour masks, overlays into `output_dir`.
 
     Uses the predict function of `evaluation` (default the run's best) under `config.eval.protocol`
     ('center_crop', which does not cover the image, falls back to 'whole').
@@ -116,7 +118,6 @@ def predict(config: ml_collections.ConfigDict, workdir: str, which: str, input_d
     method = build_method(config, info.num_classes)
     chosen = choose_evaluation(config, method, evaluation)
     variables, source = load_eval_variables(config, method, workdir, which, chosen.predict)
-    output_dir = output_dir or os.path.join(workdir, "predictions")
     predict_folder(method.predict_fns()[chosen.predict], variables, input_dir, output_dir,
                    palette=visualize.palette_for(info.name, info.num_classes), num_classes=info.num_classes,
                    protocol=_covering(chosen.protocol), crop_size=config.data.crop_size)

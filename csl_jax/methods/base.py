@@ -95,6 +95,23 @@ def check_fields(opts: ml_collections.ConfigDict, defaults: ml_collections.Confi
             raise ValueError(f"config.method.{key}={opts[key]!r}; expected one of {list(allowed)}")
 
 
+def check_ranges(opts: ml_collections.ConfigDict, ranges: Mapping[str, tuple[Callable[[Any], bool], str]]) -> None:
+    """Raises ValueError `config.method.KEY=value must be VALID` for the first field of `ranges` (key ->
+    (predicate, what is valid)) whose value fails its predicate; a value of another type fails too."""
+    for key, (ok, valid) in ranges.items():
+        try:
+            good = bool(ok(opts[key]))
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise ValueError(f"config.method.{key}={opts[key]!r} must be {valid}")
+
+
+def is_number(value) -> bool:
+    """An int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_network(config: ml_collections.ConfigDict, name: str, paired_batches: bool = False) -> None:
     """Raises ValueError naming the key unless `config.model.name` is `name` (a method that trains its
     own network variant, csl_jax/models/<name>.py) and, with `paired_batches`, the labeled and
@@ -144,6 +161,9 @@ class Method:
     best_predict: str = "model"
     #: whether `diagnostics` returns arrays for the evaluation loop's pseudo-label plots.
     has_diagnostics: bool = False
+    #: `config.method` fields added after the method's first release -> the value that reproduces the
+    #: runs saved before them (read by `with_later_fields` and by a resume, csl_jax.workdir).
+    later_fields: Mapping[str, Any] = {}
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
         self.config = config

@@ -32,7 +32,8 @@ import ml_collections
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
 from csl_jax.data.pipeline import REPEATS
-from csl_jax.methods.base import Method, StepContext, check_fields, check_network, init_network, with_later_fields
+from csl_jax.methods.base import (Method, StepContext, check_fields, check_network, check_ranges, init_network,
+                                  is_number, with_later_fields)
 from csl_jax.methods.parts import ccvc_losses, losses, passes, views
 from csl_jax.models.ccvc import BRANCHES
 from csl_jax.parallel import AXIS
@@ -76,11 +77,17 @@ def configure(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def check_options(opts: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the `config.method` field that is missing or invalid."""
     check_fields(with_later_fields(opts, LATER_FIELDS), default_options(), "ccvc", _CHOICES)
-    if int(opts.mix_group) < 1:
-        raise ValueError(f"config.method.mix_group={opts.mix_group} must be >= 1")
-    for key in ("w_ce", "w_con", "w_dis", "w_confident"):
-        if opts[key] < 0:
-            raise ValueError(f"config.method.{key}={opts[key]} must be >= 0")
+    check_ranges(opts, option_ranges(opts))
+
+
+def option_ranges(opts: ml_collections.ConfigDict) -> dict:
+    """The valid values of the numeric `config.method` fields: key -> (predicate, what is valid). tau is
+    a raw logit with confidence='logit' (any number), a probability with 'prob'."""
+    weight = (lambda v: is_number(v) and v >= 0, ">= 0")
+    tau = ((lambda v: is_number(v) and 0.0 <= v <= 1.0, "in [0, 1] with confidence='prob'")
+           if opts.confidence == "prob" else (is_number, "a number (a logit threshold with confidence='logit')"))
+    return {"w_ce": weight, "w_con": weight, "w_dis": weight, "w_confident": weight, "tau": tau,
+            "mix_group": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1")}
 
 
 class CCVC(Method):
@@ -94,6 +101,7 @@ class CCVC(Method):
 
     epoch_stream = "unlabeled"
     best_predict = "average"
+    later_fields = LATER_FIELDS
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
         check_options(config.method)

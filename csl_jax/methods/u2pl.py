@@ -39,7 +39,8 @@ import ml_collections
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
 from csl_jax.data.pipeline import REPEATS
-from csl_jax.methods.base import Method, StepContext, check_fields, check_network, init_network, with_later_fields
+from csl_jax.methods.base import (Method, StepContext, check_fields, check_network, check_ranges, init_network,
+                                  is_number, with_later_fields)
 from csl_jax.methods.parts import passes, u2pl_contrastive, u2pl_queue, u2pl_unsup
 from csl_jax.methods.parts import u2pl_data  # noqa: F401  (registers the 'u2pl' geometry and 'u2pl_box' view)
 from csl_jax.models.layers import resize_align_corners
@@ -126,31 +127,34 @@ def configure(c: ml_collections.ConfigDict, variant: str = "reference") -> ml_co
     return c
 
 
+def option_ranges(opts: ml_collections.ConfigDict) -> dict:
+    """The valid values of the numeric `config.method` fields: key -> (predicate, what is valid)."""
+    def within(low, high, high_open=False):
+        return lambda v: is_number(v) and low <= v and (v < high if high_open else v <= high)
+
+    def whole(v):
+        return is_number(v) and int(v) == v
+
+    positive = (lambda v: is_number(v) and v > 0, "> 0")
+    return {"num_queries": positive, "num_negatives": positive, "queue_capacity": positive,
+            "queue_capacity_class0": positive, "temperature": positive,
+            "sup_only_epochs": (lambda v: whole(v) and v >= 0, "an int >= 0"),
+            "ema_momentum": (within(0.0, 1.0, high_open=True), "in [0, 1)"),
+            "drop_percent": (within(0.0, 100.0), "in [0, 100]"),
+            "low_entropy_threshold": (within(0.0, 100.0), "in [0, 100]"),
+            "low_rank": (lambda v: whole(v) and 0 <= v < opts.high_rank, "an int in [0, high_rank)"),
+            "max_keys_per_group": (lambda v: whole(v) and v >= 0, "an int >= 0 (0 = ceil(capacity / groups))"),
+            "cutmix_prob": (within(0.0, 1.0), "in [0, 1]"),
+            "contrastive_weight": (lambda v: is_number(v) and v >= 0, ">= 0"),
+            "unsup_weight": (lambda v: is_number(v) and v >= 0, ">= 0"),
+            "pad_label": (lambda v: v in (0, IGNORE_INDEX), f"0 (the reference) or {IGNORE_INDEX} (padding ignored)")}
+
+
 def check_options(opts: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the `config.method` field that is missing or invalid."""
     opts = with_later_fields(opts, LATER_FIELDS)
     check_fields(opts, default_options(), "u2pl", _CHOICES)
-    positive = ("num_queries", "num_negatives", "queue_capacity", "queue_capacity_class0", "temperature")
-    for key in positive:
-        if not opts[key] > 0:
-            raise ValueError(f"config.method.{key}={opts[key]!r} must be > 0")
-    checks = {
-        "sup_only_epochs": opts.sup_only_epochs >= 0 and int(opts.sup_only_epochs) == opts.sup_only_epochs,
-        "ema_momentum": 0.0 <= opts.ema_momentum < 1.0,
-        "drop_percent": 0.0 <= opts.drop_percent <= 100.0,
-        "low_entropy_threshold": 0.0 <= opts.low_entropy_threshold <= 100.0,
-        "low_rank": 0 <= opts.low_rank < opts.high_rank,
-        "max_keys_per_group": opts.max_keys_per_group >= 0,
-        "cutmix_prob": 0.0 <= opts.cutmix_prob <= 1.0,
-        "pad_label": opts.pad_label in (0, IGNORE_INDEX),
-    }
-    valid = {"sup_only_epochs": "an int >= 0", "ema_momentum": "in [0, 1)", "drop_percent": "in [0, 100]",
-             "low_entropy_threshold": "in [0, 100]", "low_rank": "in [0, high_rank)",
-             "max_keys_per_group": ">= 0 (0 = ceil(capacity / groups))", "cutmix_prob": "in [0, 1]",
-             "pad_label": f"0 (the reference) or {IGNORE_INDEX} (padding ignored)"}
-    for key, ok in checks.items():
-        if not ok:
-            raise ValueError(f"config.method.{key}={opts[key]!r} must be {valid[key]}")
+    check_ranges(opts, option_ranges(opts))
 
 
 def _tree_where(flag: jax.Array, a, b):
@@ -163,6 +167,7 @@ class U2PL(Method):
 
     epoch_stream = "unlabeled"
     best_predict = "model"
+    later_fields = LATER_FIELDS
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
         check_options(config.method)

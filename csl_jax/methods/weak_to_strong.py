@@ -152,10 +152,13 @@ def preset_mismatch(opts: ml_collections.ConfigDict) -> str | None:
     return None
 
 
+#: fields added after the first release, with the values configs saved in older workdirs meant.
+LATER_FIELDS = {"variant": "", "second_view_source": "strong2"}
+
+
 def with_later_fields(opts: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`opts` with the fields added after the first release filled in when absent (configs saved in
-    older workdirs): variant = '', second_view_source = 'strong2'. Returns a copy."""
-    return _fill_later_fields(opts, {"variant": "", "second_view_source": "strong2"})
+    """`opts` with `LATER_FIELDS` filled in where absent (configs saved in older workdirs). Returns a copy."""
+    return _fill_later_fields(opts, LATER_FIELDS)
 
 
 def check_options(opts: ml_collections.ConfigDict) -> None:
@@ -198,6 +201,7 @@ class WeakToStrong(Method):
 
     epoch_stream = "unlabeled"
     has_diagnostics = True
+    later_fields = LATER_FIELDS
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
         check_options(config.method)
