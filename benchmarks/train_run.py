@@ -28,8 +28,8 @@ the streams and copying it to the device) and `final_results.json`:
 - `loss_curve` [[step, loss], ...] (each loss the mean over its logged window), `final_loss`;
 - `val_miou` (and `best_miou`) of the final evaluation; `wall_s` of the whole subprocess;
 - `steps_per_sec`, `data_wait_share`: means over the logged windows AFTER the first one. The first
-  window includes the start of the Grain workers (not compilation, which the trainer times apart
-  and logs); its duration (steps / its speed)
+  window is the run's first step (the trainer logs it on its own) and includes the start of the
+  Grain workers (not compilation, which the trainer times apart and logs); its duration (steps / its speed)
   is `first_window_s`, and `data_wait_share_all` is the mean over all windows. Windows exclude
   evaluation and checkpoint time (the trainer restarts its timer). Steps are dispatched
   asynchronously, so the device may compute while the loop waits for data: a data wait near 0 means

@@ -358,7 +358,8 @@ def test_eval_and_predict_never_modify_a_read_only_workdir(finished_run, tmp_pat
 
         code, stdout, err = run_main([*predict, f"--output={out}"], prefix=prefix)
         assert code == 0 and "Traceback" not in err, err
-        assert stdout.startswith(f"wrote predictions of best checkpoint of {workdir} (step 2, ") and stdout.endswith(
+        assert stdout.startswith(f"wrote predictions of 1 image(s) by best checkpoint of {workdir} (step 2, mIoU "
+                                 ) and stdout.endswith(
             f"to {out}\n"), stdout
         assert warnings(err) == [f"{workdir} is not writable: --mode=predict leaves it unchanged and records this "
                                  f"invocation in {out}/runs."]

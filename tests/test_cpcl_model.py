@@ -216,16 +216,21 @@ def test_converter_cli_writes_the_two_branch_variables(tmp_path):
 
 
 def test_both_backbones_load_the_same_file_the_heads_differ_and_follow_the_init(tmp_path, monkeypatch):
-    """The backbone file by its registered name 'imagenet:resnet50_v1c' (the recipes'), put into the cache
-    by hand: a furnace deep-stem ResNet state dict (resnet.py keys conv1.{0,1,3,4,6}, bn1, layer*)."""
+    """The backbone file by a registered name of the recipes' kind ('imagenet:resnet50_v1c' is a
+    'deep_backbone'), put into the cache by hand: a furnace deep-stem ResNet state dict (resnet.py keys
+    conv1.{0,1,3,4,6}, bn1, layer*). The tiny test network has one block per stage, which the real name
+    refuses (a ResNet-50 file has 3-4-6-3), so the test registers its own name for the same kind."""
     tmodel = randomised_torch_cpcl()
     backbone = {k[len("branch1.backbone."):]: v for k, v in tmodel.state_dict().items()
                 if k.startswith("branch1.backbone.")}
     monkeypatch.setenv(pretrained.WEIGHTS_DIR_ENV, str(tmp_path))
-    (tmp_path / "imagenet").mkdir()
-    torch.save(backbone, tmp_path / "imagenet" / "resnet50_v1c.pth")
-    assert cpcl_pascal.get_config().model.init_from == "imagenet:resnet50_v1c"
-    method = build_method(cpcl_config(init_from="imagenet:resnet50_v1c"), NUM_CLASSES)
+    monkeypatch.setattr(pretrained, "REGISTRY", dict(pretrained.REGISTRY))
+    real = pretrained.REGISTRY["imagenet:resnet50_v1c"]
+    pretrained.register_weights("test:tiny_v1c", url=real.url, kind=real.kind, filename=real.filename)
+    (tmp_path / "test").mkdir()
+    torch.save(backbone, tmp_path / "test" / "resnet50_v1c.pth")
+    assert cpcl_pascal.get_config().model.init_from == "imagenet:resnet50_v1c" and real.kind == "deep_backbone"
+    method = build_method(cpcl_config(init_from="test:tiny_v1c"), NUM_CLASSES)
     params, state = method.init(jax.random.PRNGKey(0), (33, 33, 3))
     expected = convert.convert_state_dict({f"backbone.{k}": v for k, v in backbone.items()})
     for branch in ("branch1", "branch2"):

@@ -52,7 +52,8 @@ def load_eval_variables(config: ml_collections.ConfigDict, method, workdir: str,
         if saved_for != predict:
             raise ValueError(f"the best checkpoint of {workdir} holds the variables of predict function "
                              f"{saved_for!r}, not {predict!r}; use --checkpoint=latest to evaluate {predict!r}")
-        return variables, f"best checkpoint of {workdir} (step {meta['step']}, mIoU {meta['miou']:.4f}, {saved_for})"
+        return variables, (f"best checkpoint of {workdir} (step {meta['step']}, mIoU {100 * meta['miou']:.2f}, "
+                           f"{saved_for})")
     from csl_jax.train import TrainState
 
     if which == "latest":
@@ -118,10 +119,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str, which: str, input_d
     method = build_method(config, info.num_classes)
     chosen = choose_evaluation(config, method, evaluation)
     variables, source = load_eval_variables(config, method, workdir, which, chosen.predict)
-    predict_folder(method.predict_fns()[chosen.predict], variables, input_dir, output_dir,
-                   palette=visualize.palette_for(info.name, info.num_classes), num_classes=info.num_classes,
-                   protocol=_covering(chosen.protocol), crop_size=config.data.crop_size)
-    print(f"wrote predictions of {source} to {output_dir}")
+    written = predict_folder(method.predict_fns()[chosen.predict], variables, input_dir, output_dir,
+                             palette=visualize.palette_for(info.name, info.num_classes),
+                             num_classes=info.num_classes, protocol=_covering(chosen.protocol),
+                             crop_size=config.data.crop_size)
+    print(f"wrote predictions of {len(written)} image(s) by {source} to {output_dir}")
 
 
 def _covering(protocol: str) -> str:
