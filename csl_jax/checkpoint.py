@@ -35,10 +35,16 @@ class CheckpointWriteError(OSError):
 
 class _OneLineOrbaxErrors(std_logging.Filter):
     """Drops the tracebacks of orbax's error log records and of asyncio's about orbax tasks (the
-    Checkpointer raises one clear error for the same failure); the records' messages stay."""
+    Checkpointer raises one clear error for the same failure); the records' messages stay. asyncio's
+    'Future exception was never retrieved' about a tensorstore read (a read of a damaged checkpoint
+    that the failed restore abandoned, reported when the future is collected, possibly after the
+    error line at exit) is dropped whole."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        if record.exc_info and ("/orbax/" in record.pathname or "/orbax/" in record.getMessage()):
+        message = record.getMessage()
+        if message.startswith("Future exception was never retrieved") and "tensorstore_spec" in message:
+            return False
+        if record.exc_info and ("/orbax/" in record.pathname or "/orbax/" in message):
             record.exc_info, record.exc_text = None, None
         return True
 
