@@ -33,9 +33,13 @@ def _require(config: ml_collections.ConfigDict, key: str, ok, valid: str) -> Non
     value = _get(config, key)
     if value is _MISSING:
         return
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (is_number and ok(value)):
+    if not (is_number(value) and ok(value)):
         raise ValueError(f"config.{key}={value!r}: must be {valid}")
+
+
+def is_number(value) -> bool:
+    """An int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_int(value) -> bool:

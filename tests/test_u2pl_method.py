@@ -228,7 +228,7 @@ def test_configs_run_the_reference_by_default_and_the_intended_variant_by_name(m
 
 @pytest.mark.parametrize("key,value", [("low_rank", 20), ("cutmix_prob", 1.5), ("num_queries", 0), ("pad_label", 1),
                                        ("sup_only_epochs", -1), ("ema_momentum", 1.0), ("class_pairing", "fixed"),
-                                       ("queue_write", "all")])
+                                       ("queue_write", "all"), ("high_rank", 0)])
 def test_bad_options_are_refused_by_name(key, value):
     c = tiny_config()
     c.method[key] = value

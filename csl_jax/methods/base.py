@@ -107,11 +107,6 @@ def check_ranges(opts: ml_collections.ConfigDict, ranges: Mapping[str, tuple[Cal
             raise ValueError(f"config.method.{key}={opts[key]!r} must be {valid}")
 
 
-def is_number(value) -> bool:
-    """An int or float, not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_network(config: ml_collections.ConfigDict, name: str, paired_batches: bool = False) -> None:
     """Raises ValueError naming the key unless `config.model.name` is `name` (a method that trains its
     own network variant, csl_jax/models/<name>.py) and, with `paired_batches`, the labeled and

@@ -29,11 +29,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from csl_jax.config_checks import is_number
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
 from csl_jax.data.pipeline import REPEATS
 from csl_jax.methods.base import (Method, StepContext, check_fields, check_network, check_ranges, init_network,
-                                  is_number, with_later_fields)
+                                  with_later_fields)
 from csl_jax.methods.parts import ccvc_losses, losses, passes, views
 from csl_jax.models.ccvc import BRANCHES
 from csl_jax.parallel import AXIS

@@ -36,11 +36,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from csl_jax.config_checks import is_number
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
 from csl_jax.data.pipeline import REPEATS
 from csl_jax.methods.base import (Method, StepContext, check_fields, check_network, check_ranges, init_network,
-                                  is_number, with_later_fields)
+                                  with_later_fields)
 from csl_jax.methods.parts import passes, u2pl_contrastive, u2pl_queue, u2pl_unsup
 from csl_jax.methods.parts import u2pl_data  # noqa: F401  (registers the 'u2pl' geometry and 'u2pl_box' view)
 from csl_jax.models.layers import resize_align_corners
@@ -142,6 +143,7 @@ def option_ranges(opts: ml_collections.ConfigDict) -> dict:
             "ema_momentum": (within(0.0, 1.0, high_open=True), "in [0, 1)"),
             "drop_percent": (within(0.0, 100.0), "in [0, 100]"),
             "low_entropy_threshold": (within(0.0, 100.0), "in [0, 100]"),
+            "high_rank": (lambda v: whole(v) and v > 0, "an int > 0"),
             "low_rank": (lambda v: whole(v) and 0 <= v < opts.high_rank, "an int in [0, high_rank)"),
             "max_keys_per_group": (lambda v: whole(v) and v >= 0, "an int >= 0 (0 = ceil(capacity / groups))"),
             "cutmix_prob": (within(0.0, 1.0), "in [0, 1]"),
