@@ -99,9 +99,14 @@ def main(argv):
             claim_workdir(config, workdir)
         records = workdir if mode == "train" else run_info.eval_records_folder(
             workdir, mode, predict_output(workdir) if mode == "predict" else None)
-        if records:
-            run_info.prepare(config, records, mode)
-        run(mode, config, workdir, save=records == workdir)
+        had_runs = records is not None and os.path.isdir(os.path.join(records, "runs"))
+        record = run_info.prepare(config, records, mode) if records else None
+        try:
+            run(mode, config, workdir, save=records == workdir)
+        except BaseException:
+            if record and mode != "train":  # a failed eval/predict leaves no record behind
+                run_info.withdraw(record, remove_folder=not had_runs)
+            raise
     except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops, as SIGTERM)
         if os.environ.get("CSL_JAX_TRACEBACK"):
             raise

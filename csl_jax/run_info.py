@@ -106,6 +106,14 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, mode: str) -> str |
             continue
 
 
+def withdraw(record: str, remove_folder: bool) -> None:
+    """Removes the record `prepare` wrote for an eval/predict that then failed, and its runs/ folder when
+    `remove_folder` (the invocation made it), so a failed evaluation leaves the run folder as it was."""
+    os.remove(record)
+    if remove_folder and not os.listdir(os.path.dirname(record)):
+        os.rmdir(os.path.dirname(record))
+
+
 def initial_weights(workdir: str) -> dict | None:
     """The weights the run in `workdir` started from (run_train.json's 'init', `pretrained.init_record`), or None."""
     path = os.path.join(workdir, "run_train.json")

@@ -2,7 +2,10 @@
 units, option checks, and two steps on the synthetic set (the loss decomposition, the zero cross-space loss
 at T_r = 0.5, the teacher's own BN statistics, prototypes set for present classes only)."""
 
+import re
+
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -49,10 +52,13 @@ def test_rampdown_epoch_units():
 
 
 @pytest.mark.parametrize("key,value", [("rampdown_unit", "steps"), ("rep_temp", 0.0), ("un_threshold", 1.5),
-                                       ("num_negatives", 0), ("warmup_epochs", -1)])
+                                       ("num_negatives", 0), ("warmup_epochs", -1),
+                                       ("num_queries", 2.5), ("labeled_rescale", "yes")])
 def test_bad_options_are_refused_by_name(key, value):
-    with pytest.raises(ValueError, match=f"config.method.{key}"):
-        build_method(tiny_config(**{key: value}), 5)
+    config = tiny_config()
+    config.method = ml_collections.ConfigDict({**config.method.to_dict(), key: value})  # e.g. a config.json typo
+    with pytest.raises(ValueError, match="^" + re.escape(f"config.method.{key}={value!r}")):
+        build_method(config, 5)
 
 
 def test_refuses_another_model_and_unequal_batches():

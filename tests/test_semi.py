@@ -5,6 +5,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -249,6 +250,22 @@ def test_unlabeled_views_and_presets():
     del config.method["teacher"]
     with pytest.raises(ValueError, match="config.method.teacher is missing"):
         build_method(config, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("name,key,value,valid", [
+    ("csl", "alpha", 0.0, "> 0"), ("csl", "eps", -1e-8, "> 0"), ("unimatch", "tau", 1.5, "in [0, 1]"),
+    ("csl", "ema_momentum", 1.0, "in [0, 1)"), ("csl", "use_fp", 1, "True or False"),
+    ("fixmatch", "strong_pass_updates_bn", "no", "True or False"), ("csl", "alpha", "8", "> 0")])
+def test_option_out_of_range_is_one_line_naming_it(name, key, value, valid):
+    config = make_config(name)
+    config.method = ml_collections.ConfigDict({**config.method.to_dict(), key: value})  # e.g. a config.json typo
+    with pytest.raises(ValueError) as error:
+        build_method(config, NUM_CLASSES)
+    assert str(error.value) == f"config.method.{key}={value!r} must be {valid}"
+
+
+def test_ema_momentum_is_free_with_the_online_teacher():
+    assert build_method(make_config("csl", teacher="online", ema_momentum=1.0), NUM_CLASSES).best_predict == "model"
 
 
 def test_method_name_that_contradicts_the_options_is_refused():

@@ -32,6 +32,7 @@ import ml_collections
 from absl import logging
 
 from csl_jax import optim
+from csl_jax.config_checks import is_number
 from csl_jax.constants import PyTree
 from csl_jax.data import StreamSpec
 from csl_jax.methods.parts import losses
@@ -95,7 +96,36 @@ def check_fields(opts: ml_collections.ConfigDict, defaults: ml_collections.Confi
             raise ValueError(f"config.method.{key}={opts[key]!r}; expected one of {list(allowed)}")
 
 
-def check_ranges(opts: ml_collections.ConfigDict, ranges: Mapping[str, tuple[Callable[[Any], bool], str]]) -> None:
+#: A range of a `config.method` field: (predicate on the value, what is valid in words).
+Range = tuple[Callable[[Any], bool], str]
+
+
+def above(low: float) -> Range:
+    """A number > low."""
+    return (lambda v: is_number(v) and v > low), f"> {low:g}"
+
+
+def at_least(low: float) -> Range:
+    """A number >= low."""
+    return (lambda v: is_number(v) and v >= low), f">= {low:g}"
+
+
+def within(low: float, high: float, high_open: bool = False) -> Range:
+    """A number in [low, high] ([low, high) with `high_open`)."""
+    return ((lambda v: is_number(v) and low <= v and (v < high if high_open else v <= high)),
+            f"in [{low:g}, {high:g}{')' if high_open else ']'}")
+
+
+def whole_at_least(low: int) -> Range:
+    """A whole number (int, or a float such as 2.0) >= low."""
+    return (lambda v: is_number(v) and int(v) == v and v >= low), f"an int >= {low}"
+
+
+#: True or False (not 0/1 or a string).
+BOOLEAN: Range = ((lambda v: isinstance(v, bool)), "True or False")
+
+
+def check_ranges(opts: ml_collections.ConfigDict, ranges: Mapping[str, Range]) -> None:
     """Raises ValueError `config.method.KEY=value must be VALID` for the first field of `ranges` (key ->
     (predicate, what is valid)) whose value fails its predicate; a value of another type fails too."""
     for key, (ok, valid) in ranges.items():

@@ -33,8 +33,8 @@ from csl_jax.config_checks import is_number
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
 from csl_jax.data.pipeline import REPEATS
-from csl_jax.methods.base import (Method, StepContext, check_fields, check_network, check_ranges, init_network,
-                                  with_later_fields)
+from csl_jax.methods.base import (Method, StepContext, at_least, check_fields, check_network, check_ranges,
+                                  init_network, with_later_fields, within)
 from csl_jax.methods.parts import ccvc_losses, losses, passes, views
 from csl_jax.models.ccvc import BRANCHES
 from csl_jax.parallel import AXIS
@@ -84,10 +84,9 @@ def check_options(opts: ml_collections.ConfigDict) -> None:
 def option_ranges(opts: ml_collections.ConfigDict) -> dict:
     """The valid values of the numeric `config.method` fields: key -> (predicate, what is valid). tau is
     a raw logit with confidence='logit' (any number), a probability with 'prob'."""
-    weight = (lambda v: is_number(v) and v >= 0, ">= 0")
-    tau = ((lambda v: is_number(v) and 0.0 <= v <= 1.0, "in [0, 1] with confidence='prob'")
-           if opts.confidence == "prob" else (is_number, "a number (a logit threshold with confidence='logit')"))
-    return {"w_ce": weight, "w_con": weight, "w_dis": weight, "w_confident": weight, "tau": tau,
+    tau = ((within(0.0, 1.0)[0], "in [0, 1] with confidence='prob'") if opts.confidence == "prob"
+           else (is_number, "a number (a logit threshold with confidence='logit')"))
+    return {"w_ce": at_least(0), "w_con": at_least(0), "w_dis": at_least(0), "w_confident": at_least(0), "tau": tau,
             "mix_group": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1")}
 
 

@@ -31,7 +31,7 @@ import ml_collections
 from csl_jax.config_checks import is_number
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
-from csl_jax.methods.base import Method, StepContext, check_fields, check_network, check_ranges, init_network
+from csl_jax.methods.base import Method, StepContext, at_least, check_fields, check_network, check_ranges, init_network
 from csl_jax.methods.parts import cpcl_data  # noqa: F401  (registers the 'cpcl' geometry and 'cpcl_mask' view)
 from csl_jax.methods.parts import cpcl_losses, passes
 from csl_jax.models.cpcl import BRANCHES
@@ -78,7 +78,7 @@ def option_ranges(opts: ml_collections.ConfigDict) -> dict:
     """The valid values of the numeric `config.method` fields: key -> (predicate, what is valid); the
     length of class_weights (the class count) is checked when the method is built."""
     del opts  # no range depends on another field
-    return {"unsup_weight": (lambda v: is_number(v) and v >= 0, ">= 0"),
+    return {"unsup_weight": at_least(0),
             "class_weights": (lambda v: isinstance(v, tuple) and all(is_number(w) and w > 0 for w in v),
                               "a tuple of numbers > 0, one per class (() = all 1)")}
 

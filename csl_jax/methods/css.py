@@ -32,9 +32,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from csl_jax.config_checks import is_number
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
-from csl_jax.methods.base import Method, StepContext, check_fields, check_network, init_network
+from csl_jax.methods.base import (BOOLEAN, Method, StepContext, above, at_least, check_fields, check_network,
+                                  check_ranges, init_network, whole_at_least, within)
 from csl_jax.methods.parts import css_data, css_losses, css_targets, passes, teacher, u2pl_contrastive
 from csl_jax.parallel import AXIS
 
@@ -81,14 +83,17 @@ def configure(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def check_options(opts: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the `config.method` field that is missing or invalid."""
     check_fields(opts, default_options(), "css", {"rampdown_unit": RAMPDOWN_UNITS})
-    for key in ("rep_temp", "contrast_temp", "num_queries", "num_negatives", "rampdown_epochs"):
-        if not opts[key] > 0:
-            raise ValueError(f"config.method.{key}={opts[key]!r} must be > 0")
-    for key in ("un_threshold", "weak_threshold", "strong_threshold", "prototype_momentum", "ema_momentum"):
-        if not 0.0 <= opts[key] <= 1.0:
-            raise ValueError(f"config.method.{key}={opts[key]!r} must be in [0, 1]")
-    if opts.warmup_epochs < 0:
-        raise ValueError(f"config.method.warmup_epochs={opts.warmup_epochs!r} must be >= 0")
+    check_ranges(opts, option_ranges(opts))
+
+
+def option_ranges(opts: ml_collections.ConfigDict) -> dict:
+    """The valid values of the numeric and boolean `config.method` fields: key -> Range (csl_jax.methods.base)."""
+    del opts  # no range depends on another field
+    return {"rep_temp": above(0), "contrast_temp": above(0), "num_queries": whole_at_least(1),
+            "num_negatives": whole_at_least(1), "rampdown_epochs": above(0), "rampdown_mult": (is_number, "a number"),
+            "un_threshold": within(0.0, 1.0), "weak_threshold": within(0.0, 1.0), "strong_threshold": within(0.0, 1.0),
+            "prototype_momentum": within(0.0, 1.0), "ema_momentum": within(0.0, 1.0),
+            "warmup_epochs": at_least(0), "quantize_confidence": BOOLEAN, "labeled_rescale": BOOLEAN}
 
 
 class CSS(Method):

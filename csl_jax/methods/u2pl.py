@@ -36,12 +36,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from csl_jax.config_checks import is_number
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
 from csl_jax.data.pipeline import REPEATS
-from csl_jax.methods.base import (Method, StepContext, check_fields, check_network, check_ranges, init_network,
-                                  with_later_fields)
+from csl_jax.methods.base import (Method, StepContext, above, at_least, check_fields, check_network, check_ranges,
+                                  init_network, whole_at_least, with_later_fields, within)
 from csl_jax.methods.parts import passes, u2pl_contrastive, u2pl_queue, u2pl_unsup
 from csl_jax.methods.parts import u2pl_data  # noqa: F401  (registers the 'u2pl' geometry and 'u2pl_box' view)
 from csl_jax.models.layers import resize_align_corners
@@ -129,26 +128,18 @@ def configure(c: ml_collections.ConfigDict, variant: str = "reference") -> ml_co
 
 
 def option_ranges(opts: ml_collections.ConfigDict) -> dict:
-    """The valid values of the numeric `config.method` fields: key -> (predicate, what is valid)."""
-    def within(low, high, high_open=False):
-        return lambda v: is_number(v) and low <= v and (v < high if high_open else v <= high)
-
-    def whole(v):
-        return is_number(v) and int(v) == v
-
-    positive = (lambda v: is_number(v) and v > 0, "> 0")
-    return {"num_queries": positive, "num_negatives": positive, "queue_capacity": positive,
-            "queue_capacity_class0": positive, "temperature": positive,
-            "sup_only_epochs": (lambda v: whole(v) and v >= 0, "an int >= 0"),
-            "ema_momentum": (within(0.0, 1.0, high_open=True), "in [0, 1)"),
-            "drop_percent": (within(0.0, 100.0), "in [0, 100]"),
-            "low_entropy_threshold": (within(0.0, 100.0), "in [0, 100]"),
-            "high_rank": (lambda v: whole(v) and v > 0, "an int > 0"),
-            "low_rank": (lambda v: whole(v) and 0 <= v < opts.high_rank, "an int in [0, high_rank)"),
-            "max_keys_per_group": (lambda v: whole(v) and v >= 0, "an int >= 0 (0 = ceil(capacity / groups))"),
-            "cutmix_prob": (within(0.0, 1.0), "in [0, 1]"),
-            "contrastive_weight": (lambda v: is_number(v) and v >= 0, ">= 0"),
-            "unsup_weight": (lambda v: is_number(v) and v >= 0, ">= 0"),
+    """The valid values of the numeric `config.method` fields: key -> Range (csl_jax.methods.base)."""
+    return {"num_queries": above(0), "num_negatives": above(0), "queue_capacity": above(0),
+            "queue_capacity_class0": above(0), "temperature": above(0),
+            "sup_only_epochs": whole_at_least(0),
+            "ema_momentum": within(0.0, 1.0, high_open=True),
+            "drop_percent": within(0.0, 100.0),
+            "low_entropy_threshold": within(0.0, 100.0),
+            "high_rank": whole_at_least(1),
+            "low_rank": (lambda v: whole_at_least(0)[0](v) and v < opts.high_rank, "an int in [0, high_rank)"),
+            "max_keys_per_group": (whole_at_least(0)[0], "an int >= 0 (0 = ceil(capacity / groups))"),
+            "cutmix_prob": within(0.0, 1.0),
+            "contrastive_weight": at_least(0), "unsup_weight": at_least(0),
             "pad_label": (lambda v: v in (0, IGNORE_INDEX), f"0 (the reference) or {IGNORE_INDEX} (padding ignored)")}
 
 

@@ -38,7 +38,9 @@ import ml_collections
 
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
-from csl_jax.methods.base import Method, StepContext, with_later_fields as _fill_later_fields
+from csl_jax.config_checks import is_number
+from csl_jax.methods.base import (BOOLEAN, Method, StepContext, above, check_ranges, within,
+                                  with_later_fields as _fill_later_fields)
 from csl_jax.methods.parts import losses, passes, pseudo_labels, teacher, views
 from csl_jax.parallel import AXIS
 
@@ -161,6 +163,14 @@ def with_later_fields(opts: ml_collections.ConfigDict) -> ml_collections.ConfigD
     return _fill_later_fields(opts, LATER_FIELDS)
 
 
+def option_ranges(opts: ml_collections.ConfigDict) -> dict:
+    """The valid values of the numeric and boolean `config.method` fields: key -> Range (csl_jax.methods.base).
+    ema_momentum is a momentum in [0, 1) with teacher='ema' and unused (any number) with 'online'."""
+    momentum = within(0.0, 1.0, high_open=True) if opts.teacher == "ema" else (is_number, "a number")
+    return {"alpha": above(0), "eps": above(0), "tau": within(0.0, 1.0), "ema_momentum": momentum,
+            "use_fp": BOOLEAN, "variance_scaling": BOOLEAN, "strong_pass_updates_bn": BOOLEAN}
+
+
 def check_options(opts: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the `config.method` field that is missing, invalid or contradicts the name."""
     name = opts.get("name")
@@ -176,10 +186,7 @@ def check_options(opts: ml_collections.ConfigDict) -> None:
     for key, choices in _CHOICES.items():
         if opts[key] not in choices:
             raise ValueError(f"config.method.{key}={opts[key]!r}; expected one of {list(choices)}")
-    if opts.teacher == "ema" and not 0.0 <= opts.ema_momentum < 1.0:
-        raise ValueError(f"config.method.ema_momentum={opts.ema_momentum} must be in [0, 1)")
-    if opts.alpha <= 0:
-        raise ValueError(f"config.method.alpha={opts.alpha} must be > 0")
+    check_ranges(opts, option_ranges(opts))
     message = preset_mismatch(opts)
     if message:
         raise ValueError(message)
