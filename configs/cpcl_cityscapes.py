@@ -27,7 +27,7 @@ Not yet measured with csl_jax.
 """
 
 from configs.cpcl_pascal import VARIANTS, cpcl_recipe
-from csl_jax.methods.parts import cpcl_losses
+from csl_jax.methods.cpcl import losses as cpcl_losses
 
 #: the README's epochs per labeled ratio (spec §5).
 CITYSCAPES_EPOCHS = {"1_16": 128, "1_8": 137, "1_4": 160, "1_2": 240}

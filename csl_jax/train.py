@@ -21,7 +21,6 @@ import signal
 import time
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,6 +34,7 @@ from csl_jax import workdir as workdir_lib
 from csl_jax import data
 from csl_jax.methods import Method, StepContext, build_method
 from csl_jax.models import pretrained
+from csl_jax.state import TrainState  # defined in csl_jax.state; csl_jax.train.TrainState still works
 
 
 DEFAULT_COMPILATION_CACHE = "~/.cache/csl_jax/xla"  # config.compilation_cache_dir ""
@@ -48,20 +48,6 @@ class NonFiniteLossError(FloatingPointError):
 # ---------------------------------------------------------------------------------------------
 # State
 # ---------------------------------------------------------------------------------------------
-class TrainState(flax.struct.PyTreeNode):
-    """Everything a step changes. All leaves are replicated over the devices.
-
-    step: int32 scalar, optimizer steps done; params: what the optimiser trains (float32 pytree,
-    one network or named trees); opt_state: optax state; state: the method's other variables
-    (BN statistics, EMA teacher, queues, ...), written by its loss and `after_update`.
-    """
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    state: Any
-
-
 def create_train_state(method: Method, tx: optax.GradientTransformation, rng: jax.Array,
                        image_shape) -> TrainState:
     """Step-0 train state: the method's `init(rng, image_shape)` and the optimiser state of its params."""

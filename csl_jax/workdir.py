@@ -156,13 +156,18 @@ def evaluation_config(saved: ml_collections.ConfigDict, overrides: dict, workdir
                          f"takes only --config.eval.* and --config.{{{','.join(RUNTIME_KEYS)}}} overrides, not "
                          + ", ".join(f"--config.{key}" for key in refused))
     with saved.unlocked():
-        for key, value in overrides.items():
-            *parents, leaf = key.split(".")
-            node = saved
-            for parent in parents:
-                node = node[parent]
-            node[leaf] = value
-    return saved
+        return set_fields(saved, overrides)
+
+
+def set_fields(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """Sets the fields of `config` named by dotted keys ({'eval.batch_size': 4}); returns `config`."""
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
 
 
 class WorkdirLockedError(RuntimeError):

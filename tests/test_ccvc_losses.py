@@ -23,9 +23,10 @@ from configs import common
 from csl_jax import parallel
 from csl_jax.methods import ccvc as ccvc_method
 from csl_jax.methods.base import StepContext
-from csl_jax.methods.parts import ccvc_losses
+from csl_jax.methods.ccvc import losses as ccvc_losses
 from csl_jax.models.ccvc import CCVCNet
 from csl_jax.models.layers import BatchNorm
+from tests.helpers import harness, torch_reference
 
 NUM_CLASSES, FEATURES, SIZE, BATCH = 4, 6, 8, 4
 
@@ -90,11 +91,9 @@ def test_reverse_groups_is_the_per_gpu_flip_on_any_device_count():
         expected = np.concatenate([torch.tensor(c).flip(0).numpy() for c in np.split(x, 16 // group)])
         np.testing.assert_array_equal(np.asarray(ccvc_losses.reverse_groups(jnp.asarray(x), group)), expected)
         for devices in (2, 8):  # local batches of 8 and 2: groups inside a device or across devices
-            mesh = parallel.make_mesh(jax.devices()[:devices])
-            fn = parallel.shard_map(lambda v, g=group, d=devices: ccvc_losses.reverse_groups(v, g, parallel.AXIS, d),
-                                    mesh, in_specs=P(parallel.AXIS), out_specs=P(parallel.AXIS))
-            np.testing.assert_array_equal(np.asarray(jax.jit(fn)(jnp.asarray(x))), expected,
-                                          err_msg=f"{group=} {devices=}")
+            fn = harness.sharded(lambda v, g=group, d=devices: ccvc_losses.reverse_groups(v, g, parallel.AXIS, d),
+                                 devices, in_specs=P(parallel.AXIS), out_specs=P(parallel.AXIS))
+            np.testing.assert_array_equal(np.asarray(fn(jnp.asarray(x))), expected, err_msg=f"{group=} {devices=}")
     with pytest.raises(ValueError, match="mix_group = 3"):
         ccvc_losses.reverse_groups(jnp.asarray(x), 3)
 
@@ -146,7 +145,6 @@ def jax_step(config, batch, devices=1):
     method.model = CCVCNet(branch1=SmallBranch(), branch2=SmallBranch())
     params, state = method.init(jax.random.PRNGKey(3), (SIZE, SIZE, 3))
     params = jax.tree.map(lambda p: p * 3.0, params)  # logits spread enough for every confidence case
-    mesh = parallel.make_mesh(jax.devices()[:devices])
 
     def per_device(params, state, batch):
         ctx = StepContext(rng=jax.random.PRNGKey(0), step=jnp.int32(0), device_index=jax.lax.axis_index(parallel.AXIS),
@@ -154,8 +152,8 @@ def jax_step(config, batch, devices=1):
         (loss, (new_state, metrics)), grads = jax.value_and_grad(method.loss, has_aux=True)(params, state, batch, ctx)
         return jax.lax.pmean((loss, metrics, new_state, grads), parallel.AXIS)
 
-    fn = parallel.shard_map(per_device, mesh, in_specs=(P(), P(), P(parallel.AXIS)), out_specs=P())
-    loss, metrics, new_state, grads = jax.device_get(jax.jit(fn)(params, state, batch))
+    fn = harness.sharded(per_device, devices, in_specs=(P(), P(), P(parallel.AXIS)))
+    loss, metrics, new_state, grads = jax.device_get(fn(params, state, batch))
     return loss, metrics, new_state["batch_stats"], grads, jax.device_get(params), jax.device_get(state)
 
 
@@ -191,29 +189,6 @@ class TorchDiscrepancyNet(torch.nn.Module):
         feature1, pred1 = self.branch1(x)
         feature2, pred2 = self.branch2(x)
         return {"pred1": pred1, "feature1": feature1, "pred2": pred2, "feature2": feature2}
-
-
-def torch_ohem(pred, target, thresh, min_kept, ignore=255):
-    """UniMatch/CCVC `ProbOhemCrossEntropy2d` on one GPU's batch."""
-    b, c, h, w = pred.size()
-    target = target.view(-1)
-    valid_mask = target.ne(ignore)
-    target = target * valid_mask.long()
-    num_valid = valid_mask.sum()
-    prob = F.softmax(pred, dim=1).transpose(0, 1).reshape(c, -1)
-    if min_kept <= num_valid and num_valid > 0:
-        prob = prob.masked_fill(~valid_mask, 1)
-        mask_prob = prob[target, torch.arange(len(target))]
-        threshold = thresh
-        _, index = mask_prob.sort()
-        threshold_index = index[min(len(index), min_kept) - 1]
-        if mask_prob[threshold_index] > thresh:
-            threshold = mask_prob[threshold_index]
-        kept = mask_prob.le(threshold)
-        target = target * kept.long()
-        valid_mask = valid_mask * kept
-    target = target.masked_fill(~valid_mask, ignore).view(b, h, w)
-    return F.cross_entropy(pred, target, ignore_index=ignore)
 
 
 def torch_step(params, state, batch, opts, labeled_loss, gpu_batch=2):
@@ -267,8 +242,8 @@ def torch_step(params, state, batch, opts, labeled_loss, gpu_batch=2):
             ce1 = F.cross_entropy(labeled_logits["pred1"][s], y[s], ignore_index=255)
             ce2 = F.cross_entropy(labeled_logits["pred2"][s], y[s], ignore_index=255)
         else:
-            ce1 = torch_ohem(labeled_logits["pred1"][s], y[s], 0.7, 60)
-            ce2 = torch_ohem(labeled_logits["pred2"][s], y[s], 0.7, 60)
+            ce1 = torch_reference.prob_ohem(labeled_logits["pred1"][s], y[s], 0.7, 60)  # UniMatch/CCVC's
+            ce2 = torch_reference.prob_ohem(labeled_logits["pred2"][s], y[s], 0.7, 60)
         loss_ce = (ce1 + ce2) / 2 * opts["w_ce"]
 
         if opts["mask_alignment"] == "reference":

@@ -17,7 +17,8 @@ from csl_jax.methods import build_method
 from csl_jax.models import build_model, ccvc, convert
 from csl_jax.train import TrainState
 from data_prep.splits import shipped_list, shipped_splits
-from tests.test_convert_parity import TorchDeepLab, randomise_bn
+from tests.helpers import torch_reference
+from tests.test_convert_parity import TorchDeepLab
 
 tnn, F = torch.nn, torch.nn.functional
 TINY = dict(width=8, blocks=(1, 1, 2, 3), head_width=16, reduce_width=8)
@@ -62,18 +63,11 @@ class TorchCCVC(tnn.Module):
 
 def randomised_torch_ccvc(seed=0, **kw):
     """Tiny TorchCCVC in eval mode, random weights and BN statistics, logits of std ~1 per branch."""
-    torch.manual_seed(seed)
-    model = TorchCCVC(**dict(TINY, **kw))
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        randomise_bn(model, gen)
-        model.eval()
-        out = model(torch.randn(2, 3, 65, 65, generator=gen))
-        for b, key in (("branch1", "pred1"), ("branch2", "pred2")):
-            std = out[key].std()
-            getattr(model, b).classifier.weight /= std
-            getattr(model, b).classifier.bias /= std
-    return model
+    def branch_logits(model, x):
+        out = model(x)
+        return [(model.branch1, out["pred1"]), (model.branch2, out["pred2"])]
+
+    return torch_reference.randomised_eval(lambda: TorchCCVC(**dict(TINY, **kw)), seed, branch_logits)
 
 
 def torch_outputs(model, images):

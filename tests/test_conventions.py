@@ -141,3 +141,150 @@ def test_ruff_check_is_clean():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
+
+
+# ----------------------------------------------------------------------------- imports inside csl_jax
+# The layers of csl_jax, lowest first: a module imports modules of its own layer or of
+# lower ones, never of a higher one: at module level or inside a function, `import`, `from ... import`
+# or importlib.import_module('csl_jax....'). A module's layer is that of its longest listed prefix
+# (`csl_jax.evaluation.modes` is 6, the rest of `csl_jax.evaluation` 3); a new module that matches no
+# entry fails test_every_module_has_a_layer until it is placed here.
+LAYERS = {
+    # 0 leaves: names, device helpers, the train state, optimiser, checkpoint files, metric logs
+    "csl_jax": 0, "csl_jax.constants": 0, "csl_jax.parallel": 0, "csl_jax.state": 0, "csl_jax.optim": 0,
+    "csl_jax.checkpoint": 0, "csl_jax.metrics_writer": 0,
+    # 1 input pipeline
+    "csl_jax.data": 1,
+    # 2 networks, their registry and checkpoint converters; drawing label maps
+    "csl_jax.models": 2, "csl_jax.visualize": 2,
+    # 3 evaluation machinery that knows no method: protocols, evaluator, metrics, the eval loop
+    "csl_jax.evaluation": 3,
+    # 4 settings checks (they parse the evaluation strings and model dtypes; methods use is_number)
+    "csl_jax.config_checks": 4,
+    # 5 methods (networks + losses + predict functions) and their shared parts
+    "csl_jax.methods": 5,
+    # 6 what wires a method to checkpoints: --mode=eval/predict; the workdir (its recipe names the method)
+    "csl_jax.evaluation.modes": 6, "csl_jax.workdir": 6,
+    # 7 run records and reports
+    "csl_jax.run_info": 7, "csl_jax.report": 7,
+    # 8 the trainer (main.py, benchmarks and tests sit above csl_jax)
+    "csl_jax.train": 8,
+}
+# Modules kept only so that old import paths work: they re-export the module they name, whatever its layer.
+ALIASES = {"csl_jax.pseudo_labels": "csl_jax.methods.parts.pseudo_labels",
+           "csl_jax.methods.semi": "csl_jax.methods.weak_to_strong"}
+PACKAGE = ROOT / "csl_jax"
+
+
+def _module_names():
+    """{dotted name: file} of every module of csl_jax (a package is its __init__.py)."""
+    names = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return names
+
+
+def _imports(name, path, modules):
+    """(line, imported module) of every csl_jax import in `path` (module `name`), anywhere in the file.
+
+    `from P import x` names P.x when P.x is a module (a file or a package), else P itself; the implicit
+    import of parent packages is not counted (importing P.x runs P/__init__.py first, but what P
+    imports is P's own edge).
+    """
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "csl_jax")
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            if base.split(".")[0] != "csl_jax":
+                continue
+            for alias in node.names:
+                yield node.lineno, f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+        elif (isinstance(node, ast.Call) and ast.unparse(node.func) in ("importlib.import_module", "import_module")
+              and node.args and isinstance(node.args[0], ast.Constant)
+              and str(node.args[0].value).startswith("csl_jax")):
+            yield node.lineno, node.args[0].value
+
+
+def _import_graph():
+    """{module: {imported module: first line}} of csl_jax, self-imports left out."""
+    modules = _module_names()
+    graph = {}
+    for name, path in modules.items():
+        edges = graph.setdefault(name, {})
+        for line, target in _imports(name, path, modules):
+            assert target in modules, f"{path.relative_to(ROOT)}:{line} imports {target}, which is not a module"
+            if target != name:
+                edges.setdefault(target, line)
+    return graph
+
+
+def _find_cycle(graph):
+    """One import cycle as [a, b, ..., a], or None (depth-first search)."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def _layer(name):
+    prefixes = [p for p in LAYERS if name == p or name.startswith(p + ".")]
+    return LAYERS[max(prefixes, key=len)] if prefixes else None
+
+
+def test_the_cycle_finder_and_the_import_reader_work():
+    assert _find_cycle({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b": 1}, "b": {}, "c": {"a": 1, "b": 2}}) is None
+    graph = _import_graph()
+    assert graph["csl_jax.models.pretrained"]["csl_jax.models.convert"]  # `from csl_jax.models import convert`
+    assert "csl_jax.evaluation.loop" in graph["csl_jax.train"]  # inside a function
+    assert "csl_jax.methods" in graph["csl_jax.train"]  # `from csl_jax.methods import Method`: the package
+
+
+def test_csl_jax_has_no_import_cycle():
+    """No csl_jax module imports itself through others, with imports inside functions counted:
+    a circle works only because an import is deferred, and breaks when someone moves it up."""
+    graph = _import_graph()
+    cycle = _find_cycle(graph)
+    where = [f"{a} -> {b} ({_module_names()[a].relative_to(ROOT)}:{graph[a][b]})"
+             for a, b in zip(cycle, cycle[1:])] if cycle else []
+    assert cycle is None, "import cycle:\n  " + "\n  ".join(where)
+
+
+def test_every_module_has_a_layer():
+    modules = _module_names()
+    assert not [name for name in modules if _layer(name) is None and name not in ALIASES]
+    assert not [name for name in list(LAYERS) + list(ALIASES) + list(ALIASES.values()) if name not in modules]
+
+
+def test_no_module_imports_a_higher_layer():
+    graph, files = _import_graph(), _module_names()
+    upward = [f"{files[a].relative_to(ROOT)}:{line} {a} (layer {_layer(a)}) imports {b} (layer {_layer(b)})"
+              for a, edges in sorted(graph.items()) if a not in ALIASES
+              for b, line in sorted(edges.items()) if _layer(b) > _layer(a)]
+    assert not upward, "\n".join(upward)
+    for alias, target in ALIASES.items():
+        assert set(graph[alias]) == {target}, f"{alias} is an alias: it imports {target} only"

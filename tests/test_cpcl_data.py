@@ -11,7 +11,7 @@ from PIL import Image
 
 from csl_jax.data import pipeline, transforms
 from csl_jax.methods import cpcl  # noqa: F401  (registers the geometry and the view)
-from csl_jax.methods.parts import cpcl_data
+from csl_jax.methods.cpcl import data as cpcl_data
 
 
 def reference_box_masks(n_masks, mask_shape, rng, prop_range=(0.25, 0.5), n_boxes=3):

@@ -15,7 +15,8 @@ from jax.sharding import PartitionSpec as P
 from configs import cpcl_camvid, cpcl_cityscapes, cpcl_pascal
 from csl_jax import parallel
 from csl_jax.methods import cpcl
-from csl_jax.methods.parts import cpcl_losses as cl
+from csl_jax.methods.cpcl import losses as cl
+from tests.helpers import harness, torch_reference
 
 C = 5
 HEAD, FIRST = "f0e1800", "0bf0c50"  # leofansq/CPCL commits
@@ -152,8 +153,7 @@ def test_union_ties_take_branch_2s_label():
 
 
 def sharded(fn, n_devices, n_in):
-    mesh = parallel.make_mesh(jax.devices()[:n_devices])
-    return jax.jit(parallel.shard_map(fn, mesh, in_specs=(P(parallel.AXIS),) * n_in, out_specs=P()))
+    return harness.sharded(fn, n_devices, in_specs=(P(parallel.AXIS),) * n_in)
 
 
 @pytest.mark.parametrize("confidence,reduction", [("pixel", "pixel_mean"), ("first_commit", "valid_mean")])
@@ -177,30 +177,8 @@ def test_batch_global_statistics_do_not_depend_on_the_device_count(confidence, r
 def reference_ohem(pred, target, thresh, min_kept, weight):
     """`ProbOhemCrossEntropy2d` with use_weight in float64 on (B, C, H, W) logits: leofansq/CPCL
     furnace/seg_opr/loss_opr.py lines 159-201 at HEAD f0e1800 (unchanged since ed98ba8), the class
-    weights passed in."""
-    b, c, h, w = pred.size()
-    target = target.view(-1)
-    valid_mask = target.ne(255)
-    target = target * valid_mask.long()
-    num_valid = valid_mask.sum()
-    prob = F.softmax(pred, dim=1)
-    prob = (prob.transpose(0, 1)).reshape(c, -1)
-    if min_kept > num_valid:
-        pass
-    elif num_valid > 0:
-        prob = prob.masked_fill_(~valid_mask, 1)
-        mask_prob = prob[target, torch.arange(len(target), dtype=torch.long)]
-        threshold = thresh
-        if min_kept > 0:
-            index = mask_prob.argsort()
-            threshold_index = index[min(len(index), min_kept) - 1]
-            if mask_prob[threshold_index] > thresh:
-                threshold = mask_prob[threshold_index]
-            kept_mask = mask_prob.le(threshold)
-            target = target * kept_mask.long()
-            valid_mask = valid_mask * kept_mask
-    target = target.masked_fill_(~valid_mask, 255).view(b, h, w)
-    return float(torch.nn.CrossEntropyLoss(weight=weight, ignore_index=255)(pred, target))
+    weights passed in (`torch_reference.prob_ohem`)."""
+    return float(torch_reference.prob_ohem(pred, target, thresh, min_kept, weight))
 
 
 def ohem_inputs(seed, b=4, h=9, w=11):

@@ -14,10 +14,10 @@ from configs import common, cpcl_camvid, cpcl_cityscapes
 from csl_jax import parallel
 from csl_jax.methods import StepContext, build_method, check_config
 from csl_jax.models import build_model
-from data_prep import synthetic
+from tests.helpers import harness
 from tests.test_cpcl_losses import FIRST, HEAD, nchw, reference_unsup
-from tests.test_method_contract import NUM_CLASSES as CONTRACT_CLASSES
-from tests.test_method_contract import contract_config, run_steps, two_batches
+
+data_root = harness.data_root
 
 NUM_CLASSES = 5
 B, CROP = 4, 33
@@ -47,7 +47,6 @@ def batch(seed=0):
 
 def run_loss(method, params, state, data, grad_of=None):
     """(loss, (state, metrics)) on one device inside shard_map; with `grad_of`, the gradient of that metric."""
-    mesh = parallel.make_mesh(jax.devices()[:1])
     offsets = {"labeled": 0, "unlabeled": B, "mix": 2 * B}
 
     def per_device(params, state, data):
@@ -57,8 +56,8 @@ def run_loss(method, params, state, data, grad_of=None):
             return method.loss(params, state, data, ctx)
         return jax.grad(lambda p: method.loss(p, state, data, ctx)[1][1][grad_of])(params)
 
-    fn = parallel.shard_map(per_device, mesh, in_specs=(P(), P(), P(parallel.AXIS)), out_specs=P())
-    return jax.device_get(jax.jit(fn)(params, state, parallel.to_global(data, mesh)))
+    fn = harness.sharded(per_device, 1, in_specs=(P(), P(), P(parallel.AXIS)))
+    return jax.device_get(fn(params, state, parallel.to_global(data, harness.mesh(1))))
 
 
 @pytest.mark.parametrize("arg,commit", [("1_8", HEAD), ("1_8,first_commit", FIRST)])
@@ -129,24 +128,16 @@ def test_options_are_checked_by_name():
         build_method(cpcl_cityscapes.get_config("1_8"), NUM_CLASSES)
 
 
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    synthetic.prepare(root, num_train=32, num_val=4, image_size=(40, 40), seed=0)
-    return str(root)
-
-
-def test_weighted_ohem_over_the_global_batch_one_device_equals_eight(synthetic_root):
+def test_weighted_ohem_over_the_global_batch_one_device_equals_eight(data_root):
     """The Cityscapes loss setting: class-weighted OHEM with one group = the global batch of 16, spread over
     8 devices (exact min_kept-th probability by psum'd bisection), and 'pixel_mean' unlabeled losses."""
-    config = contract_config(synthetic_root, "cpcl", **{"loss.labeled": "ohem_weighted", "loss.group_size": 16,
-                                                   "loss.ohem_min_kept": 4000, "method.unsup_reduction": "pixel_mean",
-                                                   "method.unsup_weight": 5.0})
+    overrides = {"loss.labeled": "ohem_weighted", "loss.group_size": 16, "loss.ohem_min_kept": 4000,
+                 "method.unsup_reduction": "pixel_mean", "method.unsup_weight": 5.0}
+    config = harness.contract_config(data_root, "cpcl", **overrides)
     config.method.class_weights = (0.8, 1.2, 0.9, 1.1, 1.0)
-    method = build_method(config, CONTRACT_CLASSES)
-    batches = two_batches(config, method)[:1]
-    (params1, _), loss1 = run_steps(config, method, batches, jax.devices()[:1])
-    (params8, _), loss8 = run_steps(config, method, batches, jax.devices()[:8])
-    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params8), jax.tree.leaves(params1)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5, err_msg=jax.tree_util.keystr(path))
+    method = build_method(config, harness.NUM_CLASSES)
+    batches = harness.first_batches(config, method, 1)
+    one = harness.run_steps(config, method, batches, 1)
+    eight = harness.run_steps(config, method, batches, 8)
+    np.testing.assert_allclose(eight.losses, one.losses, rtol=1e-5)
+    harness.assert_trees_close(eight.params, one.params, rtol=1e-4, atol=5e-5)

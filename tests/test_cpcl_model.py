@@ -17,7 +17,8 @@ from csl_jax import optim
 from csl_jax.methods import build_method
 from csl_jax.models import build_model, convert, cpcl, pretrained
 from csl_jax.train import TrainState
-from tests.test_convert_parity import TorchResNet, randomise_bn
+from tests.helpers import torch_reference
+from tests.test_convert_parity import TorchResNet
 
 tnn, F = torch.nn, torch.nn.functional
 TINY = dict(width=8, blocks=(1, 1, 2, 3), head_width=16, reduce_width=8)
@@ -101,18 +102,8 @@ class TorchNetwork(tnn.Module):
 
 def randomised_torch_cpcl(seed=0, **kw):
     """Tiny TorchNetwork in eval mode, random weights and BN statistics, logits of std ~1 per branch."""
-    torch.manual_seed(seed)
-    model = TorchNetwork(**dict(TINY, **kw))
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        randomise_bn(model, gen)
-        model.eval()
-        x = torch.randn(2, 3, 65, 65, generator=gen)
-        for branch in (model.branch1, model.branch2):
-            std = branch(x).std()
-            branch.classifier.weight /= std
-            branch.classifier.bias /= std
-    return model
+    return torch_reference.randomised_eval(lambda: TorchNetwork(**dict(TINY, **kw)), seed,
+                                           lambda model, x: ((b, b(x)) for b in (model.branch1, model.branch2)))
 
 
 def torch_logits(model, images):

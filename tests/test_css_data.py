@@ -1,4 +1,4 @@
-"""CSS's data views and geometries (csl_jax/methods/parts/css_data.py) against the reference transforms
+"""CSS's data views and geometries (csl_jax/methods/css/data.py) against the reference transforms
 (VOC.py `transform` / `transform_3`): PIL bilinear / nearest resize, reflect padding, inclusive random crop,
 the labeled and unlabeled geometries, and the arrays the streams deliver."""
 
@@ -10,7 +10,7 @@ from configs import common, demo
 from csl_jax import train
 from csl_jax.data import transforms
 from csl_jax.methods import build_method, css
-from csl_jax.methods.parts import css_data
+from csl_jax.methods.css import data as css_data
 from data_prep import synthetic
 
 

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from jax.sharding import PartitionSpec as P
 
 from csl_jax import parallel
-from csl_jax.methods.parts import css_losses, css_targets
+from csl_jax.methods.css import losses as css_losses
+from csl_jax.methods.css import targets as css_targets
+from tests.helpers import harness
 
 C, D = 21, 16  # Pascal's classes: the T = 0.5 bound e^2 / (e^2 + 20 e^-2) = 0.732 < 0.8 < 0.97
 RNG = np.random.default_rng(0)
@@ -137,13 +139,12 @@ def test_prototype_update_matches_the_reference():
 def test_prototype_sums_over_devices_equal_one_device():
     rep = RNG.standard_normal((8, 40, D)).astype(np.float32)
     classes = RNG.integers(0, C + 1, (8, 40))
-    mesh = parallel.make_mesh(jax.devices()[:8])
 
     def per_device(r, c):
         return jax.lax.psum(css_losses.class_sums(r[0], c[0], C), parallel.AXIS)
 
-    fn = jax.jit(parallel.shard_map(per_device, mesh, in_specs=(P(parallel.AXIS), P(parallel.AXIS)), out_specs=P()))
-    sums8, counts8 = fn(*parallel.to_global((rep, classes), mesh))
+    fn = harness.sharded(per_device, 8, in_specs=(P(parallel.AXIS), P(parallel.AXIS)))
+    sums8, counts8 = fn(*parallel.to_global((rep, classes), harness.mesh(8)))
     sums1, counts1 = css_losses.class_sums(rep.reshape(-1, D), classes.reshape(-1), C)
     np.testing.assert_allclose(sums8, sums1, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(counts8, counts1)

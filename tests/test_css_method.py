@@ -10,24 +10,17 @@ import numpy as np
 import optax
 import pytest
 
-from configs import common, css_camvid, demo
-from csl_jax import parallel, train
-from csl_jax.methods import build_method, css
+from configs import css_camvid
+from csl_jax import train
+from csl_jax.methods import build_method
 from csl_jax.methods.base import StepContext
-from data_prep import synthetic
+from tests.helpers import harness
+
+data_root = harness.data_root
 
 
 def tiny_config(root=None, **method):
-    c = css.configure(demo.get_config("supervised"))
-    common.tiny_model(c, width=4, head_width=8, reduce_width=4)
-    c.model.rep_dim = 8
-    c.data.update(crop_size=32, split="1_2")
-    if root:
-        c.data.root = root
-    c.batch.update(labeled=4, unlabeled=4)
-    c.optim.total_steps = 400
-    c.method.update({"num_queries": 16, "num_negatives": 8, **method})
-    return c
+    return harness.tiny_method_config(harness.tiny_css, root, total_steps=400, **method)
 
 
 def test_teacher_is_the_reference_ema_of_the_params_only():
@@ -62,14 +55,7 @@ def test_bad_options_are_refused_by_name(key, value):
 
 
 def test_refuses_another_model_and_unequal_batches():
-    c = tiny_config()
-    c.model.name = "deeplabv3plus"
-    with pytest.raises(ValueError, match="config.model.name"):
-        build_method(c, 5)
-    c = tiny_config()
-    c.batch.unlabeled = 8
-    with pytest.raises(ValueError, match="config.batch.labeled"):
-        build_method(c, 5)
+    harness.assert_refuses_another_model_and_unequal_batches(tiny_config)
 
 
 def test_camvid_variants_select_the_reference_and_the_intended_behaviour():
@@ -82,31 +68,25 @@ def test_camvid_variants_select_the_reference_and_the_intended_behaviour():
         css_camvid.get_config("1_8,other")
 
 
-def test_two_steps_state_and_metrics(tmp_path):
-    synthetic.prepare(tmp_path, num_train=32, num_val=4, image_size=(40, 40), seed=0)
-    config = tiny_config(str(tmp_path))
+def test_two_steps_state_and_metrics(data_root):
+    config = tiny_config(data_root)
     method = build_method(config, 5)
     streams = train.make_streams(config, method)
-    mesh = parallel.make_mesh(jax.devices()[:2])
-    tx = optax.sgd(0.01)
-    ts = train.create_train_state(method, tx, jax.random.PRNGKey(0), (32, 32, 3))
-    t_stats0 = np.array(ts.state["teacher"]["batch_stats"]["head"]["project_1"]["mean"])
-    ts = parallel.replicate(ts, mesh)
-    step = train.make_train_step(method, tx, mesh, seed=0, steps_per_epoch=1,
-                                 offsets=train.stream_offsets(method, config.batch))
+    stepper = harness.Stepper(config, method, 2, tx=optax.sgd(0.01))
+    t_stats0 = stepper.initial.state["teacher"]["batch_stats"]["head"]["project_1"]["mean"]
     for _ in range(2):
         batch = streams.next()
-        ts, m = step(ts, parallel.to_global(batch, mesh))
-        m = jax.device_get(m)
+        m = stepper.step(batch)
         np.testing.assert_allclose(m["loss"], m["loss_sup"] + m["loss_u"] + m["rampdown"] * m["loss_c"], rtol=1e-5)
         # T_r = 0.5: conf_rep <= e^2 / (e^2 + 4 e^-2) = 0.93 < 0.97 with 5 classes, so L_u is exactly 0
         assert m["loss_u"] == 0.0 and m["cross_space_keep"] == 0.0 and m["image_weight"] == 0.0
         assert m["loss_c"] > 0 and 0 < m["anchor_fraction"] <= 1
-    state = jax.device_get(ts.state)
+    ts = stepper.host()
+    state = ts.state
     assert not np.allclose(state["teacher"]["batch_stats"]["head"]["project_1"]["mean"], t_stats0)
     present = np.isin(np.arange(5), np.concatenate([np.unique(batch["labeled"]["label"])]))
     assert (np.abs(state["prototypes"]).sum(1)[present] > 0).all()  # labeled classes always contribute
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(ts.params)))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(ts.params))
 
 
 def test_benchmark_cost_model_counts_css_passes():

@@ -22,16 +22,14 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import common, demo
 from csl_jax import checkpoint, parallel, train
 from csl_jax.evaluation import modes
-from csl_jax.methods import METHODS, Method, StepContext, build_method, ccvc, cpcl, css, register_method, u2pl
+from csl_jax.methods import METHODS, Method, StepContext, build_method, register_method
 from csl_jax.methods.base import init_network
 from csl_jax.methods.parts import passes
-from data_prep import synthetic
+from tests.helpers import harness
+from tests.helpers.harness import NUM_CLASSES, assert_trees_close
 
-NUM_CLASSES = 5  # the synthetic set (data_prep/synthetic.py)
-CROP = 32
 BRANCHES = ("branch1", "branch2")
 
 
@@ -85,102 +83,33 @@ if "toy_two_networks" not in METHODS:
     register_method("toy_two_networks", TwoNetworks)
 #: every registered method, and the named variants of a method that change its step ('NAME:VARIANT')
 NAMES = sorted(METHODS) + ["u2pl:intended"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    synthetic.prepare(root, num_train=32, num_val=4, image_size=(40, 40), seed=0)
-    return str(root)
-
-
-#: name -> setup of a method's own model and options on the demo config (CutMix groups of 2: the
-#: local batch of 8 devices)
-def _u2pl(variant):
-    return lambda c: u2pl.configure(c, variant).update(
-        model=dict(rep_dim=8), method=dict(queue_capacity=300, queue_capacity_class0=500, num_queries=16,
-                                           num_negatives=4))
-
-
-METHOD_SETUP = {"ccvc": lambda c: ccvc.configure(c).method.update(mix_group=2),
-                "u2pl": _u2pl("reference"), "u2pl:intended": _u2pl("intended"),
-                "css": lambda c: css.configure(c).update(model=dict(rep_dim=8),
-                                                         method=dict(num_queries=16, num_negatives=8)),
-                "cpcl": cpcl.configure}
-
-
-def contract_config(data_root, name, **overrides):
-    """The demo config of `name`, tiny: crop 32, batches of 16, one loss group of 2 per device of 8."""
-    c = demo.get_config(name if name in ("csl", "unimatch", "fixmatch") else "supervised")
-    c.method.name = name
-    if name in METHOD_SETUP:
-        METHOD_SETUP[name](c)
-    c.data.update(root=data_root, crop_size=CROP, split="1_2", block_size=8)
-    common.tiny_model(c, width=4, head_width=8, reduce_width=4)
-    c.batch.update(labeled=16, unlabeled=16)
-    c.loss.group_size = 2  # whole groups in every micro-batch: exact accumulation (groups over devices: test_semi)
-    c.update(log_every_steps=1, checkpoint_every_steps=2)
-    c.eval.update(every_steps=2, batch_size=8, num_plot_images=1)
-    c.optim.update(total_steps=4, lr=0.01)
-    for key, value in overrides.items():
-        *path, leaf = key.split(".")
-        target = c
-        for p in path:
-            target = target[p]
-        target[leaf] = value
-    return c
-
-
-def two_batches(config, method):
-    """The first two global batches of the method's streams (host NumPy, from the real pipeline)."""
-    streams = train.make_streams(config, method)
-    return [streams.next() for _ in range(2)]
-
-
-def run_steps(config, method, batches, devices, accum_steps=1):
-    """(params, state, [loss of each step]) after one step per batch on a mesh of `devices`."""
-    mesh = parallel.make_mesh(devices)
-    tx = optax.sgd(0.01, momentum=0.9)
-    ts = parallel.replicate(train.create_train_state(method, tx, jax.random.PRNGKey(0), (CROP, CROP, 3)), mesh)
-    step = train.make_train_step(method, tx, mesh, seed=0, steps_per_epoch=1,
-                                 offsets=train.stream_offsets(method, config.batch), accum_steps=accum_steps)
-    seen = []
-    for batch in batches:
-        ts, metrics = step(ts, parallel.to_global(batch, mesh))
-        seen.append(float(metrics["loss"]))
-    return jax.device_get((ts.params, ts.state)), seen
-
-
-def assert_trees_close(a, b, **tol):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path), **tol)
+contract_config = harness.contract_config
+data_root = harness.data_root
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_one_device_equals_eight(data_root, name):
     config = contract_config(data_root, name)
     method = build_method(config, NUM_CLASSES)
-    batches = two_batches(config, method)
-    (params1, state1), loss1 = run_steps(config, method, batches, jax.devices()[:1])
-    (params8, state8), loss8 = run_steps(config, method, batches, jax.devices()[:8])
-    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+    batches = harness.first_batches(config, method)
+    one = harness.run_steps(config, method, batches, 1, accum_steps=1)
+    eight = harness.run_steps(config, method, batches, 8, accum_steps=1)
+    np.testing.assert_allclose(eight.losses, one.losses, rtol=1e-5)
     # float32 sums in another order (per-device BN and loss sums, then psum), amplified by two SGD
     # steps: the tolerance of tests/test_train_step.py's 1-vs-8 reference test
-    assert_trees_close(params8, params1, rtol=1e-4, atol=5e-5)
-    assert_trees_close(state8, state1, rtol=1e-4, atol=5e-5)
+    assert_trees_close(eight.params, one.params, rtol=1e-4, atol=5e-5)
+    assert_trees_close(eight.state, one.state, rtol=1e-4, atol=5e-5)
     if name == "toy_two_networks":
-        assert int(state1["calls"]) == 2  # written inside the loss, once per step
+        assert int(one.state["calls"]) == 2  # written inside the loss, once per step
 
 
-def reference_accumulation(config, method, batch, devices):
+def reference_accumulation(config, method, batch, num_devices):
     """(params, state, loss) of one accum_steps=2 step, written out: per device, micro-batch k (the
     k-th half of its share) runs the loss with the state left by micro-batch k-1 and the key
     fold_in(fold_in(seed key, step), k); the gradients and metrics are averaged over micro-batches
     and devices; SGD step; `after_update`."""
-    mesh = parallel.make_mesh(devices)
-    tx = optax.sgd(0.01, momentum=0.9)
-    ts = parallel.replicate(train.create_train_state(method, tx, jax.random.PRNGKey(0), (CROP, CROP, 3)), mesh)
+    start = harness.Stepper(config, method, num_devices)  # its mesh, SGD and fresh train state
+    mesh, tx, ts = start.mesh, start.tx, start.train_state
     offsets = train.stream_offsets(method, config.batch)
 
     def per_device(ts, batch):
@@ -189,7 +118,7 @@ def reference_accumulation(config, method, batch, devices):
         for k in range(2):
             micro = jax.tree.map(lambda x, k=k: x[k * x.shape[0] // 2:(k + 1) * x.shape[0] // 2], batch)
             ctx = StepContext(rng=jax.random.fold_in(step_rng, k), step=ts.step,
-                              device_index=jax.lax.axis_index(parallel.AXIS), num_devices=len(devices),
+                              device_index=jax.lax.axis_index(parallel.AXIS), num_devices=num_devices,
                               steps_per_epoch=1, stream_offsets=offsets)
             (_, (state, metrics)), g = jax.value_and_grad(method.loss, has_aux=True)(ts.params, state, micro, ctx)
             grads.append(g)
@@ -208,15 +137,16 @@ def reference_accumulation(config, method, batch, devices):
 def test_gradient_accumulation_is_exact(data_root, name):
     config = contract_config(data_root, name)
     method = build_method(config, NUM_CLASSES)
-    batch = two_batches(config, method)[0]
-    devices = jax.devices()[:2]  # 8 images per device: micro-batches of 4, two loss groups each
-    (params, state), (loss,) = run_steps(config, method, [batch], devices, accum_steps=2)
+    batch = harness.first_batches(config, method)[0]
+    devices = 2  # 8 images per device: micro-batches of 4, two loss groups each
+    run = harness.run_steps(config, method, [batch], devices, accum_steps=2)
+    (loss,) = run.losses
     ref_params, ref_state, ref_loss = reference_accumulation(config, method, batch, devices)
     np.testing.assert_allclose(loss, float(ref_loss), rtol=1e-6)
-    assert_trees_close(params, ref_params, rtol=1e-5, atol=1e-6)
-    assert_trees_close(state, ref_state, rtol=1e-5, atol=1e-6)
+    assert_trees_close(run.params, ref_params, rtol=1e-5, atol=1e-6)
+    assert_trees_close(run.state, ref_state, rtol=1e-5, atol=1e-6)
     if name == "toy_two_networks":
-        assert int(state["calls"]) == 2  # carried from micro-batch to micro-batch
+        assert int(run.state["calls"]) == 2  # carried from micro-batch to micro-batch
 
 
 def read_jsonl(path):
@@ -232,12 +162,8 @@ def test_resume_is_exact_and_the_best_checkpoint_evaluates_the_same(data_root, t
     assert checkpoint.Checkpointer(resumed).latest_step() == 2
     train.train_and_evaluate(contract_config(data_root, name), resumed)
 
-    state_a, data_a, step_a = checkpoint.Checkpointer(straight).restore(None)
-    state_b, data_b, step_b = checkpoint.Checkpointer(resumed).restore(None)
-    assert step_a == step_b == 4 and data_a == data_b
+    _, data_a = harness.assert_same_latest_checkpoint(straight, resumed, 4)  # bit for bit on CPU
     assert set(data_a) == set(build_method(contract_config(data_root, name), NUM_CLASSES).streams())
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state_a), jax.tree.leaves(state_b)):
-        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))  # bit for bit on CPU
 
     # every predict function evaluated at steps 2 and 4; the method's best one picks the checkpoint
     method = build_method(contract_config(data_root, name), NUM_CLASSES)

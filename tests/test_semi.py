@@ -17,6 +17,7 @@ from csl_jax.evaluation import loop
 from csl_jax.methods import StepContext, build_method, weak_to_strong
 from csl_jax.methods.parts import passes, pseudo_labels
 from csl_jax.models import build_model
+from tests.helpers import harness
 
 NUM_CLASSES = 3
 CROP = 32
@@ -188,7 +189,6 @@ def reference_step(config, model, variables, teacher, batch, rng):
 
 def method_step(method, variables, extra, batch, rng):
     """method.loss on a 1-device mesh (its BN is SyncBN over 'data'): (loss, {'metrics', 'batch_stats'})."""
-    mesh = parallel.make_mesh(jax.devices()[:1])
     n = batch["labeled"]["image"].shape[0]
 
     def per_device(params, state, batch):
@@ -197,8 +197,8 @@ def method_step(method, variables, extra, batch, rng):
         loss, (state, metrics) = method.loss(params, state, batch, ctx)
         return loss, {"metrics": metrics, "batch_stats": state["batch_stats"]}
 
-    fn = parallel.shard_map(per_device, mesh, in_specs=(P(), P(), P(parallel.AXIS)), out_specs=P())
-    return jax.jit(fn)(variables["params"], dict(extra, batch_stats=variables["batch_stats"]), batch)
+    fn = harness.sharded(per_device, 1, in_specs=(P(), P(), P(parallel.AXIS)))
+    return fn(variables["params"], dict(extra, batch_stats=variables["batch_stats"]), batch)
 
 
 PRESETS = {
@@ -378,21 +378,19 @@ def run_steps(config, devices, batch, steps=2, students=None):
     {'params', 'batch_stats'} (host copies) to `students` when given."""
     from csl_jax import train  # the trainer pulls in the data pipeline
 
-    mesh = parallel.make_mesh(jax.devices()[:devices])
     method = build_method(config, NUM_CLASSES)
     tx = optax.sgd(0.05, momentum=0.9)
     student = init_variables(method.model, 1)
     method_state = {"batch_stats": student["batch_stats"], "teacher": jax.tree.map(jnp.array, student)}
-    state = parallel.replicate(train.TrainState(step=jnp.int32(0), params=student["params"],
-                                                opt_state=tx.init(student["params"]), state=method_state), mesh)
-    step_fn = train.make_train_step(method, tx, mesh, seed=0, steps_per_epoch=1,
-                                    offsets=train.stream_offsets(method, config.batch))
-    global_batch = parallel.to_global(batch, mesh)
+    stepper = harness.Stepper(config, method, devices, tx=tx, train_state=train.TrainState(
+        step=jnp.int32(0), params=student["params"], opt_state=tx.init(student["params"]), state=method_state))
     for _ in range(steps):
-        state, metrics = step_fn(state, global_batch)
+        metrics = stepper.step(batch)
         if students is not None:  # copied before the next step donates the state
-            students.append(jax.device_get({"params": state.params, "batch_stats": state.state["batch_stats"]}))
-    return jax.device_get((state.params, state.state["batch_stats"], state.state, metrics))
+            students.append(jax.device_get({"params": stepper.train_state.params,
+                                            "batch_stats": stepper.train_state.state["batch_stats"]}))
+    state = stepper.host()
+    return state.params, state.state["batch_stats"], state.state, metrics
 
 
 @pytest.mark.parametrize("group_size", [1, 8])

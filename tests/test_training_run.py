@@ -16,16 +16,11 @@ import pytest
 
 from configs import common, demo
 from csl_jax import checkpoint, train
-from data_prep import synthetic
+from tests.helpers import harness
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    synthetic.prepare(root, num_train=32, num_val=4, image_size=(40, 40), seed=0)
-    return str(root)
+data_root = harness.data_root
 
 
 def tiny_config(data_root, method="supervised", **overrides):
@@ -42,13 +37,7 @@ def tiny_config(data_root, method="supervised", **overrides):
     c.eval.every_steps = 100
     c.eval.batch_size = 8
     c.optim.total_steps = 6
-    for key, value in overrides.items():
-        target = c
-        *path, leaf = key.split(".")
-        for p in path:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return harness.set_fields(c, overrides)
 
 
 def final_state(workdir):

@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from csl_jax.methods.parts import u2pl_contrastive as con
-from csl_jax.methods.parts import u2pl_queue as queue_lib
-from csl_jax.methods.parts import u2pl_unsup as unsup
+from csl_jax.methods.parts import resize
+from csl_jax.methods.u2pl import contrastive as con
+from csl_jax.methods.u2pl import queue as queue_lib
+from csl_jax.methods.u2pl import unsup
 
 RNG = np.random.default_rng(0)
 
@@ -94,7 +95,7 @@ def test_drop_percentile_schedule():
 def test_nearest_downsample_is_torch_legacy_nearest(n_in, n_out):
     x = RNG.integers(0, 255, size=(2, n_in, n_in)).astype(np.int32)
     want = F.interpolate(torch.from_numpy(x)[:, None].double(), size=(n_out, n_out), mode="nearest")[:, 0]
-    np.testing.assert_array_equal(np.asarray(con.downsample_nearest(jnp.asarray(x), (n_out, n_out))), want.numpy())
+    np.testing.assert_array_equal(np.asarray(resize.downsample_nearest(jnp.asarray(x), (n_out, n_out))), want.numpy())
 
 
 def reference_label_onehot(inputs, num_segments):

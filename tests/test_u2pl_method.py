@@ -10,25 +10,17 @@ import optax
 import pytest
 from PIL import Image
 
-from configs import common, demo
-from csl_jax import parallel, train
+from csl_jax import train
 from csl_jax.data import transforms
 from csl_jax.methods import build_method, u2pl
-from csl_jax.methods.parts import u2pl_data
-from data_prep import synthetic
+from csl_jax.methods.u2pl import data as u2pl_data
+from tests.helpers import harness
+
+data_root = harness.data_root
 
 
 def tiny_config(root=None, variant="reference", **method):
-    c = u2pl.configure(demo.get_config("supervised"), variant)
-    common.tiny_model(c, width=4, head_width=8, reduce_width=4)
-    c.model.rep_dim = 8
-    c.data.update(crop_size=32, split="1_2")
-    if root:
-        c.data.root = root
-    c.batch.update(labeled=4, unlabeled=4)
-    c.optim.total_steps = 4
-    c.method.update(dict(queue_capacity=300, queue_capacity_class0=500, num_queries=16, num_negatives=4, **method))
-    return c
+    return harness.tiny_method_config(lambda c: harness.tiny_u2pl(c, variant), root, total_steps=4, **method)
 
 
 def official_teacher_timeline(students, length, e0, momentum):
@@ -162,16 +154,15 @@ def test_pad_label_0_selects_the_reference_geometry_and_keeps_unlabeled_padding(
 
     from csl_jax.methods import StepContext
 
-    synthetic.prepare(tmp_path, num_train=32, num_val=4, image_size=(24, 24), seed=0)
+    root = harness.prepare_synthetic(tmp_path, image_size=(24, 24))
     losses = {}
     for pad_label in (255, 0):
-        config = tiny_config(str(tmp_path), sup_only_epochs=0, pad_label=pad_label)
+        config = tiny_config(root, sup_only_epochs=0, pad_label=pad_label)
         method = build_method(config, 5)
         assert method.streams()["labeled"].geometry == ("u2pl" if pad_label == 255 else "u2pl_pad0")
         batch = train.make_streams(config, method).next()
         assert (batch["unlabeled"]["ignore"] == 255).any()  # 24 px images in 32 px crops: padding
         params, state = method.init(jax.random.PRNGKey(0), (32, 32, 3))
-        mesh = parallel.make_mesh(jax.devices()[:1])
         offsets = train.stream_offsets(method, config.batch)
 
         def loss(batch, method=method, params=params, state=state, offsets=offsets):
@@ -179,7 +170,7 @@ def test_pad_label_0_selects_the_reference_geometry_and_keeps_unlabeled_padding(
                               num_devices=1, steps_per_epoch=1, stream_offsets=offsets)
             return method.loss(params, state, batch, ctx)[0]
 
-        fn = jax.jit(parallel.shard_map(loss, mesh, in_specs=(P("data"),), out_specs=P()))
+        fn = harness.sharded(loss, 1, in_specs=(P("data"),))
         unmarked = dict(batch, unlabeled=dict(batch["unlabeled"], ignore=np.zeros_like(batch["unlabeled"]["ignore"])))
         losses[pad_label] = float(fn(batch)), float(fn(unmarked))
     assert losses[0][0] == losses[0][1]
@@ -237,46 +228,35 @@ def test_bad_options_are_refused_by_name(key, value):
 
 
 def test_refuses_another_model_and_unequal_batches():
-    c = tiny_config()
-    c.model.name = "deeplabv3plus"
-    with pytest.raises(ValueError, match="config.model.name"):
-        build_method(c, 5)
-    c = tiny_config()
-    c.batch.unlabeled = 8
-    with pytest.raises(ValueError, match="config.batch.labeled"):
-        build_method(c, 5)
+    harness.assert_refuses_another_model_and_unequal_batches(tiny_config)
 
 
 @pytest.mark.parametrize("variant", sorted(u2pl.VARIANTS))
-def test_supervised_only_then_semi_step_state(tmp_path, variant):
-    synthetic.prepare(tmp_path, num_train=32, num_val=4, image_size=(40, 40), seed=0)
-    config = tiny_config(str(tmp_path), variant)
+def test_supervised_only_then_semi_step_state(data_root, variant):
+    config = tiny_config(data_root, variant)
     method = build_method(config, 5)
     streams = train.make_streams(config, method)
-    mesh = parallel.make_mesh(jax.devices()[:2])
-    tx = optax.sgd(0.01)
-    ts = train.create_train_state(method, tx, jax.random.PRNGKey(0), (32, 32, 3))
-    head_mean0 = np.array(ts.state["teacher"]["batch_stats"]["decoder"]["head_1"]["mean"])
-    ts = parallel.replicate(ts, mesh)
-    step = train.make_train_step(method, tx, mesh, seed=0, steps_per_epoch=1,
-                                 offsets=train.stream_offsets(method, config.batch))
-    ts, m0 = step(ts, parallel.to_global(streams.next(), mesh))  # step 0: epoch 0 < E0 = 1
-    s1 = jax.device_get(ts.state)
+    stepper = harness.Stepper(config, method, 2, tx=optax.sgd(0.01))
+    head_mean0 = stepper.initial.state["teacher"]["batch_stats"]["decoder"]["head_1"]["mean"]
+    m0 = stepper.step(streams.next())  # step 0: epoch 0 < E0 = 1
+    ts1 = stepper.host()
+    s1 = ts1.state
     assert float(m0["loss_u"]) == 0.0 and float(m0["mask_ratio"]) == 0.0 and int(s1["queue"]["fill"].sum()) == 0
     assert not np.allclose(s1["teacher"]["batch_stats"]["decoder"]["head_1"]["mean"], head_mean0)  # its own BN moved
-    same = jax.tree.map(np.array_equal, s1["teacher"]["params"], jax.device_get(ts.params))
+    same = jax.tree.map(np.array_equal, s1["teacher"]["params"], ts1.params)
     assert all(jax.tree.leaves(same))  # copied after step L E0 - 1 = 0
     loss_c = []
     for _ in range(3):  # steps 1-3: semi-supervised (the reference's gated keys are rare: an empty bank at first)
-        ts, m1 = step(ts, parallel.to_global(streams.next(), mesh))
+        m1 = stepper.step(streams.next())
         loss_c.append(float(m1["loss_c"]))
-    s2 = jax.device_get(ts.state)
+    ts2 = stepper.host()
+    s2 = ts2.state
     fill = s2["queue"]["fill"]
     assert float(m1["loss_u"]) > 0 and max(loss_c) > 0
     assert abs(float(m1["mask_ratio"]) - 0.95) < 0.02  # epoch 3 of 4 drops q = 20 % x (1 - 3/4) of the pixels
     assert fill.sum() > 0 and (fill < np.array(method.capacities)).all()  # a half-filled bank
     np.testing.assert_array_equal(s2["queue"]["ptr"], fill % np.array(method.capacities))
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(ts.params)))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(ts2.params))
 
 
 def test_benchmark_cost_model_counts_u2pl_passes():
@@ -288,18 +268,16 @@ def test_benchmark_cost_model_counts_u2pl_passes():
     assert config.model.name == "u2pl" and config.loss.group_size == 2
 
 
-def test_supervised_only_phase_gives_the_labeled_only_loss_and_gradient(tmp_path):
+def test_supervised_only_phase_gives_the_labeled_only_loss_and_gradient(data_root):
     from jax.sharding import PartitionSpec as P
 
     from csl_jax.methods import StepContext
     from csl_jax.methods.parts import passes
 
-    synthetic.prepare(tmp_path, num_train=32, num_val=4, image_size=(40, 40), seed=0)
-    config = tiny_config(str(tmp_path))
+    config = tiny_config(data_root)
     method = build_method(config, 5)
     batch = train.make_streams(config, method).next()
     params, state = method.init(jax.random.PRNGKey(0), (32, 32, 3))
-    mesh = parallel.make_mesh(jax.devices()[:1])
     offsets = train.stream_offsets(method, config.batch)
 
     def both(params, state, batch):
@@ -317,7 +295,7 @@ def test_supervised_only_phase_gives_the_labeled_only_loss_and_gradient(tmp_path
         (ref_loss, ref_stats), ref_grads = jax.value_and_grad(labeled_only, has_aux=True)(params)
         return loss, grads, new_state["batch_stats"], ref_loss, ref_grads, ref_stats
 
-    fn = jax.jit(parallel.shard_map(both, mesh, in_specs=(P(), P(), P("data")), out_specs=P()))
+    fn = harness.sharded(both, 1, in_specs=(P(), P(), P("data")))
     loss, grads, stats, ref_loss, ref_grads, ref_stats = jax.device_get(fn(params, state, batch))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
@@ -328,16 +306,13 @@ def test_supervised_only_phase_gives_the_labeled_only_loss_and_gradient(tmp_path
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_resume_with_a_half_filled_reference_bank_is_bit_exact(tmp_path):
+def test_resume_with_a_half_filled_reference_bank_is_bit_exact(data_root, tmp_path):
     """The reference write rule (every key, the newest kept): 4 steps straight equal 2 steps, stop, and 2
     more after a resume, bit for bit, with the bank partly filled at the checkpoint."""
     from csl_jax import checkpoint
 
-    data = tmp_path / "data"
-    synthetic.prepare(data, num_train=32, num_val=4, image_size=(40, 40), seed=0)
-
     def config(**extra):
-        c = tiny_config(str(data), sup_only_epochs=0)
+        c = tiny_config(data_root, sup_only_epochs=0)
         c.batch.update(labeled=16, unlabeled=16)  # one loss group of 2 on each of the 8 devices
         c.loss.group_size = 2
         c.update(log_every_steps=1, checkpoint_every_steps=2, **extra)
@@ -349,11 +324,7 @@ def test_resume_with_a_half_filled_reference_bank_is_bit_exact(tmp_path):
     train.train_and_evaluate(config(stop_after_steps=2), resumed)
     state_2, _, _ = checkpoint.Checkpointer(resumed).restore(None)
     train.train_and_evaluate(config(), resumed)
-    state_a, data_a, step_a = checkpoint.Checkpointer(straight).restore(None)
-    state_b, data_b, step_b = checkpoint.Checkpointer(resumed).restore(None)
-    assert step_a == step_b == 4 and data_a == data_b
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state_a), jax.tree.leaves(state_b)):
-        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    state_a, _ = harness.assert_same_latest_checkpoint(straight, resumed, 4)
     fill_2, fill_4 = (np.asarray(s["state"]["queue"]["fill"]) for s in (state_2, state_a))
     caps = np.asarray(build_method(config(), 5).capacities)
     assert fill_2.sum() > 0 and (fill_2 < caps).all() and (fill_4 >= fill_2).all()

@@ -242,6 +242,20 @@ def cutmix_box(rng: np.random.Generator, crop: int, p: float = 0.5,
     return mask
 
 
+def cutout_box(rng: np.random.Generator, crop: int) -> np.ndarray:
+    """U2PL `generate_cutout_mask` (U2PL's and CSS's in-batch CutMix): (crop, crop) bool, True inside a
+    box of area crop^2 / 2: w ~ randint(floor(crop/2) + 1, crop) (upper bound exclusive),
+    h = round(crop^2 / 2 / w), x0 ~ randint(0, crop - w + 1), y0 ~ randint(0, crop - h + 1)."""
+    area = crop * crop / 2
+    w = int(rng.integers(crop // 2 + 1, crop))
+    h = int(np.round(area / w))
+    x0 = int(rng.integers(0, crop - w + 1))
+    y0 = int(rng.integers(0, crop - h + 1))
+    box = np.zeros((crop, crop), bool)
+    box[y0:y0 + h, x0:x0 + w] = True
+    return box
+
+
 def block_mask(rng: np.random.Generator, crop: int, block_size: int = 32,
                cover_ratio: float = 0.7) -> np.ndarray:
     """CSL TMP block mask, (crop, crop) bool: a G x G grid, G = round(crop/block_size), each cell

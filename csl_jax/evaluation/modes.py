@@ -21,6 +21,7 @@ from csl_jax import checkpoint, data, visualize
 from csl_jax.evaluation.folder import predict_folder
 from csl_jax.evaluation.loop import Evaluation, json_ready, make_evaluator, parse_evaluation, plan_evaluations
 from csl_jax.methods import build_method
+from csl_jax.state import TrainState
 
 
 def choose_evaluation(config: ml_collections.ConfigDict, method, evaluation: str = "",
@@ -54,8 +55,6 @@ def load_eval_variables(config: ml_collections.ConfigDict, method, workdir: str,
                              f"{saved_for!r}, not {predict!r}; use --checkpoint=latest to evaluate {predict!r}")
         return variables, (f"best checkpoint of {workdir} (step {meta['step']}, mIoU {100 * meta['miou']:.2f}, "
                            f"{saved_for})")
-    from csl_jax.train import TrainState
-
     if which == "latest":
         raw, step = checkpoint.Checkpointer(workdir, read_only=True).restore_latest()
         state = TrainState(step=raw["step"], params=raw["params"], opt_state=None, state=raw["state"])

@@ -3,13 +3,17 @@
     supervised       methods/supervised.py      labeled images only
     csl, unimatch,   methods/weak_to_strong.py  weak-to-strong consistency, presets of one step
     fixmatch
-    ccvc             methods/ccvc.py            CCVC: two branches, feature discrepancy, conflict weights
-    u2pl             methods/u2pl.py            U2PL: entropy-partitioned pseudo-labels, contrastive queues
-    cpcl             methods/cpcl.py            CPCL: two networks, intersection / union pseudo-labels
-    css              methods/css.py             CSS: cross-space pseudo-labels, prototypes, tilted contrast
-    methods/parts/   losses, pseudo-label selection, passes, views, EMA teacher
+    ccvc             methods/ccvc/              CCVC: two branches, feature discrepancy, conflict weights
+    u2pl             methods/u2pl/              U2PL: entropy-partitioned pseudo-labels, contrastive queues
+    cpcl             methods/cpcl/              CPCL: two networks, intersection / union pseudo-labels
+    css              methods/css/               CSS: cross-space pseudo-labels, prototypes, tilted contrast
+    methods/parts/   what several methods share: losses, pseudo-label selection, passes, views, EMA
+                     teacher, legacy-nearest downsampling
 
-A new method is one file defining a `Method` subclass, registered here with `register_method`.
+A method folder holds the method (`__init__.py`: the `Method` subclass, `default_options`,
+`configure`, `check_options`, ...) and its own pieces beside it (losses.py, data.py, ...); a method
+folder imports from parts/ and csl_jax/data, never from another method's folder. A new method is one
+file (or folder) defining a `Method` subclass, registered here with `register_method`.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from csl_jax.models.converters import register_converter, unchanged
 from csl_jax.models.deeplabv3plus import DeepLabV3Plus
 from csl_jax.models.layers import BatchNorm, Dropout2d, conv
 from csl_jax.models.registry import build_deeplabv3plus, register_model
@@ -97,6 +98,12 @@ def build_ccvc(model_cfg: ml_collections.ConfigDict, num_classes: int,
     return CCVCNet(branch1=CCVCBranch(**fields), branch2=CCVCBranch(**fields, mapping=True, mapping_dropout=rate))
 
 
+def is_ccvc_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """Whether a flat state dict has CCVC's two-branch keys (`branch1.backbone.*`; CPCL's have them too,
+    so csl_jax.models.convert.DETECTION_ORDER asks CPCL first)."""
+    return any(k.startswith("branch1.backbone.") for k in state_dict)
+
+
 def from_ccvc(state_dict: Mapping[str, Any], num_classes: int = 21, depth: int = 101, output_stride: int = 16,
               aspp_rates: Tuple[int, ...] = (6, 12, 18), **model_fields) -> Tuple[CCVCNet, Dict[str, Any]]:
     """CCVCNet and its variables from an official CCVC checkpoint (`model.module.state_dict()`).
@@ -105,7 +112,7 @@ def from_ccvc(state_dict: Mapping[str, Any], num_classes: int = 21, depth: int =
     network must be present. `model_fields`: other `config.model` fields (width, blocks, stem,
     multi_grid, ...). Returns (model, {'params', 'batch_stats'} of float32 NumPy arrays).
     """
-    from csl_jax.models import convert
+    from csl_jax.models import convert  # here, not at import: see csl_jax.models.converters
 
     sd, kind, _ = convert.unwrap_state_dict(state_dict)
     if kind != "ccvc":
@@ -126,3 +133,5 @@ def count_params(model: CCVCNet, image_size: int = 65) -> int:
 
 
 register_model("ccvc", build_ccvc)
+register_converter("ccvc", layout="`branch1.backbone.*` / `branch2.*` keys",
+                   detect=is_ccvc_state_dict, unwrap=unchanged, build=from_ccvc)

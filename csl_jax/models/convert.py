@@ -1,14 +1,18 @@
 """PyTorch state dicts -> Flax variables (pure NumPy), and converted-checkpoint files.
 
-Layouts (docs/models.md §9): ImageNet deep-stem backbones ('deep_backbone', no `backbone.`
-prefix, maybe `fc.*`), torchvision ResNets ('torchvision'), UniMatch DeepLabV3Plus checkpoints
-('unimatch': top-level `model`, `module.` prefixes), CSL Lightning checkpoints ('csl':
-`state_dict` with `model.backbone.*` / `model.decoder.*`) and CCVC two-branch checkpoints ('ccvc':
+Layouts (docs/models.md "Converting PyTorch checkpoints"): ImageNet deep-stem backbones
+('deep_backbone', no `backbone.` prefix, maybe `fc.*`), torchvision ResNets ('torchvision'),
+UniMatch DeepLabV3Plus checkpoints ('unimatch': top-level `model`, `module.` prefixes), CSL Lightning
+checkpoints ('csl': `state_dict` with `model.backbone.*` / `model.decoder.*`) and CCVC two-branch checkpoints ('ccvc':
 `branch1.*` / `branch2.*`, read by csl_jax.models.ccvc.from_ccvc) and U2PL checkpoints ('u2pl':
 `teacher_state` (converted) / `model_state` with `encoder.*`, `decoder.*`, `auxor.*`; csl_jax.models.u2pl)
 and CSS checkpoints ('css': `ema_model` (converted) / `model` with `resnet_*`, `ASPP.*`, `project.*`,
 `classifier.*`, `representation.*`; csl_jax.models.css) and CPCL checkpoints ('cpcl': `model` with
 `branch1.head.aspp.map_convs.*` ...; csl_jax.models.cpcl.from_cpcl).
+
+Each layout is a Converter (csl_jax.models.converters) registered by the module of its model;
+this module holds the generic steps (state-dict selection, key -> Flax path, merging, files), the
+auto-detection order (DETECTION_ORDER) and the CLI, and imports no model variant.
 
     from csl_jax.models.convert import from_unimatch
     model, variables = from_unimatch(state_dict, num_classes=21, depth=101)
@@ -34,11 +38,28 @@ from flax import traverse_util
 from flax.core import unfreeze
 
 from csl_jax.models import torch_pickle
+from csl_jax.models.converters import CONVERTERS, RESERVED, Converter, register_converter  # noqa: F401 (public)
 from csl_jax.models.deeplabv3plus import DeepLabV3Plus
 
 KINDS = ("auto", "deep_backbone", "torchvision", "unimatch", "csl", "ccvc", "u2pl", "css", "cpcl", "flax")
 BACKBONE_KINDS = ("deep_backbone", "torchvision")
+#: The order in which unwrap_state_dict(kind='auto') asks each kind's Converter.detect; the first
+#: that accepts the checkpoint names its layout. 'u2pl' and 'css' read the checkpoint as loaded
+#: (their files hold two networks, {'teacher_state', 'model_state'} / {'ema_model', 'model'}, and
+#: CSS's 'model' entry would otherwise be selected as the state dict); the others read the state dict
+#: selected from it (its `state_dict` or `model` entry, `module.` prefixes removed), checked by key
+#: prefix from the most specific to the most general: 'csl' (`model.backbone.*`) before 'unimatch'
+#: (`backbone.*`); 'cpcl' (`branch1.head.aspp.map_convs.*`) before 'ccvc' (`branch1.backbone.*`,
+#: which CPCL files also have); the bare backbones last ('deep_backbone' `conv1.0.weight`,
+#: 'torchvision' `conv1.weight`). A new kind goes before every kind whose keys its files also have:
+#: UniMatch V2 (DINOv2 encoder, `backbone.*` keys) right before 'unimatch'. Every kind here is a
+#: registered converter and every registered converter is here (checked at the first conversion),
+#: and KINDS lists them all.
+DETECTION_ORDER = ("u2pl", "css", "csl", "unimatch", "cpcl", "ccvc", "deep_backbone", "torchvision")
 Path = Tuple[str, ...]  # (collection, module, ..., leaf)
+
+if sorted(KINDS) != sorted(RESERVED + DETECTION_ORDER):
+    raise ValueError(f"KINDS {KINDS} must be {RESERVED} and the kinds of DETECTION_ORDER {DETECTION_ORDER}")
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -57,57 +78,64 @@ def _strip_module(sd: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def converters_in_order() -> Tuple[Converter, ...]:
+    """The registered converters in DETECTION_ORDER; ValueError if a kind is placed there but not
+    registered, or registered but not placed."""
+    missing = [k for k in DETECTION_ORDER if k not in CONVERTERS]
+    if missing:
+        raise ValueError(f"no converter is registered for {missing} (csl_jax.models.convert.DETECTION_ORDER); "
+                         "the module of each model registers its converter at import (register_converter), "
+                         "and csl_jax/models/__init__.py imports those modules")
+    unplaced = sorted(set(CONVERTERS) - set(DETECTION_ORDER))
+    if unplaced:
+        raise ValueError(f"converters {unplaced} are registered but not placed in "
+                         "csl_jax.models.convert.DETECTION_ORDER (and KINDS): put each before every kind whose "
+                         "keys its checkpoints also have")
+    return tuple(CONVERTERS[k] for k in DETECTION_ORDER)
+
+
+def select_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, Any]:
+    """The generic first step: a checkpoint's `state_dict` (Lightning) or `model` (UniMatch, CCVC, CPCL)
+    entry when it is a mapping, else the checkpoint itself; `module.` prefixes removed."""
+    sd = dict(checkpoint)
+    if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):  # Lightning (CSL)
+        sd = dict(sd["state_dict"])
+    elif "model" in sd and isinstance(sd["model"], Mapping):  # UniMatch {model, optimizer, ...}
+        sd = dict(sd["model"])
+    return _strip_module(sd)
+
+
 def unwrap_state_dict(checkpoint: Mapping[str, Any], kind: str = "auto") -> Tuple[Dict[str, Any], str, list]:
     """Select the model's flat state dict inside a checkpoint and name its layout.
 
     Returns (state_dict, kind, ignored) where state_dict has `backbone.`/`head.`/... keys for
     'unimatch' and 'csl', bare ResNet keys for backbone kinds, and `ignored` lists checkpoint
-    entries outside the model (e.g. other Lightning state).
+    entries outside the model (e.g. other Lightning state). kind 'auto' asks the registered
+    converters in DETECTION_ORDER.
     """
     if kind not in KINDS or kind == "flax":
         raise ValueError(f"kind must be one of {KINDS[:-1]} for a PyTorch checkpoint, got {kind!r}")
-    ignored = []
-    sd = dict(checkpoint)
-    from csl_jax.models import u2pl  # U2PL layout: {teacher_state, model_state}, encoder./decoder./auxor. keys
+    converters = converters_in_order()
+    raw = dict(checkpoint)
+    selected = []  # select_state_dict(raw), computed once when a converter reads it
 
-    if kind == "u2pl" or (kind == "auto" and u2pl.is_u2pl_checkpoint(sd)):
-        sd, ignored = u2pl.u2pl_state_dict(sd)
-        return sd, "u2pl", ignored
-    from csl_jax.models import css  # CSS layout: {ema_model, model, prototypes, ...}, resnet_*/ASPP.* keys
+    def view(converter: Converter) -> Dict[str, Any]:
+        if converter.raw:
+            return raw
+        if not selected:
+            selected.append(select_state_dict(raw))
+        return selected[0]
 
-    if kind == "css" or (kind == "auto" and css.is_css_checkpoint(sd)):
-        sd, ignored = css.css_state_dict(sd)
-        return sd, "css", ignored
-    if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):  # Lightning (CSL)
-        sd = dict(sd["state_dict"])
-    elif "model" in sd and isinstance(sd["model"], Mapping):  # UniMatch {model, optimizer, ...}
-        sd = dict(sd["model"])
-    sd = _strip_module(sd)
     if kind == "auto":
-        if any(k.startswith("model.backbone.") for k in sd):
-            kind = "csl"
-        elif any(k.startswith("backbone.") for k in sd):
-            kind = "unimatch"
-        elif any(k.startswith("branch1.head.aspp.map_convs.") for k in sd):
-            kind = "cpcl"  # CPCL two-branch: {'model': {branch1.*, branch2.*}} (csl_jax.models.cpcl)
-        elif any(k.startswith("branch1.backbone.") for k in sd):
-            kind = "ccvc"
-        elif "conv1.0.weight" in sd:
-            kind = "deep_backbone"
-        elif "conv1.weight" in sd:
-            kind = "torchvision"
-        else:
-            raise ValueError("cannot recognise the checkpoint layout (expected `backbone.*`, `branch1.backbone.*`, "
-                             "`model.backbone.*`, `conv1.0.weight` or `conv1.weight`); first keys: "
-                             f"{sorted(sd)[:8]}")
-    if kind == "csl":
-        ignored = sorted(k for k in sd if not k.startswith("model."))
-        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-        sd = {(k[len("decoder."):] if k.startswith("decoder.") else k): v for k, v in sd.items()}
-    if kind in BACKBONE_KINDS:
-        ignored = sorted(k for k in sd if k.startswith("fc."))
-        sd = {f"backbone.{k}": v for k, v in sd.items() if not k.startswith("fc.")}
-    return sd, kind, ignored
+        found = next((c for c in converters if c.detect(view(c))), None)
+        if found is None:
+            tried = "; ".join(f"{c.kind}: {c.layout}" for c in converters)
+            raise ValueError(f"cannot recognise the checkpoint layout (expected, in this order: {tried}); "
+                             f"first keys: {sorted(select_state_dict(raw))[:8]}")
+        kind = found.kind
+    converter = CONVERTERS[kind]
+    sd, ignored = converter.unwrap(view(converter))
+    return sd, kind, list(ignored)
 
 
 def flax_path(key: str, ndim: int) -> Path:
@@ -230,8 +258,8 @@ def from_unimatch(state_dict: Mapping[str, Any], num_classes: int = 21, depth: i
                   **model_kwargs) -> Tuple[DeepLabV3Plus, Dict[str, Any]]:
     """Build a DeepLabV3Plus and its variables from a UniMatch/CSL checkpoint (or its state dict).
 
-    The stem ('deep' / 'torchvision') is read from the keys; other DeepLabV3Plus fields (width,
-    blocks, multi_grid, maxpool_ceil, dtype, ...) can be passed as keyword arguments.
+    The stem ('deep' / 'torchvision') is read from the keys; other DeepLabV3Plus fields (width, blocks,
+    multi_grid, maxpool_ceil, dtype, ...) can be passed as keyword arguments.
     Returns (model, {'params', 'batch_stats'}) of float32 NumPy arrays (the model's apply gives
     (logits, out)); every variable must be present. Output stride and ASPP rates do not change
     the variables, only the model.
@@ -247,6 +275,23 @@ def from_unimatch(state_dict: Mapping[str, Any], num_classes: int = 21, depth: i
                                                   jnp.zeros((1, 64, 64, 3)), train=False))
     variables, _ = merge_variables(abstract, convert_state_dict(sd),
                                    allow_missing_outside_backbone=False)
+    return model, variables
+
+
+def from_backbone(checkpoint: Mapping[str, Any], kind: str = "auto", num_classes: int = 21, depth: int = 101,
+                  width: int = 64, blocks: Optional[Tuple[int, ...]] = None) -> Tuple[DeepLabV3Plus, Dict[str, Any]]:
+    """(DeepLabV3Plus, its `backbone` variables) from an ImageNet ResNet file ('deep_backbone' or
+    'torchvision', the stem of the same name); every backbone variable must be present and of the
+    shape of a model of this depth/width/blocks.
+    What the CLI writes for a backbone kind."""
+    sd, kind, _ = unwrap_state_dict(checkpoint, kind)
+    if kind not in BACKBONE_KINDS:
+        raise ValueError(f"from_backbone expects an ImageNet backbone file ({BACKBONE_KINDS}), got a {kind!r} one")
+    model = DeepLabV3Plus(num_classes=num_classes, depth=depth, width=width, blocks=blocks,
+                          stem="torchvision" if kind == "torchvision" else "deep")
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False))
+    backbone = {k: v for k, v in _flatten_variables(abstract).items() if k[1] == "backbone"}
+    variables, _ = merge_variables(traverse_util.unflatten_dict(backbone), convert_state_dict(sd), False)
     return model, variables
 
 
@@ -295,41 +340,12 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
     args = parser.parse_args(argv)
 
     checkpoint = load_file(args.src)
-    sd, kind, ignored = unwrap_state_dict(checkpoint, args.kind)
-    if kind in BACKBONE_KINDS:
-        # Backbone files are written as the model's `backbone` subtree; shapes are checked
-        # against a model of the given depth so a wrong file fails here, not at training time.
-        model = DeepLabV3Plus(num_classes=args.num_classes, depth=args.depth, width=args.width,
-                              blocks=args.blocks,
-                              stem="torchvision" if kind == "torchvision" else "deep")
-        abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                                      jnp.zeros((1, 64, 64, 3)), train=False))
-        loaded = convert_state_dict(sd)
-        backbone = {k: v for k, v in _flatten_variables(abstract).items() if k[1] == "backbone"}
-        variables, _ = merge_variables(traverse_util.unflatten_dict(backbone), loaded, False)
-    elif kind == "u2pl":
-        from csl_jax.models.u2pl import from_u2pl
-
-        _, variables = from_u2pl(checkpoint, num_classes=args.num_classes, depth=args.depth, width=args.width,
-                                 blocks=args.blocks)
-    elif kind == "css":
-        from csl_jax.models.css import from_css
-
-        _, variables = from_css(checkpoint, num_classes=args.num_classes, depth=args.depth, width=args.width,
-                                blocks=args.blocks)
-    elif kind == "cpcl":
-        from csl_jax.models.cpcl import from_cpcl
-
-        _, variables = from_cpcl(checkpoint, num_classes=args.num_classes, depth=args.depth, width=args.width,
-                                 blocks=args.blocks)
-    elif kind == "ccvc":
-        from csl_jax.models.ccvc import from_ccvc
-
-        _, variables = from_ccvc(checkpoint, num_classes=args.num_classes, depth=args.depth, width=args.width,
-                                 blocks=args.blocks)
-    else:
-        _, variables = from_unimatch(checkpoint, num_classes=args.num_classes, depth=args.depth,
-                                     width=args.width, blocks=args.blocks)
+    _, kind, ignored = unwrap_state_dict(checkpoint, args.kind)
+    # The kind's registered build: a full model (every variable checked), or for a backbone kind the
+    # model's `backbone` subtree, shapes checked against a model of the given depth so that a wrong
+    # file fails here, not at training time.
+    _, variables = CONVERTERS[kind].build(checkpoint, num_classes=args.num_classes, depth=args.depth,
+                                          width=args.width, blocks=args.blocks)
     os.makedirs(args.out_dir, exist_ok=True)
     out_path = os.path.join(args.out_dir, f"variables.{args.format}")
     save_variables(out_path, variables)
@@ -346,4 +362,9 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as error:  # a missing or unreadable file, an unknown layout
+        if os.environ.get("CSL_JAX_TRACEBACK"):
+            raise
+        raise SystemExit(f"error: {error}") from None  # exit 1, one line

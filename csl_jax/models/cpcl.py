@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from csl_jax.models.converters import register_converter, unchanged
 from csl_jax.models.deeplabv3plus import DeepLabV3Plus
 from csl_jax.models.layers import BatchNorm, conv, resize_align_corners
 from csl_jax.models.registry import build_deeplabv3plus, register_model
@@ -167,7 +168,7 @@ def from_cpcl(state_dict: Mapping[str, Any], num_classes: int = 21, depth: int =
     variable of both branches must be present. `model_fields`: other `config.model` fields (width,
     blocks, ...). Returns (model, {'params', 'batch_stats'} of float32 NumPy arrays).
     """
-    from csl_jax.models import convert
+    from csl_jax.models import convert  # here, not at import: see csl_jax.models.converters
 
     sd, kind, _ = convert.unwrap_state_dict(state_dict)
     if kind != "cpcl":
@@ -190,3 +191,5 @@ def count_params(model: nn.Module, image_size: int = 65) -> int:
 
 
 register_model("cpcl", build_cpcl)
+register_converter("cpcl", layout="`branch1.head.aspp.map_convs.*` keys (under `model`)",
+                   detect=is_cpcl_state_dict, unwrap=unchanged, build=from_cpcl)

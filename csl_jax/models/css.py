@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from csl_jax.models.converters import register_converter
 from csl_jax.models.deeplabv3plus import DeepLabV3Plus
 from csl_jax.models.layers import BatchNorm, conv, resize_align_corners
 from csl_jax.models.registry import build_deeplabv3plus, register_model
@@ -130,7 +131,7 @@ def from_css(checkpoint: Mapping[str, Any], num_classes: int = 21, network: str 
     head_width, reduce_width and rep_dim are read from the weights; other fields (depth, width,
     blocks, ...) are keyword arguments. Every variable must be present.
     """
-    from csl_jax.models import convert
+    from csl_jax.models import convert  # here, not at import: see csl_jax.models.converters
 
     sd, _ = css_state_dict(checkpoint, network)
     widths = {"head_width": "head.project.0.weight", "reduce_width": "reduce.0.weight",
@@ -149,3 +150,5 @@ def from_css(checkpoint: Mapping[str, Any], num_classes: int = 21, network: str 
 
 
 register_model(NAME, build_css)
+register_converter(NAME, layout="{'ema_model', 'model', 'prototypes', ...} or `resnet_conv1.*` keys",
+                   detect=is_css_checkpoint, unwrap=css_state_dict, build=from_css, raw=True)

@@ -3,15 +3,20 @@
 A builder is `builder(model_cfg, num_classes, bn_axis_name) -> nn.Module`; the module's
 `__call__(x, train, ...)` returns `(logits, out)` with logits (B, H, W, num_classes) float32 and
 `out` a dict of extra outputs (see DeepLabV3Plus.__call__ for the keys).
+
+The default model, DeepLabV3Plus, is registered here, and so are the converters of its checkpoint
+layouts (csl_jax.models.converters): ImageNet ResNets ('deep_backbone', 'torchvision') and trained
+UniMatch ('unimatch') and CSL ('csl') models. Each variant registers its own in its module.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from csl_jax.models.converters import register_converter, unchanged
 from csl_jax.models.deeplabv3plus import DeepLabV3Plus
 
 DEFAULT_MODEL = "deeplabv3plus"
@@ -67,3 +72,65 @@ def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int,
     if name not in MODELS:
         raise ValueError(f"unknown config.model.name {name!r}; registered models: {sorted(MODELS)}")
     return MODELS[name](model_cfg, num_classes, bn_axis_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint layouts of DeepLabV3Plus (detect and unwrap read the state dict selected by
+# csl_jax.models.convert.select_state_dict; convert is imported inside the builds, see converters.py)
+# ---------------------------------------------------------------------------------------------
+def is_csl_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """A CSL Lightning model: `model.backbone.*` keys (and `model.decoder.*`)."""
+    return any(k.startswith("model.backbone.") for k in state_dict)
+
+
+def csl_state_dict(state_dict: Mapping[str, Any]) -> tuple[Dict[str, Any], list]:
+    """The `model.*` entries without that prefix and `decoder.` (other Lightning state is ignored)."""
+    ignored = sorted(k for k in state_dict if not k.startswith("model."))
+    sd = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+    return {(k[len("decoder."):] if k.startswith("decoder.") else k): v for k, v in sd.items()}, ignored
+
+
+def is_unimatch_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """A UniMatch DeepLabV3Plus: `backbone.*` keys (and `head.*`, `reduce.*`, `fuse.*`, `classifier.*`)."""
+    return any(k.startswith("backbone.") for k in state_dict)
+
+
+def is_deep_backbone(state_dict: Mapping[str, Any]) -> bool:
+    """An ImageNet deep-stem ResNet (UniMatch's resnet101.pth): bare keys, `conv1.0.weight`."""
+    return "conv1.0.weight" in state_dict
+
+
+def is_torchvision_backbone(state_dict: Mapping[str, Any]) -> bool:
+    """A torchvision ResNet: bare keys, `conv1.weight`."""
+    return "conv1.weight" in state_dict
+
+
+def backbone_state_dict(state_dict: Mapping[str, Any]) -> tuple[Dict[str, Any], list]:
+    """Bare ResNet keys under `backbone.`; the ImageNet classifier `fc.*` is ignored."""
+    ignored = sorted(k for k in state_dict if k.startswith("fc."))
+    return {f"backbone.{k}": v for k, v in state_dict.items() if not k.startswith("fc.")}, ignored
+
+
+def _from_deeplabv3plus(checkpoint: Mapping[str, Any], **model_kwargs):
+    from csl_jax.models import convert
+
+    return convert.from_unimatch(checkpoint, **model_kwargs)
+
+
+def _from_backbone(kind: str) -> Callable:
+    def build(checkpoint: Mapping[str, Any], **model_kwargs):
+        from csl_jax.models import convert
+
+        return convert.from_backbone(checkpoint, kind, **model_kwargs)
+
+    return build
+
+
+register_converter("csl", layout="Lightning `state_dict` with `model.backbone.*` / `model.decoder.*` keys",
+                   detect=is_csl_state_dict, unwrap=csl_state_dict, build=_from_deeplabv3plus)
+register_converter("unimatch", layout="`backbone.*` keys (UniMatch: under `model`, `module.` prefixes)",
+                   detect=is_unimatch_state_dict, unwrap=unchanged, build=_from_deeplabv3plus)
+register_converter("deep_backbone", layout="bare deep-stem ResNet keys, `conv1.0.weight` (maybe `fc.*`)",
+                   detect=is_deep_backbone, unwrap=backbone_state_dict, build=_from_backbone("deep_backbone"))
+register_converter("torchvision", layout="bare torchvision ResNet keys, `conv1.weight` (maybe `fc.*`)",
+                   detect=is_torchvision_backbone, unwrap=backbone_state_dict, build=_from_backbone("torchvision"))

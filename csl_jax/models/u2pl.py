@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from csl_jax.models.converters import register_converter
 from csl_jax.models.layers import BatchNorm, Dropout2d, conv, resize_align_corners
 from csl_jax.models.registry import compute_dtype, register_model
 from csl_jax.models.resnet import ResNet
@@ -232,7 +233,7 @@ def from_u2pl(checkpoint: Mapping[str, Any], num_classes: int = 21, network: str
     rep_dim are read from the decoder's weights; other U2PLDeepLabV3Plus fields (depth, width,
     blocks, output_stride, aspp_rates, ...) are keyword arguments. Every variable must be present.
     """
-    from csl_jax.models import convert
+    from csl_jax.models import convert  # here, not at import: see csl_jax.models.converters
 
     sd, _ = u2pl_state_dict(checkpoint, network)
     model_kwargs.setdefault("aux", any(k.startswith("auxor.") for k in sd))
@@ -249,3 +250,5 @@ def from_u2pl(checkpoint: Mapping[str, Any], num_classes: int = 21, network: str
 
 
 register_model("u2pl", build_u2pl)
+register_converter("u2pl", layout="{'teacher_state', 'model_state', ...} or `encoder.*` + `decoder.*` keys",
+                   detect=is_u2pl_checkpoint, unwrap=u2pl_state_dict, build=from_u2pl, raw=True)

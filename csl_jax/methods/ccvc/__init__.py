@@ -35,7 +35,9 @@ from csl_jax.data import StreamSpec
 from csl_jax.data.pipeline import REPEATS
 from csl_jax.methods.base import (Method, StepContext, at_least, check_fields, check_network, check_ranges,
                                   init_network, with_later_fields, within)
-from csl_jax.methods.parts import ccvc_losses, losses, passes, views
+from csl_jax.methods.ccvc import losses as ccvc_losses
+from csl_jax.methods.parts import losses as shared_losses
+from csl_jax.methods.parts import passes, views
 from csl_jax.models.ccvc import BRANCHES
 from csl_jax.parallel import AXIS
 
@@ -142,8 +144,8 @@ class CCVC(Method):
     def _pair_loss(self, out, labels, weights, ignore):
         """(loss teaching branch 2 with branch 1's labels, loss teaching branch 1 with branch 2's)."""
         def ce(logits, k):
-            return losses.weighted_unlabeled_ce(logits, labels[k], weights[k], ignore,
-                                                group_size=self.config.loss.group_size, axis_name=AXIS)
+            return shared_losses.weighted_unlabeled_ce(logits, labels[k], weights[k], ignore,
+                                                       group_size=self.config.loss.group_size, axis_name=AXIS)
 
         return ce(out["logits_branch2"], 0), ce(out["logits_branch1"], 1)
 

@@ -37,7 +37,10 @@ from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
 from csl_jax.methods.base import (BOOLEAN, Method, StepContext, above, at_least, check_fields, check_network,
                                   check_ranges, init_network, whole_at_least, within)
-from csl_jax.methods.parts import css_data, css_losses, css_targets, passes, teacher, u2pl_contrastive
+from csl_jax.methods.css import data as css_data
+from csl_jax.methods.css import losses as css_losses
+from csl_jax.methods.css import targets as css_targets
+from csl_jax.methods.parts import passes, resize, teacher
 from csl_jax.parallel import AXIS
 
 NAME = "css"
@@ -182,7 +185,7 @@ class CSS(Method):
 
         # 4. prototypes from the global batch
         small = out_l["rep"].shape[1:3]
-        down = lambda m: u2pl_contrastive.downsample_nearest(m, small)  # noqa: E731
+        down = lambda m: resize.downsample_nearest(m, small)  # noqa: E731
         y_l, y_u = down(lab["label"]), down(targets["y_cls"])
         cls_l = jnp.where(y_l != IGNORE_INDEX, y_l, c)
         cls_u = jnp.where(down(targets["c_cls"]) >= o.weak_threshold, y_u, c)

@@ -11,8 +11,8 @@ One step, per device, in loss groups of g labeled + g unlabeled images (`config.
   3. student train pass on [x; u~] (pred and rep at stride 4, logits upsampled);
   4. teacher train pass on [x; u~] without gradient (its BN statistics move): P_T, r_T at
      stride 4, H = entropy of its upsampled softmax on u~;
-  5. L = L_sup + L_u + contrastive_weight * L_c (u2pl_unsup, u2pl_contrastive); the keys of the
-     high-entropy pixels of every group are written into the class-wise bank (u2pl_queue) in
+  5. L = L_sup + L_u + contrastive_weight * L_c (u2pl/unsup.py, u2pl/contrastive.py); the keys of the
+     high-entropy pixels of every group are written into the class-wise bank (u2pl/queue.py) in
      global group order before the negatives are drawn.
 - teacher params (`after_update`, i = the step just done, L steps per epoch): unchanged while
   i < L E0 - 1, the student's copy while i < L (E0 + 1), then EMA with
@@ -41,8 +41,11 @@ from csl_jax.data import StreamSpec
 from csl_jax.data.pipeline import REPEATS
 from csl_jax.methods.base import (Method, StepContext, above, at_least, check_fields, check_network, check_ranges,
                                   init_network, whole_at_least, with_later_fields, within)
-from csl_jax.methods.parts import passes, u2pl_contrastive, u2pl_queue, u2pl_unsup
-from csl_jax.methods.parts import u2pl_data  # noqa: F401  (registers the 'u2pl' geometry and 'u2pl_box' view)
+from csl_jax.methods.parts import passes, resize
+from csl_jax.methods.u2pl import contrastive as u2pl_contrastive
+from csl_jax.methods.u2pl import data as u2pl_data  # noqa: F401  (registers the 'u2pl' geometry and 'u2pl_box' view)
+from csl_jax.methods.u2pl import queue as u2pl_queue
+from csl_jax.methods.u2pl import unsup as u2pl_unsup
 from csl_jax.models.layers import resize_align_corners
 from csl_jax.parallel import AXIS
 
@@ -385,7 +388,7 @@ class U2PL(Method):
 
 def downsample(x, size):
     """Legacy-nearest downsampling of (B, H, W) masks / labels to the stride-4 grid."""
-    return u2pl_contrastive.downsample_nearest(x, size)
+    return resize.downsample_nearest(x, size)
 
 
 def _expand(mask, like):

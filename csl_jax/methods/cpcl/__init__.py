@@ -32,8 +32,9 @@ from csl_jax.config_checks import is_number
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
 from csl_jax.methods.base import Method, StepContext, at_least, check_fields, check_network, check_ranges, init_network
-from csl_jax.methods.parts import cpcl_data  # noqa: F401  (registers the 'cpcl' geometry and 'cpcl_mask' view)
-from csl_jax.methods.parts import cpcl_losses, passes
+from csl_jax.methods.cpcl import data as cpcl_data  # noqa: F401  (registers the 'cpcl' geometry and 'cpcl_mask' view)
+from csl_jax.methods.cpcl import losses as cpcl_losses
+from csl_jax.methods.parts import passes
 from csl_jax.models.cpcl import BRANCHES
 from csl_jax.parallel import AXIS
 
