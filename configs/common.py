@@ -20,6 +20,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # --- model (csl_jax/models, docs/models.md) ---
     c.model = ml_collections.ConfigDict()
     c.model.name = "deeplabv3plus"  # csl_jax.models registry
+    # 'resnet' (model.depth, model.stem) | 'xception65' (UniMatch V1's COCO backbone, docs/models.md "Xception-65")
+    c.model.backbone = "resnet"
     c.model.depth = 101
     c.model.stem = "deep"
     c.model.output_stride = 16

@@ -18,23 +18,13 @@ F = torch.nn.functional
 from csl_jax.models import DeepLabV3Plus  # noqa: E402
 from csl_jax.models import convert  # noqa: E402
 from csl_jax.models.convert import from_unimatch, load_pretrained  # noqa: E402
+from tests.helpers import torch_reference  # noqa: E402
+from tests.helpers.torch_reference import randomise_bn  # noqa: E402,F401  (used here and by other tests)
 
 TINY = dict(width=8, blocks=(1, 1, 2, 3), head_width=16, reduce_width=8)
 
 
 # ----------------------------------------------------------------------------- PyTorch reference
-def randomise_bn(model, gen):
-    """Random affine parameters and running statistics in every BatchNorm2d of `model` (in place)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, tnn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
-                m.bias.copy_(0.1 * torch.randn(c, generator=gen))
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
-
-
 class TorchBottleneck(tnn.Module):
     def __init__(self, inplanes, planes, stride, dilation, downsample):
         super().__init__()
@@ -146,16 +136,8 @@ class TorchDeepLab(tnn.Module):
 
 def _randomised(num_classes=5, seed=0, **kw):
     """Tiny torch model with random weights, random BN stats and logits of std ~1."""
-    torch.manual_seed(seed)
-    model = TorchDeepLab(num_classes, **kw)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        randomise_bn(model, gen)
-        model.eval()
-        std = model(torch.randn(2, 3, 65, 65, generator=gen)).std()
-        model.classifier.weight /= std
-        model.classifier.bias /= std
-    return model
+    return torch_reference.randomised_eval(lambda: TorchDeepLab(num_classes, **kw), seed,
+                                           lambda model, x: [(model, model(x))])
 
 
 def _images(size, batch=2, seed=0):

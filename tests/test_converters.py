@@ -22,7 +22,8 @@ A = np.zeros((1,), np.float32)  # detection and unwrapping read the keys only
 
 
 def test_the_detection_order_is_explicit_and_agrees_with_the_registry_and_kinds():
-    assert DETECTION_ORDER == ("u2pl", "css", "csl", "unimatch", "cpcl", "ccvc", "deep_backbone", "torchvision")
+    assert DETECTION_ORDER == ("u2pl", "css", "csl", "unimatch_xception", "unimatch", "cpcl", "ccvc", "xception",
+                               "deep_backbone", "torchvision")
     assert [c.kind for c in convert.converters_in_order()] == list(DETECTION_ORDER)
     assert sorted(CONVERTERS) == sorted(DETECTION_ORDER)
     assert sorted(convert.KINDS) == sorted(("auto", "flax") + DETECTION_ORDER)
@@ -35,6 +36,8 @@ def test_the_detection_order_is_explicit_and_agrees_with_the_registry_and_kinds(
     assert (CONVERTERS["cpcl"].detect, CONVERTERS["cpcl"].build) == (cpcl.is_cpcl_state_dict, cpcl.from_cpcl)
     assert (CONVERTERS["ccvc"].detect, CONVERTERS["ccvc"].build) == (ccvc.is_ccvc_state_dict, ccvc.from_ccvc)
     assert CONVERTERS["csl"].detect is registry.is_csl_state_dict
+    assert (CONVERTERS["xception"].detect, CONVERTERS["unimatch_xception"].detect) == (
+        registry.is_xception_backbone, registry.is_unimatch_xception_state_dict)
     assert isinstance(CONVERTERS["unimatch"], converters.Converter)
 
 
@@ -74,6 +77,16 @@ LAYOUTS = {
                       ["fc.bias", "fc.weight"]),
     "torchvision": ({"conv1.weight": A, "bn1.running_var": A, "fc.weight": A}, "torchvision",
                     {"backbone.conv1.weight", "backbone.bn1.running_var"}, ["fc.weight"]),
+    # UniMatch's ImageNet xception.pth: bare keys with `conv1.weight` too; UniMatch drops 'itr'/'tmp'/'track' keys
+    "xception": ({"conv1.weight": A, "block1.sepconv1.depthwise.weight": A,
+                  "block1.sepconv1.bn1.num_batches_tracked": A, "block1.itr": A, "tmp.weight": A}, "xception",
+                 {"backbone.conv1.weight", "backbone.block1.sepconv1.depthwise.weight",
+                  "backbone.block1.sepconv1.bn1.num_batches_tracked"}, ["block1.itr", "tmp.weight"]),
+    "unimatch_xception": ({"model": {"module.backbone.block1.sepconv1.depthwise.weight": A,
+                                     "module.backbone.conv1.weight": A, "module.head.b0.0.weight": A},
+                           "optimizer": {}, "epoch": 29, "previous_best": 31.86},
+                          "unimatch_xception", {"backbone.block1.sepconv1.depthwise.weight", "backbone.conv1.weight",
+                                                "head.b0.0.weight"}, []),
 }
 
 
@@ -91,14 +104,19 @@ def _accepting(checkpoint):
     return [c.kind for c in convert.converters_in_order() if c.detect(dict(checkpoint) if c.raw else selected)]
 
 
+#: kind -> the later kinds that accept its files too
+OVERLAPS = {"cpcl": ["ccvc"], "unimatch_xception": ["unimatch"], "xception": ["torchvision"]}
+
+
 def test_the_order_decides_where_layouts_overlap():
-    """CPCL files also have CCVC's `branch1.backbone.*` keys: cpcl is asked first. Every other layout is
-    accepted by its own kind only. (U2PL and CSS read the file as loaded: they pick the teacher, where the
-    generic selection would take CSS's student `model`; LAYOUTS expects the teacher's keys.)"""
+    """CPCL files also have CCVC's `branch1.backbone.*` keys, UniMatch Xception models UniMatch's `backbone.*`
+    and ImageNet Xception files torchvision's `conv1.weight`: the specific kind is asked first. Every other
+    layout is accepted by its own kind only. (U2PL and CSS read the file as loaded: they pick the teacher,
+    where the generic selection would take CSS's student `model`; LAYOUTS expects the teacher's keys.)"""
     for name, (checkpoint, kind, _, _) in LAYOUTS.items():
         accepted = _accepting(checkpoint)
         assert accepted[0] == kind, name
-        assert accepted == (["cpcl", "ccvc"] if kind == "cpcl" else [kind]), name
+        assert accepted == [kind] + OVERLAPS.get(kind, []), name
 
 
 def test_an_unknown_layout_names_the_kinds_in_order_and_its_first_keys():
@@ -106,7 +124,7 @@ def test_an_unknown_layout_names_the_kinds_in_order_and_its_first_keys():
     with pytest.raises(ValueError, match="cannot recognise the checkpoint layout") as error:
         unwrap_state_dict(checkpoint)
     message = str(error.value)
-    positions = [message.index(f"{kind}: ") for kind in DETECTION_ORDER]
+    positions = [re.search(rf"(?<!\w){kind}: ", message).start() for kind in DETECTION_ORDER]  # whole names
     assert positions == sorted(positions)
     assert "`model.backbone.*`" in message and "`branch1.head.aspp.map_convs.*`" in message
     assert message.endswith(f"first keys: {[f'k{i}.weight' for i in range(8)]}")  # `module.` prefixes removed

@@ -333,7 +333,7 @@ def test_unknown_names_and_missing_paths_are_clear(cache, tmp_path):
     with pytest.raises(ValueError, match=r"'xyz:abc' is not a registered weights name; registered: "
                                          r"\['imagenet:resnet101', 'imagenet:resnet101_u2pl', "
                                          r"'imagenet:resnet101_v1c', 'imagenet:resnet50', 'imagenet:resnet50_v1c', "
-                                         r"'torchvision:resnet101', 'torchvision:resnet50'\]"):
+                                         r"'imagenet:xception65', 'torchvision:resnet101', 'torchvision:resnet50'\]"):
         pretrained.resolve_init(tiny_model_config("xyz:abc"))
     missing = tmp_path / "nope.pth"
     with pytest.raises(FileNotFoundError, match=f"no such file {re.escape(str(missing))}; give 'none', 'imagenet'"):

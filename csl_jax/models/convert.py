@@ -8,7 +8,9 @@ checkpoints ('csl': `state_dict` with `model.backbone.*` / `model.decoder.*`) an
 `teacher_state` (converted) / `model_state` with `encoder.*`, `decoder.*`, `auxor.*`; csl_jax.models.u2pl)
 and CSS checkpoints ('css': `ema_model` (converted) / `model` with `resnet_*`, `ASPP.*`, `project.*`,
 `classifier.*`, `representation.*`; csl_jax.models.css) and CPCL checkpoints ('cpcl': `model` with
-`branch1.head.aspp.map_convs.*` ...; csl_jax.models.cpcl.from_cpcl).
+`branch1.head.aspp.map_convs.*` ...; csl_jax.models.cpcl.from_cpcl), and with the Xception-65
+backbone UniMatch's ImageNet file ('xception', bare `block1.sepconv1.depthwise.weight` ...) and
+trained UniMatch models ('unimatch_xception', `backbone.block1.sepconv1.*` ...).
 
 Each layout is a Converter (csl_jax.models.converters) registered by the module of its model;
 this module holds the generic steps (state-dict selection, key -> Flax path, merging, files), the
@@ -41,8 +43,9 @@ from csl_jax.models import torch_pickle
 from csl_jax.models.converters import CONVERTERS, RESERVED, Converter, register_converter  # noqa: F401 (public)
 from csl_jax.models.deeplabv3plus import DeepLabV3Plus
 
-KINDS = ("auto", "deep_backbone", "torchvision", "unimatch", "csl", "ccvc", "u2pl", "css", "cpcl", "flax")
-BACKBONE_KINDS = ("deep_backbone", "torchvision")
+KINDS = ("auto", "deep_backbone", "torchvision", "unimatch", "csl", "ccvc", "u2pl", "css", "cpcl",
+         "xception", "unimatch_xception", "flax")
+BACKBONE_KINDS = ("deep_backbone", "torchvision", "xception")
 #: The order in which unwrap_state_dict(kind='auto') asks each kind's Converter.detect; the first
 #: that accepts the checkpoint names its layout. 'u2pl' and 'css' read the checkpoint as loaded
 #: (their files hold two networks, {'teacher_state', 'model_state'} / {'ema_model', 'model'}, and
@@ -50,12 +53,15 @@ BACKBONE_KINDS = ("deep_backbone", "torchvision")
 #: selected from it (its `state_dict` or `model` entry, `module.` prefixes removed), checked by key
 #: prefix from the most specific to the most general: 'csl' (`model.backbone.*`) before 'unimatch'
 #: (`backbone.*`); 'cpcl' (`branch1.head.aspp.map_convs.*`) before 'ccvc' (`branch1.backbone.*`,
-#: which CPCL files also have); the bare backbones last ('deep_backbone' `conv1.0.weight`,
+#: which CPCL files also have); 'unimatch_xception' (`backbone.block1.sepconv1.depthwise.weight`)
+#: before 'unimatch'; the bare backbones last, 'xception' (`block1.sepconv1.depthwise.weight`; its
+#: files have `conv1.weight` too) before the ResNets ('deep_backbone' `conv1.0.weight`,
 #: 'torchvision' `conv1.weight`). A new kind goes before every kind whose keys its files also have:
 #: UniMatch V2 (DINOv2 encoder, `backbone.*` keys) right before 'unimatch'. Every kind here is a
 #: registered converter and every registered converter is here (checked at the first conversion),
 #: and KINDS lists them all.
-DETECTION_ORDER = ("u2pl", "css", "csl", "unimatch", "cpcl", "ccvc", "deep_backbone", "torchvision")
+DETECTION_ORDER = ("u2pl", "css", "csl", "unimatch_xception", "unimatch", "cpcl", "ccvc", "xception", "deep_backbone",
+                   "torchvision")
 Path = Tuple[str, ...]  # (collection, module, ..., leaf)
 
 if sorted(KINDS) != sorted(RESERVED + DETECTION_ORDER):
@@ -258,17 +264,21 @@ def from_unimatch(state_dict: Mapping[str, Any], num_classes: int = 21, depth: i
                   **model_kwargs) -> Tuple[DeepLabV3Plus, Dict[str, Any]]:
     """Build a DeepLabV3Plus and its variables from a UniMatch/CSL checkpoint (or its state dict).
 
-    The stem ('deep' / 'torchvision') is read from the keys; other DeepLabV3Plus fields (width, blocks,
+    The backbone (ResNet, or Xception-65 for a 'unimatch_xception' checkpoint) and the ResNet stem
+    ('deep' / 'torchvision') are read from the keys; other DeepLabV3Plus fields (width, blocks,
     multi_grid, maxpool_ceil, dtype, ...) can be passed as keyword arguments.
     Returns (model, {'params', 'batch_stats'}) of float32 NumPy arrays (the model's apply gives
     (logits, out)); every variable must be present. Output stride and ASPP rates do not change
     the variables, only the model.
     """
     sd, kind, _ = unwrap_state_dict(state_dict)
-    if kind not in ("unimatch", "csl"):
+    if kind not in ("unimatch", "csl", "unimatch_xception"):
         raise ValueError(f"from_unimatch expects a full DeepLabV3Plus checkpoint, got a {kind!r} "
                          "backbone file; use load_pretrained to load it into initialised variables")
-    model_kwargs.setdefault("stem", _infer_stem(sd))
+    if kind == "unimatch_xception":
+        model_kwargs.setdefault("backbone_arch", "xception65")
+    else:
+        model_kwargs.setdefault("stem", _infer_stem(sd))
     model = DeepLabV3Plus(num_classes=num_classes, depth=depth, output_stride=output_stride,
                           aspp_rates=tuple(aspp_rates), **model_kwargs)
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
@@ -281,14 +291,15 @@ def from_unimatch(state_dict: Mapping[str, Any], num_classes: int = 21, depth: i
 def from_backbone(checkpoint: Mapping[str, Any], kind: str = "auto", num_classes: int = 21, depth: int = 101,
                   width: int = 64, blocks: Optional[Tuple[int, ...]] = None) -> Tuple[DeepLabV3Plus, Dict[str, Any]]:
     """(DeepLabV3Plus, its `backbone` variables) from an ImageNet ResNet file ('deep_backbone' or
-    'torchvision', the stem of the same name); every backbone variable must be present and of the
-    shape of a model of this depth/width/blocks.
+    'torchvision', the stem of the same name) or UniMatch's Xception-65 file ('xception'); every
+    backbone variable must be present and of the shape of a model of this depth/width/blocks.
     What the CLI writes for a backbone kind."""
     sd, kind, _ = unwrap_state_dict(checkpoint, kind)
     if kind not in BACKBONE_KINDS:
         raise ValueError(f"from_backbone expects an ImageNet backbone file ({BACKBONE_KINDS}), got a {kind!r} one")
     model = DeepLabV3Plus(num_classes=num_classes, depth=depth, width=width, blocks=blocks,
-                          stem="torchvision" if kind == "torchvision" else "deep")
+                          stem="torchvision" if kind == "torchvision" else "deep",
+                          backbone_arch="xception65" if kind == "xception" else "resnet")
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False))
     backbone = {k: v for k, v in _flatten_variables(abstract).items() if k[1] == "backbone"}
     variables, _ = merge_variables(traverse_util.unflatten_dict(backbone), convert_state_dict(sd), False)
@@ -336,7 +347,7 @@ def main(argv: Optional[list] = None) -> Dict[str, Any]:
     parser.add_argument("--depth", type=int, default=101)
     parser.add_argument("--width", type=int, default=64, help="base width (64; smaller for test models)")
     parser.add_argument("--blocks", type=lambda t: tuple(int(b) for b in t.split(",")), default=None,
-                        help="blocks per layer, e.g. 3,4,23,3 (overrides --depth)")
+                        help="blocks per layer, e.g. 3,4,23,3 (overrides --depth); Xception: middle-flow blocks")
     args = parser.parse_args(argv)
 
     checkpoint = load_file(args.src)

@@ -10,7 +10,8 @@ A model module registers the converter of its official checkpoints at import, be
 
 csl_jax.models.convert (unwrap_state_dict, load_pretrained, the CLI) looks the kinds up here and
 tries them in its explicit `DETECTION_ORDER`; a kind must be registered here and placed there.
-The DeepLabV3Plus kinds (deep_backbone, torchvision, unimatch, csl) are registered in
+The DeepLabV3Plus kinds (deep_backbone, torchvision, unimatch, csl, and for the Xception-65 backbone
+xception, unimatch_xception) are registered in
 csl_jax.models.registry, each variant's in its module (u2pl.py, css.py, cpcl.py, ccvc.py), all at
 `import csl_jax.models`.
 

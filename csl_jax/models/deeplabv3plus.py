@@ -1,7 +1,9 @@
 """DeepLabV3+ in the UniMatch layout (also CSL, CCVC), with UniMatch/CSL feature perturbation.
 
 Parameter tree (PyTorch key -> Flax path, numeric indices joined with '_'):
-  backbone.*               -> backbone/...            (csl_jax.models.resnet.ResNet)
+  backbone.*               -> backbone/...            (csl_jax.models.resnet.ResNet, or with
+                                                       backbone_arch='xception65'
+                                                       csl_jax.models.xception.Xception65)
   head.b{0..3}.{0,1}       -> head/b{i}_{0,1}         (ASPP branches: conv, BN)
   head.b4.gap.{1,2}        -> head/b4/gap_{1,2}       (image pooling: conv, BN)
   head.project.{0,1}       -> head/project_{0,1}
@@ -18,8 +20,11 @@ import jax.numpy as jnp
 
 from csl_jax.models.layers import BatchNorm, Dropout2d, conv, resize_align_corners
 from csl_jax.models.resnet import ResNet
+from csl_jax.models.xception import MIDDLE_BLOCKS, Xception65
 
 FP_DROPOUT_RATE = 0.5
+#: `backbone_arch` values (`config.model.backbone`): the ResNet of `depth`/`stem`, or Xception-65.
+BACKBONES = ("resnet", "xception65")
 
 
 class ASPPPooling(nn.Module):
@@ -72,6 +77,12 @@ class ASPP(nn.Module):
 class DeepLabV3Plus(nn.Module):
     """DeepLabV3+ (UniMatch layout): ResNet -> ASPP on c4, 48-ch reduce on c1, fuse, classifier.
 
+    `backbone_arch='xception65'` puts UniMatch's Xception-65 in place of the ResNet (c1 = block2's
+    pre-activation 256-ch feature at stride 4, c4 = conv5's 2048 ch, no c3); the head is the same.
+    Its `width` scales every Xception channel count by width / 64, `blocks` is None (16 middle-flow
+    blocks) or (n,) (n of them); depth, stem, multi_grid and maxpool_ceil are ResNet fields (the
+    last two must stay False).
+
     Variants reuse the stages through `encode`, `decoder_features` (= `decoder_concat` then
     `decoder_fuse`) and `classify` (call them from a subclass's `@nn.compact __call__`; e.g. a
     representation head reading the fused features, or a mapping between concat and fuse).
@@ -92,14 +103,33 @@ class DeepLabV3Plus(nn.Module):
     param_dtype: Any = jnp.float32
     bn_axis_name: Optional[str] = None
     remat: bool = False
+    backbone_arch: str = "resnet"
 
-    def encode(self, x: jax.Array, train: bool) -> Tuple[jax.Array, jax.Array, jax.Array]:
-        """Backbone: (B, H, W, 3) float32 -> (c1, c3, c4) in the compute dtype."""
+    def encode(self, x: jax.Array, train: bool) -> Tuple[jax.Array, Optional[jax.Array], jax.Array]:
+        """Backbone: (B, H, W, 3) float32 -> (c1, c3, c4) in the compute dtype (c3 None for Xception)."""
+        if self.backbone_arch == "xception65":
+            return self._encode_xception(x, train)
+        if self.backbone_arch != "resnet":
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone_arch!r}")
         return ResNet(depth=self.depth, stem=self.stem, output_stride=self.output_stride,
                       multi_grid=self.multi_grid, maxpool_ceil=self.maxpool_ceil, width=self.width,
                       blocks=self.blocks, dtype=self.dtype, param_dtype=self.param_dtype,
                       bn_axis_name=self.bn_axis_name, remat=self.remat,
                       name="backbone")(x.astype(self.dtype), train)
+
+    def _encode_xception(self, x: jax.Array, train: bool) -> Tuple[jax.Array, None, jax.Array]:
+        """Xception-65: (B, H, W, 3) float32 -> (c1, None, c4) in the compute dtype."""
+        if self.multi_grid or self.maxpool_ceil:
+            raise ValueError("backbone 'xception65' has no multi_grid or maxpool_ceil (ResNet fields); got "
+                             f"multi_grid={self.multi_grid}, maxpool_ceil={self.maxpool_ceil}")
+        if self.blocks is not None and len(self.blocks) != 1:
+            raise ValueError(f"backbone 'xception65' takes blocks=None (16 middle-flow blocks) or (n,) (n of them), "
+                             f"got {self.blocks}")
+        middle = MIDDLE_BLOCKS if self.blocks is None else int(self.blocks[0])
+        c1, c4 = Xception65(output_stride=self.output_stride, width=self.width, middle_blocks=middle,
+                            dtype=self.dtype, param_dtype=self.param_dtype, bn_axis_name=self.bn_axis_name,
+                            remat=self.remat, name="backbone")(x.astype(self.dtype), train)
+        return c1, None, c4
 
     def decoder_features(self, c1: jax.Array, c4: jax.Array,
                          train: bool) -> Tuple[jax.Array, jax.Array]:

@@ -153,18 +153,20 @@ class Dropout2d(nn.Module):
 def conv(features: int, kernel_size: int, *, stride: int = 1, dilation: int = 1,
          use_bias: bool = False, name: str, dtype: Dtype = jnp.float32,
          param_dtype: Dtype = jnp.float32,
-         kernel_init: Any = torch_default_init) -> nn.Conv:
+         kernel_init: Any = torch_default_init, feature_group_count: int = 1) -> nn.Conv:
     """A square NHWC conv with PyTorch padding p = dilation * (kernel_size - 1) / 2 (never 'SAME').
 
-    Kernel (k, k, in, features) HWIO, the transpose of PyTorch's OIHW weight.
+    Kernel (k, k, in / feature_group_count, features) HWIO, the transpose of PyTorch's OIHW weight
+    (`feature_group_count` = PyTorch's `groups`; = in = features for a depthwise conv).
     """
     if kernel_size % 2 != 1:
         raise ValueError(f"conv {name!r}: only odd kernel sizes are supported, got {kernel_size}")
     p = dilation * (kernel_size - 1) // 2
     return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
                    padding=((p, p), (p, p)), kernel_dilation=(dilation, dilation),
-                   use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                   kernel_init=kernel_init, bias_init=nn.initializers.zeros, name=name)
+                   feature_group_count=feature_group_count, use_bias=use_bias, dtype=dtype,
+                   param_dtype=param_dtype, kernel_init=kernel_init, bias_init=nn.initializers.zeros,
+                   name=name)
 
 
 def max_pool_3x3_s2(x: jax.Array, ceil_mode: bool = False) -> jax.Array:

@@ -4,7 +4,8 @@
 
     'none' (or '')          random init
     'imagenet'              the ImageNet ResNet of model.depth for model.stem: 'imagenet:resnet{50,101}'
-                            (deep stem) or 'torchvision:resnet{50,101}' (torchvision stem)
+                            (deep stem) or 'torchvision:resnet{50,101}' (torchvision stem);
+                            'imagenet:xception65' for model.backbone='xception65'
     'imagenet:resnet101'    a registered name (REGISTRY; `register_weights` adds one)
     '/weights/r101.pth'     a file: a PyTorch .pth (read without torch: csl_jax.models.torch_pickle) or a
                             converted .msgpack/.npz (csl_jax.models.convert)
@@ -151,6 +152,12 @@ register_weights("imagenet:resnet101_v1c", kind="deep_backbone", filename="resne
 register_weights("imagenet:resnet101_u2pl", kind="deep_backbone", filename="resnet101_u2pl.pth",
                  description="ImageNet ResNet-101, deep stem (U2PL backbone)", **_google_drive(
                      "1nzSX8bX3zoRREn6WnoEeAPbKYPPOa-3Y"))
+# UniMatch's ImageNet Xception-65 (README "Pretrained Backbone", loaded as pretrained/xception.pth by
+# model/backbone/xception.py): TF DeepLab's ImageNet Xception-65 converted by YudeWang/deeplabv3plus-pytorch
+# (the same Google Drive id, "xception_pytorch_imagenet"). No checksum is published: trusted on first use.
+register_weights("imagenet:xception65", kind="xception", filename="xception.pth",
+                 description="ImageNet Xception-65 (UniMatch V1 COCO backbone)", **_google_drive(
+                     "1_j_mE07tiV24xXOJw4XDze0-a0NAhNVi"))
 # torchvision's IMAGENET1K_V1 weights (torchvision.models.ResNet{50,101}_Weights); the 8 hex
 # digits in the file names are the start of their sha256.
 register_weights("torchvision:resnet50", kind="torchvision", filename="resnet50-0676ba61.pth",
@@ -178,16 +185,20 @@ def imagenet_name(model_cfg: ml_collections.ConfigDict) -> str:
     """The registered name `init_from='imagenet'` stands for: by model.stem and model.depth.
 
     Refuses a narrowed model (model.width != 64 or model.blocks set), which no ImageNet file fits.
+    With model.backbone='xception65': 'imagenet:xception65' (stem and depth are ResNet fields).
     """
+    xception = model_cfg.get("backbone", "resnet") == "xception65"
     stem, depth = model_cfg.get("stem", "deep"), model_cfg.get("depth", 101)
     family = {"deep": "imagenet", "torchvision": "torchvision"}.get(stem)
-    if family is None:
+    if family is None and not xception:
         raise ValueError(f"config.model.init_from='imagenet' needs model.stem 'deep' or 'torchvision', got {stem!r}")
     width, blocks = model_cfg.get("width", 64), model_cfg.get("blocks", None)
     if width != 64 or blocks is not None:
         raise ValueError(f"config.model.init_from='imagenet': the ImageNet ResNets fit only full-size models "
                          f"(model.width=64, model.blocks=None), not width={width}, blocks={blocks}; set "
                          "--config.model.init_from=none to train this model from random weights")
+    if xception:
+        return "imagenet:xception65"
     name = f"{family}:resnet{depth}"
     if name not in REGISTRY:
         raise ValueError(f"config.model.init_from='imagenet': no ImageNet weights for model.depth={depth} "
@@ -288,6 +299,24 @@ def _mismatch(record: WeightsRecord, sha256: str) -> bool:
 
 #: ResNet blocks per stage, by depth (what a backbone file of a registered 'resnetNN' name must hold).
 RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+#: Xception-65's blocks (entry 1-3, middle 4-19, exit 20), each with sepconv1-3, and its exit convs.
+XCEPTION_BLOCKS = 20
+XCEPTION_CONVS = ("conv3", "conv4", "conv5")
+
+
+def _xception_error(state_dict: dict) -> str | None:
+    """What an 'xception' file lacks: blocks 1-20 (keys backbone.block<k>.*, no more), each with the 4-d
+    depthwise and pointwise weights of sepconv1-3, and conv3-5's; None when it has them all."""
+    found = {int(m[1]) for k in state_dict if (m := re.match(r"backbone\.block(\d+)\.", k))}
+    if found != set(range(1, XCEPTION_BLOCKS + 1)):
+        return (f"it has blocks {sorted(found)}, an Xception-65 has blocks 1..{XCEPTION_BLOCKS} "
+                "(keys backbone.block<k>.*)")
+    needed = [f"block{k}.sepconv{j}" for k in range(1, XCEPTION_BLOCKS + 1) for j in (1, 2, 3)]
+    for module in needed + list(XCEPTION_CONVS):
+        for conv in ("depthwise", "pointwise"):
+            if np.ndim(state_dict.get(f"backbone.{module}.{conv}.weight")) != 4:
+                return f"backbone.{module}.{conv}.weight is missing or not a 4-d conv kernel"
+    return None
 
 
 def validation_error(record: WeightsRecord, path: str) -> str | None:
@@ -295,12 +324,15 @@ def validation_error(record: WeightsRecord, path: str) -> str | None:
 
     Checks: it reads as a torch.save file (no code runs, `torch_pickle`); its state dict has the
     layout of `record.kind`; for a backbone whose name says 'resnet50' / 'resnet101', every block
-    of the four stages is there and no more, each with a 4-d conv1 weight.
+    of the four stages is there and no more, each with a 4-d conv1 weight; for an 'xception' file,
+    Xception-65's 20 blocks and no more, with the 4-d kernels of every separable conv.
     """
     try:
         state_dict, _, _ = convert.unwrap_state_dict(convert.load_file(path), record.kind)
     except (ValueError, OSError, TypeError) as error:
         return str(error)
+    if record.kind == "xception":
+        return _xception_error(state_dict)
     depth = re.search(r"resnet(\d+)", record.name)
     if record.kind not in ("deep_backbone", "torchvision") or not depth or int(depth[1]) not in RESNET_BLOCKS:
         return None

@@ -6,7 +6,9 @@ A builder is `builder(model_cfg, num_classes, bn_axis_name) -> nn.Module`; the m
 
 The default model, DeepLabV3Plus, is registered here, and so are the converters of its checkpoint
 layouts (csl_jax.models.converters): ImageNet ResNets ('deep_backbone', 'torchvision') and trained
-UniMatch ('unimatch') and CSL ('csl') models. Each variant registers its own in its module.
+UniMatch ('unimatch') and CSL ('csl') models, and with the Xception-65 backbone
+(`config.model.backbone='xception65'`) UniMatch's ImageNet file ('xception') and trained UniMatch
+models ('unimatch_xception'). Each variant registers its own in its module.
 """
 from __future__ import annotations
 
@@ -17,10 +19,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from csl_jax.models.converters import register_converter, unchanged
-from csl_jax.models.deeplabv3plus import DeepLabV3Plus
+from csl_jax.models.deeplabv3plus import BACKBONES, DeepLabV3Plus
 
 DEFAULT_MODEL = "deeplabv3plus"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+#: `config.model` fields added after runs were saved, with the value that rebuilds such a run's model
+#: (a config.json without them resumes and evaluates as before: csl_jax.workdir.later_defaults).
+LATER_FIELDS = {"backbone": "resnet"}
 
 Builder = Callable[[ml_collections.ConfigDict, int, Optional[str]], nn.Module]
 
@@ -33,9 +38,20 @@ def compute_dtype(model_cfg: ml_collections.ConfigDict):
     return DTYPES[name]
 
 
+def backbone_arch(model_cfg: ml_collections.ConfigDict) -> str:
+    """`config.model.backbone` ('resnet' when absent, as in configs saved before the field existed)."""
+    name = model_cfg.get("backbone", LATER_FIELDS["backbone"])
+    if name not in BACKBONES:
+        raise ValueError(f"config.model.backbone must be one of {list(BACKBONES)}, got {name!r}")
+    return name
+
+
 def build_deeplabv3plus(model_cfg: ml_collections.ConfigDict, num_classes: int,
                         bn_axis_name: Optional[str] = None) -> DeepLabV3Plus:
-    """DeepLabV3Plus from `config.model` (fields as in configs/common.py); missing fields take its defaults."""
+    """DeepLabV3Plus from `config.model` (fields as in configs/common.py); missing fields take its defaults.
+
+    `model.backbone` ('resnet' | 'xception65') is the module's `backbone_arch`.
+    """
     blocks = model_cfg.get("blocks", None)
     defaults = DeepLabV3Plus.__dataclass_fields__
     fields = ("depth", "stem", "output_stride", "multi_grid", "maxpool_ceil", "width",
@@ -47,6 +63,7 @@ def build_deeplabv3plus(model_cfg: ml_collections.ConfigDict, num_classes: int,
         blocks=None if blocks is None else tuple(blocks),
         dtype=compute_dtype(model_cfg),
         bn_axis_name=bn_axis_name,
+        backbone_arch=backbone_arch(model_cfg),
         **kwargs)
 
 
@@ -71,7 +88,21 @@ def build_model(model_cfg: ml_collections.ConfigDict, num_classes: int,
     name = model_cfg.get("name", DEFAULT_MODEL)
     if name not in MODELS:
         raise ValueError(f"unknown config.model.name {name!r}; registered models: {sorted(MODELS)}")
-    return MODELS[name](model_cfg, num_classes, bn_axis_name)
+    model = MODELS[name](model_cfg, num_classes, bn_axis_name)
+    arch = backbone_arch(model_cfg)
+    if arch != LATER_FIELDS["backbone"] and not _uses_backbone(model, arch):
+        raise ValueError(f"config.model.backbone={arch!r}: model {name!r} does not read it (it builds its own "
+                         "ResNet); use model.backbone='resnet' or a model built on DeepLabV3Plus")
+    return model
+
+
+def _uses_backbone(module: Any, arch: str) -> bool:
+    """Whether `module`, or a module among its fields (two-branch networks), is built with `backbone_arch=arch`."""
+    if getattr(module, "backbone_arch", None) == arch:
+        return True
+    fields = getattr(module, "__dataclass_fields__", {})
+    return any(isinstance(getattr(module, f, None), nn.Module) and _uses_backbone(getattr(module, f), arch)
+               for f in fields if f not in ("parent", "name"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +136,30 @@ def is_torchvision_backbone(state_dict: Mapping[str, Any]) -> bool:
     return "conv1.weight" in state_dict
 
 
+def is_unimatch_xception_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """A UniMatch DeepLabV3Plus with the Xception-65 backbone: `backbone.block1.sepconv1.depthwise.weight`."""
+    return "backbone.block1.sepconv1.depthwise.weight" in state_dict
+
+
+def is_xception_backbone(state_dict: Mapping[str, Any]) -> bool:
+    """UniMatch's ImageNet Xception-65 (pretrained/xception.pth): bare keys, `block1.sepconv1.depthwise.weight`."""
+    return "block1.sepconv1.depthwise.weight" in state_dict
+
+
+#: What UniMatch drops from its ImageNet Xception file before loading it (xception.py:203), besides
+#: `num_batches_tracked` (which every conversion drops): keys containing one of these.
+XCEPTION_FILTERED = ("itr", "tmp", "track")
+
+
+def xception_backbone_state_dict(state_dict: Mapping[str, Any]) -> tuple[Dict[str, Any], list]:
+    """Bare Xception keys under `backbone.`; keys UniMatch filters out (`XCEPTION_FILTERED`) are ignored."""
+    def dropped(k):
+        return any(s in k for s in XCEPTION_FILTERED) and not k.endswith("num_batches_tracked")
+
+    ignored = sorted(k for k in state_dict if dropped(k))
+    return {f"backbone.{k}": v for k, v in state_dict.items() if not dropped(k)}, ignored
+
+
 def backbone_state_dict(state_dict: Mapping[str, Any]) -> tuple[Dict[str, Any], list]:
     """Bare ResNet keys under `backbone.`; the ImageNet classifier `fc.*` is ignored."""
     ignored = sorted(k for k in state_dict if k.startswith("fc."))
@@ -130,6 +185,13 @@ register_converter("csl", layout="Lightning `state_dict` with `model.backbone.*`
                    detect=is_csl_state_dict, unwrap=csl_state_dict, build=_from_deeplabv3plus)
 register_converter("unimatch", layout="`backbone.*` keys (UniMatch: under `model`, `module.` prefixes)",
                    detect=is_unimatch_state_dict, unwrap=unchanged, build=_from_deeplabv3plus)
+register_converter("unimatch_xception", layout="`backbone.block1.sepconv1.depthwise.weight` ... (UniMatch "
+                   "Xception-65 DeepLabV3+: under `model`, `module.` prefixes)",
+                   detect=is_unimatch_xception_state_dict, unwrap=unchanged, build=_from_deeplabv3plus)
+register_converter("xception", layout="bare Xception-65 keys, `block1.sepconv1.depthwise.weight` (UniMatch's "
+                   "ImageNet xception.pth)",
+                   detect=is_xception_backbone, unwrap=xception_backbone_state_dict,
+                   build=_from_backbone("xception"))
 register_converter("deep_backbone", layout="bare deep-stem ResNet keys, `conv1.0.weight` (maybe `fc.*`)",
                    detect=is_deep_backbone, unwrap=backbone_state_dict, build=_from_backbone("deep_backbone"))
 register_converter("torchvision", layout="bare torchvision ResNet keys, `conv1.weight` (maybe `fc.*`)",

@@ -2,9 +2,20 @@
 reference networks in eval mode."""
 
 import torch
+import torch.nn as tnn
 import torch.nn.functional as F
 
-from tests.test_convert_parity import randomise_bn
+
+def randomise_bn(model, gen):
+    """Random affine parameters and running statistics in every BatchNorm2d of `model` (in place)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, tnn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
+                m.bias.copy_(0.1 * torch.randn(c, generator=gen))
+                m.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
 
 
 def prob_ohem(pred, target, thresh, min_kept, weight=None, ignore=255):
