@@ -103,12 +103,17 @@ def _check_split(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_model(config: ml_collections.ConfigDict) -> None:
-    """model.dtype is a known compute dtype; aspp_rates and blocks are tuples of positive ints."""
+    """model.dtype is a known compute dtype, model.backbone a known backbone; aspp_rates and blocks are
+    tuples of positive ints."""
+    from csl_jax.models.deeplabv3plus import BACKBONES
     from csl_jax.models.registry import DTYPES
 
     dtype = _get(config, "model.dtype")
     if dtype is not _MISSING and dtype not in DTYPES:
         raise ValueError(f"config.model.dtype={dtype!r}: must be one of {sorted(DTYPES)}")
+    backbone = _get(config, "model.backbone")
+    if backbone is not _MISSING and backbone not in BACKBONES:
+        raise ValueError(f"config.model.backbone={backbone!r}: must be one of {list(BACKBONES)}")
     _check_int_tuple(config, "model.aspp_rates")
     _check_int_tuple(config, "model.blocks", allow_none=True)
 

@@ -61,6 +61,8 @@ DEMO = "--config=configs/demo.py"
     ([DEMO, "WORKDIR", "--config.optim.total_steps=-5"], ["config.optim.total_steps=-5: must be an int >= 0"]),
     ([DEMO, "WORKDIR", "--config.checkpoint_every_steps=0"], ["config.checkpoint_every_steps=0: must be an int > 0"]),
     ([DEMO, "WORKDIR", "--config.model.dtype=float16"], ["config.model.dtype='float16': must be one of"]),
+    ([DEMO, "WORKDIR", "--config.model.backbone=vgg16"],
+     ["config.model.backbone='vgg16': must be one of ['resnet', 'xception65']"]),
     ([DEMO, "WORKDIR", "--mode=eval"], ["--checkpoint=best: no best model in"]),
     ([DEMO, "WORKDIR", "--mode=eval", "--checkpoint=nope.pth"], ["--checkpoint=nope.pth: no such file"]),
     (["--config=configs/u2pl_cityscapes.py:1_16", "--mode=config"],
