@@ -5,6 +5,10 @@ strong+tmp) against a plain PIL/NumPy re-implementation of UniMatch's `dataset/s
 written below, at crops 321/513/801, on synthetic images of Pascal size (500x375 JPEG) and
 Cityscapes size (2048x1024 PNG). Throughput with W workers is about W times these numbers.
 
+Also measures `data_prep` itself: images/s of preparing a synthetic COCO-like raw folder (640x480 JPEGs,
+an instances JSON with two overlapping polygons and a crowd RLE per image) with masks generated from the
+instances (mode B), with 0 and 2 worker processes (the rate includes starting the workers).
+
     python benchmarks/pipeline.py [--quick] [--out results.json]
 
 Prints one JSON object, then a table.
@@ -12,7 +16,10 @@ Prints one JSON object, then a table.
 import argparse
 import copy
 import json
+import math
 import pathlib
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -22,9 +29,18 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from csl_jax import data
 from csl_jax.constants import IGNORE_INDEX
+from data_prep import coco, common
 
 SIZES = {"pascal": (500, 375, "JPEG", ".jpg"), "cityscapes": (2048, 1024, "PNG", ".png")}
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+def smooth_image(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    """(h, w, 3) uint8: random colours at 1/16 resolution, bilinearly upsampled, plus noise (photo-like JPEG sizes)."""
+    coarse = Image.fromarray(rng.integers(0, 256, (h // 16, w // 16, 3), np.uint8))
+    image = np.asarray(coarse.resize((w, h), Image.BILINEAR))
+    return np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
 
 
 def make_images(folder: pathlib.Path, kind: str, count: int) -> list[tuple[pathlib.Path, pathlib.Path]]:
@@ -33,9 +49,7 @@ def make_images(folder: pathlib.Path, kind: str, count: int) -> list[tuple[pathl
     rng = np.random.default_rng(0)
     pairs = []
     for i in range(count):
-        coarse = Image.fromarray(rng.integers(0, 256, (h // 16, w // 16, 3), np.uint8))
-        image = np.asarray(coarse.resize((w, h), Image.BILINEAR))
-        image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+        image = smooth_image(rng, w, h)
         mask = (image[..., 0] // 16).astype(np.uint8)
         paths = (folder / f"{kind}_{i}{ext}", folder / f"{kind}_{i}_mask.png")
         Image.fromarray(image).save(paths[0], format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
@@ -144,21 +158,82 @@ def measure(folder: pathlib.Path, pairs: list, crop: int, count: int) -> dict:
     return result
 
 
-def main():
-    """Runs all measurements; prints JSON, then a table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 4 samples per measurement")
-    parser.add_argument("--out", help="also write the JSON here")
-    args = parser.parse_args()
-    count = 4 if args.quick else 40
+def stream_rows(count: int) -> list[dict]:
+    """Samples/s of every stream and the baseline, per image kind and crop."""
     rows = []
     for kind in SIZES:
         with tempfile.TemporaryDirectory() as tmp:
             pairs = make_images(pathlib.Path(tmp), kind, 4)
             for crop in (321, 513, 801):
                 rows.append({"images": kind, "crop": crop, **measure(pathlib.Path(tmp), pairs, crop, count)})
+    return rows
+
+
+def make_coco(raw: pathlib.Path, count: int, w: int = 640, h: int = 480) -> pathlib.Path:
+    """A COCO-like raw folder for mode B: `count` JPEGs in train2017/ and one in val2017/, each with two
+    overlapping 24-gon instances and a crowd region (uncompressed RLE); returns the val list file."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        images, annotations = [], []
+        for n in range(1, (count if split == "train" else 1) + 1):
+            image_id = n if split == "train" else 10 ** 6 + n
+            path = raw / f"{split}2017" / f"{image_id:012d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(smooth_image(rng, w, h)).save(path, quality=90)
+            images.append({"id": image_id, "height": h, "width": w})
+            for k, (cx, cy, r, category) in enumerate(((0.4, 0.5, 0.3, 1), (0.6, 0.5, 0.25, 18))):
+                angles = np.linspace(0, 2 * math.pi, 24, endpoint=False)
+                polygon = np.stack([w * cx + h * r * np.cos(angles), h * cy + h * r * np.sin(angles)], 1)
+                annotations.append({"id": 2 * image_id + k, "image_id": image_id, "category_id": category,
+                                    "iscrowd": 0, "area": math.pi * (h * r) ** 2,
+                                    "segmentation": [polygon.ravel().round(2).tolist()]})
+            start = h * (w - w // 8)  # the last eighth of the columns (column-major runs)
+            annotations.append({"id": 3 * 10 ** 7 + image_id, "image_id": image_id, "category_id": 3, "iscrowd": 1,
+                                "area": h * (w // 8), "segmentation": {"counts": [start, h * w - start],
+                                                                       "size": [h, w]}})
+        path = raw / "annotations" / f"instances_{split}2017.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    (raw / "val.txt").write_text(f"val2017/{10 ** 6 + 1:012d}.jpg")
+    return raw / "val.txt"
+
+
+def data_prep_rate(raw: str, val_list: str, out: str, workers: int) -> float:
+    """Images/s of preparing `raw` (from `make_coco`) into `out` with masks from the instances, start to end."""
+    builder = coco.Coco(data_dir=out, raw_dir=raw, num_workers=workers, from_instances=True, val_list=val_list,
+                        required_train_ids=())
+    start = time.perf_counter()
+    common.prepare(builder)
+    return sum(len(p) for p in builder.split_pairs.values()) / (time.perf_counter() - start)
+
+
+def data_prep_rows(count: int, workers=(0, 2)) -> list[dict]:
+    """`data_prep_rate` on `make_coco(count)` per worker count, each in a fresh process as `python -m data_prep`
+    runs (spawned workers re-import the main module: this one would bring JAX along)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = pathlib.Path(tmp) / "raw"
+        val_list = make_coco(raw, count)
+        for n in workers:
+            code = (f"from benchmarks import pipeline; "
+                    f"print(pipeline.data_prep_rate({str(raw)!r}, {str(val_list)!r}, {tmp + f'/out{n}'!r}, {n}))")
+            proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+            rows.append({"workers": n, "images": count + 1, "images_per_s": float(proc.stdout.split()[-1])})
+    return rows
+
+
+def main(argv=None) -> dict:
+    """Runs all measurements; prints JSON, then the tables; returns the report."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 4 samples per measurement, data_prep on 8 images")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    count = 4 if args.quick else 40
+    rows = stream_rows(count)
+    prep = data_prep_rows(8 if args.quick else 64)
     report = {"unit": "samples/s per worker (1 process, 1 thread)", "samples_per_measurement": count,
-              "results": rows}
+              "results": rows, "data_prep": {"dataset": "coco --from-instances, 640x480 JPEG", "results": prep}}
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
@@ -167,6 +242,10 @@ def main():
     print("\n" + " | ".join(["images", "crop", *keys]))
     for r in rows:
         print(" | ".join([r["images"], str(r["crop"]), *(f"{r[k]:.1f}" for k in keys)]))
+    print(f"\ndata_prep ({report['data_prep']['dataset']}) | workers | images | images/s")
+    for r in prep:
+        print(f"data_prep | {r['workers']} | {r['images']} | {r['images_per_s']:.1f}")
+    return report
 
 
 if __name__ == "__main__":

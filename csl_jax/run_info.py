@@ -14,7 +14,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from csl_jax import workdir as workdir_lib
+from csl_jax import data, workdir as workdir_lib
 from csl_jax.models import pretrained
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "ml-collections",
@@ -65,8 +65,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, mode: str) -> str |
     run's config, and run_train.json (with 'init', the initial weights: `pretrained.init_record`); every
     later invocation (a resume, eval, predict) writes runs/<mode>_<UTC time>.json with its resolved
     config and leaves those two alone. A record holds
-    the mode, argv, overrides, start time, package versions, git commit and devices. (The data is
-    prepared by `csl_jax.data.ensure_prepared`.)
+    the mode, argv, overrides, start time, package versions, git commit, devices and the data
+    (`data.dataset_record`: the prepared dataset's fingerprint and builder settings, e.g.
+    how COCO's masks were made). (The data is prepared by `csl_jax.data.ensure_prepared` before.)
     """
     if jax.process_index() != 0:
         return None
@@ -81,6 +82,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, mode: str) -> str |
         "git_commit": git_commit(),
         "devices": [str(d) for d in jax.devices()],
         "process_count": jax.process_count(),
+        "data": data.dataset_record(config.data),
     }
     if mode == "train" and not workdir_lib.has_trained_state(workdir):
         info["init"] = pretrained.init_record(pretrained.resolve_init(config.model))  # the weights of step 0

@@ -347,7 +347,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pending, data_wait, timer = [], 0.0, time.perf_counter()
 
     logging.info("Training %s on %s split %s: %d steps (%d per epoch) on %d device(s).", config.method.name,
-                 config.data.name, config.data.split, total_steps, steps_per_epoch, mesh.devices.size)
+                 config.data.name, config.data.get("labeled_list") or config.data.split, total_steps, steps_per_epoch,
+                 mesh.devices.size)
     with _Preemption() as preemption:
         for step in range(start_step, total_steps):
             fetch_start = time.perf_counter()

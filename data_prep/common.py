@@ -11,13 +11,15 @@ Record format v1 (one TFDS example per image, ArrayRecord files, no TensorFlow n
 
 Records are written in a fixed order (`disable_shuffling=True`: the order of the split's id list).
 `metadata.json` holds `ids` ({split: [id, ...]} in record order), `class_names`, `ignore_index`,
-`record_format`.
+`record_format`, and the builder's `settings()` (choices that change the records, e.g. COCO's
+`mask_source`, ADE20K's `labels`).
 
 `fingerprint.json` (next to the records) describes the inputs the dataset was built from: the
-builder and its version, the ids of each split (sha256), and every raw input file used as
-{path relative to --raw: [size, mtime_ns]}; `sha256` digests all of it. `prepare` compares it with
-the current inputs to keep, refuse or (with rebuild) replace a prepared dataset.
+builder and its version, its `settings()`, the ids of each split (sha256), and every raw input file
+used as {path relative to --raw: [size, mtime_ns]}; `sha256` digests all of it. `prepare` compares it
+with the current inputs to keep, refuse or (with rebuild) replace a prepared dataset.
 """
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -30,8 +32,10 @@ import multiprocessing
 import os
 import pathlib
 import shutil
+import sys
+import time
 import uuid
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, NamedTuple, Sequence, TextIO
 
 import numpy as np
 from etils import epath
@@ -77,11 +81,25 @@ quiet_tfds_logging()
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
-    """One source example: `id`, image path, label path (None: no mask) and its raw-value lookup table."""
+    """One source example: `id`, image path, label, its raw-value lookup table and hints.
+
+    `label` is a PNG path, None (no mask), or a picklable function (height, width) -> (H, W) uint8 raw
+    values run in the worker (a mask generated from annotations); it raises ValueError with a message
+    naming its source. `hints` {raw value: message} replace the generic error for values the lut refuses.
+    """
     id: str
     image: pathlib.Path
-    label: pathlib.Path | None
+    label: pathlib.Path | Callable[[int, int], np.ndarray] | None
     lut: np.ndarray | None = None  # (256,) int16: raw label value -> class index / 255; -1 = invalid
+    hints: dict[int, str] | None = None
+
+
+class Converted(NamedTuple):
+    """Result of `convert_pair`: the example (None when invalid), the error ('file: what is wrong') and
+    the (256,) int64 pixel count of each stored label value (None without a mask)."""
+    example: dict | None
+    error: str | None = None
+    label_counts: np.ndarray | None = None
 
 
 def index_lut(num_classes: int, extra: dict[int, int] | None = None) -> np.ndarray:
@@ -109,48 +127,136 @@ def read_index_png(path) -> np.ndarray:
         return np.asarray(im)  # mode P: the palette indices, not colours or luminance
 
 
-def convert_pair(pair: Pair) -> tuple[dict | None, str | None]:
-    """Decode and check one pair; returns (example dict, None) or (None, 'file: what is wrong')."""
+def refused(bad: list[int], hints: dict[int, str] | None = None) -> str:
+    """What is wrong with the raw label values `bad` that the lut refuses."""
+    hints = hints or {}
+    plain = [v for v in bad if v not in hints]
+    why = [f"label values {plain} are not class indices of this dataset or 255"] if plain else []
+    return "; ".join(why + [hints[v] for v in bad if v in hints])
+
+
+def convert_pair(pair: Pair) -> Converted:
+    """Decode and check one pair; the example, or the error 'file: what is wrong'."""
     try:
         data = pair.image.read_bytes()
     except OSError as e:
-        return None, f"{pair.image}: cannot read image ({e.strerror or e})"
+        return Converted(None, f"{pair.image}: cannot read image ({e.strerror or e})")
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             mode, (w, h) = im.mode, im.size
     except Exception as e:  # PIL raises many types for corrupt files
-        return None, f"{pair.image}: image does not decode ({e})"
+        return Converted(None, f"{pair.image}: image does not decode ({e})")
     if mode not in ("RGB", "L"):
-        return None, f"{pair.image}: image mode {mode}, expected RGB or L"
-    label = b""
-    if pair.label is not None:
-        if not pair.label.is_file():
-            return None, f"{pair.label}: mask missing (for image {pair.image})"
+        return Converted(None, f"{pair.image}: image mode {mode}, expected RGB or L")
+    label, counts = b"", None
+    if callable(pair.label):
         try:
-            raw = read_index_png(pair.label)
+            raw, where = pair.label(h, w), f"mask of {pair.image}"
+        except ValueError as e:
+            return Converted(None, str(e))
+    elif pair.label is not None:
+        if not pair.label.is_file():
+            return Converted(None, f"{pair.label}: mask missing (for image {pair.image})")
+        try:
+            raw, where = read_index_png(pair.label), pair.label
         except Exception as e:
-            return None, f"{pair.label}: mask does not decode ({e})"
+            return Converted(None, f"{pair.label}: mask does not decode ({e})")
         if raw.shape != (h, w):
-            return None, (f"{pair.label}: mask size {raw.shape[1]}x{raw.shape[0]} (WxH) differs from "
-                          f"image {pair.image} size {w}x{h}")
+            return Converted(None, f"{pair.label}: mask size {raw.shape[1]}x{raw.shape[0]} (WxH) differs from "
+                                   f"image {pair.image} size {w}x{h}")
+    if pair.label is not None:
         mapped = pair.lut[raw]
         if (mapped < 0).any():
-            bad = np.unique(raw[mapped < 0]).tolist()
-            return None, f"{pair.label}: label values {bad} are not class indices of this dataset or 255"
-        label = encode_png(mapped.astype(np.uint8))
-    return {"image": data, "label": label, "id": pair.id, "height": h, "width": w}, None
+            return Converted(None, f"{where}: {refused(np.unique(raw[mapped < 0]).tolist(), pair.hints)}")
+        mapped = mapped.astype(np.uint8)
+        label, counts = encode_png(mapped), np.bincount(mapped.ravel(), minlength=256)
+    return Converted({"image": data, "label": label, "id": pair.id, "height": h, "width": w}, None, counts)
 
 
-def parallel_map(fn: Callable, items: Iterable, num_workers: int):
-    """Ordered map over `items`, in `num_workers` processes (0: in this process)."""
+def _map_chunk(fn: Callable, chunk: list) -> list:
+    return [fn(item) for item in chunk]
+
+
+def parallel_map(fn: Callable, items: Sequence, num_workers: int):
+    """Ordered map over `items`, in `num_workers` processes (0: in this process).
+
+    Items go to the workers in chunks of up to 32 (at least 8 chunks per worker), with at most 4 chunks
+    per worker in flight, so results never pile up when the consumer is slower than the workers.
+    """
     if num_workers <= 0:
         yield from map(fn, items)
         return
+    size = max(1, min(32, len(items) // (8 * num_workers)))
     # spawn, not fork: forking a process that already runs JAX's threads can deadlock
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
-        yield from pool.map(fn, items, chunksize=4)
+        pending = collections.deque()
+        for start in range(0, len(items), size):
+            pending.append(pool.submit(_map_chunk, fn, list(items[start:start + size])))
+            if len(pending) >= 4 * num_workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Progress of a long conversion on `stream` (default stderr): '<what>: done/total images, rate, ETA'.
+
+    On a terminal, one line rewritten in place at most 5 times a second; otherwise (a log) one line per
+    further 10 % or 30 s, none in the first second. `close` writes the final line in any case.
+    """
+
+    def __init__(self, what: str, total: int, stream: TextIO | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.what, self.total, self.clock = what, total, clock
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = self.last = clock()
+        self.done = 0
+        self.next_tenth = 1
+
+    def update(self, done: int) -> None:
+        """`done` steps of `total` are finished; writes a line when one is due."""
+        self.done, now = done, self.clock()
+        if self.tty:
+            due = now - self.last >= 0.2
+        else:
+            due = (now - self.start >= 1 and done < self.total
+                   and (10 * done >= self.next_tenth * self.total or now - self.last >= 30))
+        if due:
+            self._write(now, final=False)
+
+    def close(self) -> None:
+        """Writes the final line: images, time taken, rate."""
+        self._write(self.clock(), final=True)
+
+    def _write(self, now: float, final: bool) -> None:
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        if final:
+            text = f"{self.what}: {self.done}/{self.total} images in {_clock(elapsed)}, {rate:.1f} images/s"
+        else:
+            eta = _clock((self.total - self.done) / rate) if rate > 0 else "?"
+            text = f"{self.what}: {self.done}/{self.total} images, {rate:.1f} images/s, ETA {eta}"
+        if self.tty:
+            text = "\r" + text + "\x1b[K" + ("\n" if final else "")
+        else:
+            text += "\n"
+        self.stream.write(text)
+        self.stream.flush()
+        self.last = now
+        self.next_tenth = 10 * self.done // max(self.total, 1) + 1
+
+
+def invalid_files_error(what: str, errors: list[str], outcome: str) -> DataPrepError:
+    """The error listing every invalid source file, one line each."""
+    return DataPrepError(f"{what}: {len(errors)} invalid source file(s); {outcome}:\n  " + "\n  ".join(errors))
 
 
 def split_digest(ids: list[str]) -> dict:
@@ -220,6 +326,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         self.out_dir = pathlib.Path(data_dir)
         self.staging_dir = self.out_dir / f".{self.name}-building-{uuid.uuid4().hex[:8]}"
         self._errors: list[str] = []
+        self._checked: set[str] = set()  # splits whose every pair went through convert_pair
         super().__init__(data_dir=str(self.staging_dir), file_format="array_record", **kwargs)
 
     @property
@@ -242,14 +349,27 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         """`pairs()`, computed once for the fingerprint and the records."""
         return self.pairs()
 
+    def settings(self) -> dict:
+        """Choices that change the records besides the raw files (JSON data); in the fingerprint and metadata."""
+        return {}
+
+    def extra_inputs(self) -> list[pathlib.Path]:
+        """Raw files the records depend on besides the pairs' images and mask files (e.g. annotation files)."""
+        return []
+
+    def observe_label(self, split: str, counts: np.ndarray) -> None:
+        """Called with the (256,) int64 pixel count of each value of every mask written; for statistics."""
+        del split, counts
+
     def fingerprint_inputs(self) -> dict:
-        """{'splits': {split: split_digest}, 'files': {path relative to --raw: [size, mtime_ns]}} of the
-        existing input files; raises DataPrepError when --raw is missing or holds none of them."""
+        """{**settings(), 'splits': {split: split_digest}, 'files': {path relative to --raw: [size, mtime_ns]}}
+        of the existing input files; raises DataPrepError when --raw is missing or holds none of them."""
         if self.raw_dir is None or not self.raw_dir.is_dir():
             raise DataPrepError(f"--raw {self.raw_dir}: not a directory; {self.name} needs its raw dataset "
                                 "folder (layouts in docs/data.md)")
         pairs = self.split_pairs
-        paths = [p for ps in pairs.values() for pair in ps for p in (pair.image, pair.label) if p is not None]
+        paths = [p for ps in pairs.values() for pair in ps for p in (pair.image, pair.label)
+                 if isinstance(p, pathlib.Path)] + self.extra_inputs()
         files = {}
         for path in paths:
             try:
@@ -261,7 +381,8 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             expected = _names([p.relative_to(self.raw_dir).as_posix() for p in paths])
             raise DataPrepError(f"--raw {self.raw_dir} holds none of the {len(paths)} input files of {self.name} "
                                 f"(expected e.g. {expected}); see docs/data.md for the layout")
-        return {"splits": {s: split_digest([p.id for p in ps]) for s, ps in pairs.items()}, "files": files}
+        return {**self.settings(), "splits": {s: split_digest([p.id for p in ps]) for s, ps in pairs.items()},
+                "files": files}
 
     def fingerprint(self) -> dict:
         """The fingerprint of the dataset this builder would write now (see the module docstring)."""
@@ -285,20 +406,26 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             }),
             disable_shuffling=True,
             metadata=tfds.core.MetadataDict(class_names=list(self.CLASS_NAMES), ignore_index=IGNORE,
-                                            record_format=RECORD_FORMAT),
+                                            record_format=RECORD_FORMAT, **self.settings()),
         )
 
     def _split_generators(self, dl_manager):
         pairs = self.split_pairs
         self.info.metadata["ids"] = {s: [p.id for p in ps] for s, ps in pairs.items()}
-        return {s: self._generate_examples(ps) for s, ps in pairs.items()}
+        return {s: self._generate_examples(ps, s) for s, ps in pairs.items()}
 
-    def _generate_examples(self, pairs: list[Pair]):
-        for example, error in parallel_map(convert_pair, pairs, self.num_workers):
+    def _generate_examples(self, pairs: list[Pair], split: str):
+        progress = Progress(f"{self.name} {split}", len(pairs))
+        for done, (example, error, counts) in enumerate(parallel_map(convert_pair, pairs, self.num_workers), 1):
+            progress.update(done)
             if error is not None:
                 self._errors.append(error)
-            else:
-                yield example["id"], example
+                continue
+            if counts is not None:
+                self.observe_label(split, counts)
+            yield example["id"], example
+        progress.close()
+        self._checked.add(split)
 
     def _download_and_prepare(self, dl_manager, download_config):
         try:
@@ -306,9 +433,13 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         except Exception:
             if not self._errors:
                 raise
+            # TFDS stopped early (e.g. a split left without a valid example): check the other splits too
+            for split, pairs in self.split_pairs.items():
+                if split not in self._checked:
+                    self._errors += [c.error for c in parallel_map(convert_pair, pairs, self.num_workers) if c.error]
+            self._errors = list(dict.fromkeys(self._errors))  # a split stopped halfway was checked twice
         if self._errors:  # raised inside the staging dir: nothing partial is left behind
-            raise DataPrepError(f"{self.name}: {len(self._errors)} invalid source file(s); nothing was "
-                                "written:\n  " + "\n  ".join(self._errors))
+            raise invalid_files_error(self.name, self._errors, "nothing was written")
 
     def _log_download_bytes(self) -> None:
         """Silenced: TFDS prints 'Downloading and preparing dataset Unknown size ...' for local data."""

@@ -1,8 +1,13 @@
 """Shipped split lists (`data_prep/splits/<family>/...`): reading, ids, checksum manifest.
 
 Layout: `<family>/<split>/{labeled,unlabeled}.txt` plus `<family>/val.txt` (and pool lists such as
-`pascal/train_aug.txt`, `camvid/train.txt`). Every file is listed with its sha256 in
-`splits/manifest.json` and verified when read.
+`pascal/train_aug.txt`, `camvid/train.txt`, `ade20k/all/labeled.txt`). Every file is listed with its
+sha256 in `splits/manifest.json` (`sha256`) and verified when read.
+
+COCO's unlabeled lists are not published and ADE20K's are not shipped: `unlabeled_ids` derives them as
+the prepared train pool minus the labeled list, in record order, checked against the count recorded in
+the manifest (`derived`). For ADE20K the manifest also keeps `sorted_ids_sha256`, the sha256 of the
+official unlabeled list's ids sorted and joined by newlines, which the derivation reproduces.
 """
 import functools
 import hashlib
@@ -11,7 +16,7 @@ import pathlib
 
 SPLITS_DIR = pathlib.Path(__file__).resolve().parent / "splits"
 MANIFEST = SPLITS_DIR / "manifest.json"
-FAMILIES = ("pascal", "cityscapes", "cityscapes_u2pl", "camvid")
+FAMILIES = ("pascal", "cityscapes", "cityscapes_u2pl", "camvid", "coco", "ade20k")
 
 
 def line_id(line: str) -> str:
@@ -49,8 +54,23 @@ def read_ids(path) -> list[str]:
 
 
 @functools.cache
+def _manifest_file() -> dict:
+    return json.loads(MANIFEST.read_text())
+
+
 def _manifest() -> dict[str, str]:
-    return json.loads(MANIFEST.read_text())["sha256"]
+    """{relpath: sha256} of the shipped lists."""
+    return _manifest_file()["sha256"]
+
+
+def _derived() -> dict[str, dict]:
+    """{relpath: {'rule', 'count'[, 'sorted_ids_sha256']}} of the lists derived instead of shipped."""
+    return _manifest_file().get("derived", {})
+
+
+def sorted_ids_sha256(ids: list[str]) -> str:
+    """sha256 of `ids` sorted and joined by newlines (the `sorted_ids_sha256` of the manifest)."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
 
 
 def shipped_list(relpath: str) -> list[str]:
@@ -70,5 +90,27 @@ def shipped_splits(family: str) -> list[str]:
     """Names of the semi-supervised splits of a family (folders with labeled.txt), sorted."""
     if family not in FAMILIES:
         raise ValueError(f"unknown split family {family!r}; valid: {', '.join(FAMILIES)}")
-    names = {k.split("/")[1] for k in _manifest() if k.startswith(family + "/") and k.count("/") == 2}
-    return sorted(names)
+    names = {k.split("/")[1] for k in _manifest() if k.startswith(family + "/") and k.endswith("/labeled.txt")}
+    return sorted(names - {"all"})
+
+
+def unlabeled_ids(family: str, split: str, pool: list[str]) -> list[str]:
+    """Unlabeled ids of a split: the shipped `<family>/<split>/unlabeled.txt`, or else (COCO, ADE20K) the ids
+    of `pool` (the prepared train ids, record order) not in the labeled list, in pool order.
+
+    A derived list must have the count recorded in the manifest; otherwise ValueError naming the split,
+    the count found and the expected one (e.g. a partially prepared train set).
+    """
+    relpath = f"{family}/{split}/unlabeled.txt"
+    if relpath in _manifest():
+        return shipped_list(relpath)
+    rule = _derived().get(relpath)
+    if rule is None:
+        raise KeyError(f"{relpath} is neither a shipped nor a derived split list (see {MANIFEST})")
+    labeled = set(shipped_list(f"{family}/{split}/labeled.txt"))
+    ids = [i for i in pool if i not in labeled]
+    if len(ids) != rule["count"]:
+        raise ValueError(f"{family} split {split}: the prepared train pool ({len(pool)} ids) minus the {len(labeled)} "
+                         f"labeled ids leaves {len(ids)} unlabeled ids, expected {rule['count']} ({rule['rule']}); "
+                         f"prepare the complete {family} train set")
+    return ids

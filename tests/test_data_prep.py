@@ -390,3 +390,50 @@ def test_unprepared_root_says_how_to_prepare_it_into_a_new_folder(tmp_path):
         f"no prepared camvid data at {tmp_path}/raw/camvid/1.0.0 (config.data.root='{tmp_path}/raw'); prepare it "
         "once with `python -m data_prep camvid --raw <the downloaded camvid folder> --out <a new folder>` and pass "
         "that new folder as config.data.root")
+
+
+# --- progress of long conversions, worker processes -----------------------------------------------------------
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def _run_progress(stream, total, seconds_per_image, every=1):
+    now = [0.0]
+    progress = common.Progress("coco train", total, stream, clock=lambda: now[0])
+    for done in range(every, total + 1, every):
+        now[0] = done * seconds_per_image
+        progress.update(done)
+    progress.close()
+    return stream.getvalue()
+
+
+def test_progress_in_a_log_every_tenth_or_30_s():
+    lines = _run_progress(_Stream(False), 100, 0.05).splitlines()  # 20 images/s, nothing in the first second
+    assert lines[0] == "coco train: 20/100 images, 20.0 images/s, ETA 0:00:04"
+    assert [ln.split()[2] for ln in lines[:-1]] == [f"{k}0/100" for k in range(2, 10)]
+    assert lines[-1] == "coco train: 100/100 images in 0:00:05, 20.0 images/s"
+    slow = _run_progress(_Stream(False), 100_000, 0.01, every=100).splitlines()  # 10 % takes 100 s
+    assert [ln.split()[2] for ln in slow[:5]] == ["3000/100000", "6000/100000", "9000/100000", "10000/100000",
+                                                  "13000/100000"]
+    assert slow[0].endswith("ETA 0:16:10") and len(slow) == 4 * 9 + 3 + 1  # per 100 s: 30, 60, 90 s and the tenth
+
+
+def test_progress_on_a_terminal_rewrites_one_line():
+    text = _run_progress(_Stream(True), 100, 1 / 16)  # 16 images/s: a line per 4 images (0.25 s), then the end
+    updates = text.split("\r")[1:]
+    assert len(updates) == 26 and text.endswith("\x1b[K\n") and text.count("\n") == 1
+    assert updates[0] == "coco train: 4/100 images, 16.0 images/s, ETA 0:00:06\x1b[K"
+    assert updates[-1] == "coco train: 100/100 images in 0:00:06, 16.0 images/s\x1b[K\n"
+
+
+def test_parallel_map_keeps_the_order_with_workers():
+    items = list(range(50))
+    assert list(common.parallel_map(str, items, 2)) == [str(i) for i in items]
+    assert list(common.parallel_map(str, [], 2)) == []

@@ -206,7 +206,7 @@ def test_eval_dataset_is_original_and_exact(root):
 
 
 def test_config_errors_name_the_valid_choices(root):
-    with pytest.raises(ValueError, match="valid: pascal, cityscapes, camvid, synthetic, custom"):
+    with pytest.raises(ValueError, match="valid: pascal, cityscapes, camvid, coco, ade20k, synthetic, custom"):
         data.dataset_info(_cfg(root, name="voc"))
     with pytest.raises(ValueError, match=r"^unknown synthetic split '1_3'; valid: 1_2, 1_4, 1_8$"):
         _labeled(_cfg(root, split="1_3"), seed=0, global_batch=4)

@@ -26,8 +26,10 @@ Sample order and augmentation are pure functions of (seed, stream id, global sam
   prefetch     batches buffered per worker                                             [2]
   view options, each view's own (views.VIEWS): cutmix_prob 0.5; tmp_prob 0.5; cover_ratio 0.7;
                block_size 32
-  custom only: labeled_list ('<image> <mask>' lines), unlabeled_list ('<image>' lines, optional
-               masks), val_list ('<image> <mask>'), num_classes, class_names (optional)
+  labeled_list, unlabeled_list: custom: '<image> <mask>' / '<image>' lines (masks optional);
+               prepared data: your own split of the train pool (ids or list lines; unlabeled
+               default: the rest of the pool), replacing `split` (sources.split_ids)
+  custom only: val_list ('<image> <mask>'), num_classes, class_names (optional)
 """
 import dataclasses
 import math
@@ -242,8 +244,8 @@ def epoch_length(data_cfg, spec: StreamSpec, global_batch: int) -> int:
     if global_batch <= 0:
         raise ValueError(f"global_batch={global_batch} must be positive")
     if n < global_batch:
-        raise ValueError(f"{kind} set of split {data_cfg.get('split')!r} has {n} images, "
-                         f"fewer than global_batch={global_batch}")
+        split = data_cfg.get("labeled_list") or data_cfg.get("split")
+        raise ValueError(f"{kind} set of split {split!r} has {n} images, fewer than global_batch={global_batch}")
     return n // global_batch
 
 

@@ -1,6 +1,6 @@
 """Opening prepared data and choosing split ids.
 
-Built-in datasets (`pascal`, `cityscapes`, `camvid`, `synthetic`) are read from the TFDS
+Built-in datasets (`pascal`, `cityscapes`, `camvid`, `coco`, `ade20k`, `synthetic`) are read from the TFDS
 ArrayRecord files written by `data_prep` under `data_cfg.root/<name>/1.0.0/`, by random access.
 A `custom` dataset is read straight from image/mask files named by the user's list files.
 
@@ -9,6 +9,7 @@ no mask) and decoded by `decode`.
 """
 import dataclasses
 import io
+import json
 import pathlib
 from typing import Callable
 
@@ -18,11 +19,11 @@ from PIL import Image
 
 from csl_jax.constants import IGNORE_INDEX as IGNORE
 from data_prep import splits as shipped
-from data_prep.common import quiet_tfds_logging
+from data_prep.common import FINGERPRINT_FILE, quiet_tfds_logging
 
 quiet_tfds_logging()  # no 'Load dataset info from ...' line per opened source
 
-DATASETS = ("pascal", "cityscapes", "camvid", "synthetic", "custom")
+DATASETS = ("pascal", "cityscapes", "camvid", "coco", "ade20k", "synthetic", "custom")
 RECORD_VERSION = "1.0.0"
 
 
@@ -171,6 +172,27 @@ def ensure_prepared(data_cfg, *, process_index: int | None = None, process_count
                 f"every host first")
 
 
+def dataset_record(data_cfg) -> dict:
+    """What a run records about its data: {'name'} plus, for prepared data, `version_dir` and the
+    prepared dataset's fingerprint without its file and split lists (builder, versions, the builder's
+    settings such as COCO's `mask_source` or ADE20K's `labels`, and `sha256`); for custom data the
+    list files. `fingerprint: None` when the dataset was prepared without one, `version_dir: None` when
+    it is not prepared (predicting on a folder needs no dataset)."""
+    name = _name(data_cfg)
+    if name == "custom":
+        return {"name": name, **{k: data_cfg.get(k, "") for k in ("labeled_list", "unlabeled_list", "val_list")}}
+    try:
+        path = version_dir(data_cfg)
+    except FileNotFoundError:
+        return {"name": name, "version_dir": None, "fingerprint": None}
+    try:
+        fingerprint = json.loads((path / FINGERPRINT_FILE).read_text())
+    except (OSError, ValueError):
+        fingerprint = None
+    summary = None if fingerprint is None else {k: v for k, v in fingerprint.items() if k not in ("files", "splits")}
+    return {"name": name, "version_dir": str(path), "fingerprint": summary}
+
+
 def _metadata(data_cfg) -> dict:
     return tfds.builder_from_directory(str(version_dir(data_cfg))).info.metadata
 
@@ -204,8 +226,12 @@ def _custom_entries(data_cfg, key: str, need_masks: bool):
 def split_ids(data_cfg) -> tuple[list[str], list[str]]:
     """(labeled ids, unlabeled ids) of `data_cfg.split`, checked.
 
+    On prepared data, `data_cfg.labeled_list` (a list file, lines in any format of `line_id`) replaces
+    the shipped split: its ids are labeled, those of `data_cfg.unlabeled_list` unlabeled (default:
+    the rest of the prepared train pool, in record order), and `data_cfg.split` is only a name.
+
     Checks: the split exists (else the error lists the valid ones), labeled and unlabeled are
-    disjoint, their union is the prepared train split (shipped families), every id is prepared.
+    disjoint, their union is the prepared train split (shipped and derived splits), every id is prepared.
     """
     name = _name(data_cfg)
     if name == "custom":
@@ -215,7 +241,15 @@ def split_ids(data_cfg) -> tuple[list[str], list[str]]:
         _check_disjoint(labeled, unlabeled, "custom")
         return labeled, unlabeled
     split = data_cfg.split
-    if name == "synthetic":
+    if data_cfg.get("labeled_list"):
+        meta, split = _metadata(data_cfg), data_cfg.labeled_list
+        labeled = shipped.read_ids(data_cfg.labeled_list)
+        if data_cfg.get("unlabeled_list"):
+            unlabeled = shipped.read_ids(data_cfg.unlabeled_list)
+        else:
+            chosen = set(labeled)
+            unlabeled = [i for i in meta["ids"]["train"] if i not in chosen]
+    elif name == "synthetic":
         meta = _metadata(data_cfg)
         if split not in meta["splits"]:
             raise ValueError(f"unknown synthetic split {split!r}; valid: {', '.join(sorted(meta['splits']))}")
@@ -226,15 +260,15 @@ def split_ids(data_cfg) -> tuple[list[str], list[str]]:
         if split not in valid:
             raise ValueError(f"unknown split {split!r} for family {family!r}; valid: {', '.join(valid)}")
         labeled = shipped.shipped_list(f"{family}/{split}/labeled.txt")
-        unlabeled = shipped.shipped_list(f"{family}/{split}/unlabeled.txt")
         meta = _metadata(data_cfg)
+        unlabeled = shipped.unlabeled_ids(family, split, meta["ids"]["train"])
     _check_disjoint(labeled, unlabeled, f"{name} split {split}")
     pool = set(meta["ids"]["train"])
     missing = [i for i in labeled + unlabeled if i not in pool]
     if missing:
         raise ValueError(f"{name} split {split}: {len(missing)} ids are not in the prepared train data "
                          f"at {version_dir(data_cfg)}, e.g. {missing[:5]}")
-    if len(labeled) + len(unlabeled) != len(pool):
+    if not data_cfg.get("labeled_list") and len(labeled) + len(unlabeled) != len(pool):
         raise ValueError(f"{name} split {split}: labeled + unlabeled = {len(labeled) + len(unlabeled)} "
                          f"ids, the prepared train pool has {len(pool)}")
     return labeled, unlabeled
