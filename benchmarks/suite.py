@@ -19,6 +19,9 @@ Parts, in order of value (each is one or more benchmark processes):
    loss curves side by side and the data-wait share (benchmarks/train_run.py).
 5. `model`: the model alone, OS8 vs OS16 time ratio (benchmarks/model_forward.py), and XLA's
    dilated-convolution check (benchmarks/dilated_conv.py).
+6. `eval`: exact whole-image evaluation of images of several sizes in COCO-like order with UniMatch
+   V1's COCO model (Xception-65 OS16, 81 classes): programs compiled, images/s and dummy batch slots
+   of consecutive grouping vs shape buckets (benchmarks/eval_scale.py).
 
 `--parts` picks the parts and their order (`--parts 4 5 3` finishes a run that ran out of budget).
 Each process gets the time left of the budget; one still running when the budget is spent is
@@ -130,6 +133,11 @@ def plan(args) -> list[Part]:
                   tiny or ["--depth", "101", "--output-stride", "16", "8", "--crop", "513", "--dtype", "bfloat16"]),
               Job("dilated_conv", "benchmarks.dilated_conv", tiny or ["--sizes", "33", "65"])],
              render_part5),
+        Part(6, "eval", "Exact whole-image evaluation of many image sizes (Xception-65 OS16, 81 classes)",
+             [Job("eval_scale", "benchmarks.eval_scale",
+                  ["--quick"] if args.tiny else ["--model", "full", "--images", "64", "--distinct", "1",
+                                                 "--groupings", "consecutive", "buckets"])],
+             render_part6),
     ]
     return [p for number in args.parts for p in parts if p.number == number]  # in the order given
 
@@ -374,6 +382,14 @@ def render_part5(suite: Suite, part: Part) -> str:
     return "\n".join(text)
 
 
+def render_part6(suite: Suite, part: Part) -> str:
+    report = part.report("eval_scale")
+    if report is None:
+        return ""
+    from benchmarks import eval_scale
+    return eval_scale.markdown(report)
+
+
 def part_markdown(suite: Suite, part: Part) -> str:
     status = "; ".join(f"{j.name}: {j.status} ({j.seconds:.0f} s)" for j in part.jobs)
     try:
@@ -435,7 +451,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget-s", "--budget_s", type=float, default=480.0,
                         help="wall-clock budget of the whole suite in seconds")
     parser.add_argument("--out", required=True, help="output directory (created)")
-    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5],
+    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], choices=[1, 2, 3, 4, 5, 6],
                         help="the parts to run, in this order (e.g. --parts 4 5 3 to finish an earlier run)")
     parser.add_argument("--min-job-s", type=float, default=None,
                         help="do not start a process with less time left (default 20 s, --tiny 1 s)")

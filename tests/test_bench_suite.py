@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from benchmarks import profile_summary, suite
+from benchmarks import eval_scale, profile_summary, suite
 
 
 @contextlib.contextmanager
@@ -41,7 +41,7 @@ def _part(out, stem):
 
 def test_every_part_runs_and_writes_its_files(tiny_suite, capsys):
     out, index = tiny_suite
-    assert [p["number"] for p in index["parts"]] == [1, 2, 3, 4, 5]
+    assert [p["number"] for p in index["parts"]] == [1, 2, 3, 4, 5, 6]
     for part in index["parts"]:
         for name, job in part["jobs"].items():
             assert job["status"] == "ok", (part["name"], name, open(out / "logs" / f"{name}.log").read()[-3000:])
@@ -78,6 +78,9 @@ def test_part_tables_are_the_reports_numbers(tiny_suite):
     remat = part3["os8_801_remat"]["report"]["results"][0]
     assert remat["remat"] and remat["output_stride"] == 8 and f"| {remat['ms_per_step']:.1f} |" in md3
 
+    part6, md6 = _part(out, "part6_eval")
+    assert eval_scale.markdown(part6["eval_scale"]["report"]) in md6
+
 
 def test_targets_are_computed_from_the_measurements(tiny_suite):
     out, index = tiny_suite
@@ -103,7 +106,7 @@ def test_the_suite_markdown_is_printed_last(tiny_suite, tmp_path, capsys):
     with open(out / "suite.md") as f:
         markdown = f.read()
     assert markdown.startswith("# Benchmark suite (tiny, CPU)")
-    for number in range(1, 6):
+    for number in range(1, 7):
         assert f"\n## {number}. " in markdown
 
 

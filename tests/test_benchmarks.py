@@ -1,4 +1,6 @@
-"""Smoke tests of the train-step benchmarks: --tiny runs, their JSON, FLOPs against a hand count."""
+"""Smoke tests of the train-step benchmarks: --tiny runs, their JSON, FLOPs against a hand count; the
+evaluation-at-scale benchmark's --quick run; the data_prep rate of the pipeline benchmark."""
+import json
 import math
 
 import flax.linen as nn
@@ -145,3 +147,51 @@ def test_torch_csl_weights_match_csl_jax():
     np.testing.assert_allclose(got_w.numpy(), np.asarray(want_w), atol=1e-4)
     assert 0.2 < np.mean(np.asarray(want_r)[valid]) < 0.95  # a real split, not all-or-nothing
     np.testing.assert_array_equal(got_r.numpy(), np.asarray(want_r))
+
+
+def test_eval_scale_quick_report_and_table(tmp_path, capsys):
+    from benchmarks import eval_scale
+
+    report = eval_scale.main(["--quick", "--out", str(tmp_path / "eval_scale.json")])
+    printed = capsys.readouterr().out
+    assert json.loads((tmp_path / "eval_scale.json").read_text()) == report
+    assert printed.rstrip().endswith(eval_scale.markdown(report))  # the table comes last
+    assert report["quick"] and report["model"] == "tiny" and report["num_classes"] == 81
+    rows = {r["grouping"]: r for r in report["results"]}
+    assert list(rows) == ["consecutive", "buckets", "pad32"]
+    for r in rows.values():
+        assert set(r) == {"grouping", "programs", "compile_s", "first_pass_s", "second_pass_s", "images_per_s",
+                          "batches", "dummy_fraction", "recompiled_in_second_pass", "miou",
+                          "same_confusion_as_consecutive"}
+        assert r["recompiled_in_second_pass"] == 0 and 0 <= r["dummy_fraction"] < 1
+    # exact groupings: one program per distinct shape and the same confusion matrix; buckets fill batches
+    assert rows["consecutive"]["programs"] == rows["buckets"]["programs"] == report["distinct_shapes"]
+    assert rows["buckets"]["same_confusion_as_consecutive"] and rows["consecutive"]["same_confusion_as_consecutive"]
+    assert rows["buckets"]["batches"] < rows["consecutive"]["batches"]
+    assert rows["pad32"]["programs"] < rows["buckets"]["programs"]
+
+
+def test_eval_scale_plan_only_forms_the_batches_without_a_model(capsys):
+    from benchmarks import eval_scale
+
+    report = eval_scale.main(["--plan-only", "--images", "500", "--batch", "8"])
+    assert capsys.readouterr().out.rstrip().endswith(eval_scale.markdown(report))
+    rows = {r["grouping"]: r for r in report["results"]}
+    assert rows["buckets"]["programs"] == rows["consecutive"]["programs"] == report["distinct_shapes"] > 40
+    assert rows["buckets"]["batches"] < rows["consecutive"]["batches"] / 3 and rows["buckets"]["images_per_s"] is None
+    # at least one batch per shape, and every image in one
+    assert report["distinct_shapes"] <= rows["buckets"]["batches"] and rows["buckets"]["batches"] * 8 >= 500
+
+
+def test_pipeline_benchmark_reports_the_data_prep_rate(tmp_path, monkeypatch, capsys):
+    from benchmarks import pipeline
+
+    monkeypatch.setattr(pipeline, "stream_rows", lambda count: [{"images": "pascal", "crop": 321, "ours_labeled": 9.5}])
+    report = pipeline.main(["--quick", "--out", str(tmp_path / "pipeline.json")])
+    assert json.loads((tmp_path / "pipeline.json").read_text()) == report
+    rows = report["data_prep"]["results"]
+    assert [(r["workers"], r["images"]) for r in rows] == [(0, 9), (2, 9)] and all(r["images_per_s"] > 0 for r in rows)
+    table = capsys.readouterr().out.strip().splitlines()[-3:]  # printed last
+    assert table[0] == "data_prep (coco --from-instances, 640x480 JPEG) | workers | images | images/s"
+    assert table[1] == f"data_prep | 0 | 9 | {rows[0]['images_per_s']:.1f}"
+    assert table[2].startswith("data_prep | 2 | 9 |")

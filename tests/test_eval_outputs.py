@@ -1,8 +1,11 @@
 """What an evaluation hands the user: the prediction grid (PNG and TensorBoard image, val images
-spread over the split) and per-class IoU named by class, with the unit, in results and eval_*.json."""
+spread over the split) and per-class IoU named by class, with the unit, in results and eval_*.json,
+and as a table in the log."""
 
 import json
+import logging
 import os
+import re
 
 import jax
 import numpy as np
@@ -47,23 +50,28 @@ class FakeWriter:
         self.images.append((step, tag, image))
 
 
-def check_named_iou(results, class_names):
+def check_named_iou(results, class_names, caplog):
+    """Named IoU fractions in the results, and the logged per-class table (name, IoU %) in class order."""
     assert results["unit"] == "fraction"
     assert list(results["iou_per_class"]) == list(class_names) == list(synthetic.CLASS_NAMES)
     assert list(results["iou_per_class"].values()) == results["iou"]  # the list is kept, in class order
     assert all(0.0 <= v <= 1.0 for v in results["iou"]) and 0.0 <= results["miou"] <= 1.0
+    [table] = [r.getMessage() for r in caplog.records if "IoU per class (%)" in r.getMessage()]
+    cells = re.findall(r"(\S+) +(\d+\.\d)", table.split("\n", 1)[1])
+    assert cells == [(name, f"{100 * v:.1f}") for name, v in results["iou_per_class"].items()]
 
 
-def test_eval_loop_logs_a_spread_grid_and_named_iou(data_root, tmp_path):
+def test_eval_loop_logs_a_spread_grid_and_named_iou(data_root, tmp_path, caplog):
     config = tiny_config(data_root)
     info = data.dataset_info(config.data)
     method = build_method(config, info.num_classes)
     evaluator = loop.EvalLoop(config, info, str(tmp_path), parallel.make_mesh(), method)
     writer = FakeWriter()
-    out = evaluator.run(7, init_state(method), writer=writer)
+    with caplog.at_level(logging.INFO):
+        out = evaluator.run(7, init_state(method), writer=writer)
 
     results = out[evaluator.best.name]
-    check_named_iou(results, info.class_names)
+    check_named_iou(results, info.class_names, caplog)
     assert results["sample_indices"] == [0, NUM_VAL - 1]  # 2 of 5 val images: first and last
     json.dumps(results)  # JSON-ready
     [(step, tag, grid)] = writer.images
@@ -76,7 +84,7 @@ def test_eval_loop_logs_a_spread_grid_and_named_iou(data_root, tmp_path):
     np.testing.assert_array_equal(png, grid)
 
 
-def test_eval_json_has_named_iou_and_unit(data_root, tmp_path):
+def test_eval_json_has_named_iou_and_unit(data_root, tmp_path, caplog):
     config = tiny_config(data_root)
     info = data.dataset_info(config.data)
     method = build_method(config, info.num_classes)
@@ -84,11 +92,12 @@ def test_eval_json_has_named_iou_and_unit(data_root, tmp_path):
     ckpt.save_best(3, method.eval_variables(init_state(method), method.best_predict), 0.1,
                    evaluation=method.best_predict, predict=method.best_predict)
     ckpt.close()
-    results = modes.evaluate_checkpoint(config, str(tmp_path), "best")
+    with caplog.at_level(logging.INFO):
+        results = modes.evaluate_checkpoint(config, str(tmp_path), "best")
     with open(tmp_path / "eval_best.json") as f:
         saved = json.load(f)
     assert saved == results
-    check_named_iou(saved, info.class_names)
+    check_named_iou(saved, info.class_names, caplog)
     assert saved["protocol"]["num_images"] == NUM_VAL
 
 

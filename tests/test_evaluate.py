@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from csl_jax import evaluation
+from csl_jax import evaluation, parallel
 from csl_jax.evaluation import folder, metrics, protocols
 from csl_jax.evaluation.evaluator import Evaluator, spread_indices
 from csl_jax.evaluation.protocols import Protocol, get_protocol
@@ -311,6 +311,107 @@ def test_whole_image_different_sizes_and_batch_padding():
     assert fake_apply.traces - before == 2
     want3 = sum(np_confusion(d["label"], np_apply(np_normalize(d["image"])).argmax(-1), C) for d in data[:3])
     np.testing.assert_array_equal(res2["confusion"], want3)
+
+
+# --- shape buckets: many sizes in any order (COCO, ADE20K) ----------------------------------------
+
+# 21 images of 5 shapes, interleaved; (9, 31) appears once, (17, 23) fills one batch of 8 and one more
+BUCKET_SHAPES = [(17, 23), (23, 17), (17, 23), (20, 20), (13, 29), (17, 23), (23, 17), (20, 20), (17, 23),
+                 (9, 31), (23, 17), (17, 23), (13, 29), (17, 23), (23, 17), (17, 23), (20, 20), (23, 17),
+                 (17, 23), (23, 17), (17, 23)]
+
+
+def tiny_deeplab():
+    """(apply_fn that counts its traces, random float32 variables) of a tiny DeepLabV3+ with C classes."""
+    from benchmarks.model_forward import random_variables
+    from configs import common
+    from csl_jax.models import DeepLabV3Plus
+
+    model = DeepLabV3Plus(C, **dict(common.TINY_MODEL, width=4, head_width=8, reduce_width=4))
+
+    def apply_fn(variables, x):
+        apply_fn.traces += 1
+        return model.apply(variables, x, train=False)[0]
+
+    apply_fn.traces = 0
+    return apply_fn, random_variables(model, (1, 33, 33, 3))
+
+
+def test_shape_buckets_match_each_image_alone_exactly():
+    """Batch 8 on 8 devices, images grouped by shape across the stream: the same confusion matrix
+    (integers), samples and predictions as each image alone at batch 1; one program per shape."""
+    apply_fn, variables = tiny_deeplab()
+    data = make_dataset(BUCKET_SHAPES, seed=9)
+    alone = Evaluator(apply_fn, num_classes=C, batch_size=1, mesh=parallel.make_mesh(jax.devices()[:1]))
+    want = alone.evaluate(variables, data)
+    want_preds = list(alone.predict(variables, (d["image"] for d in data)))
+    assert want["batching"]["batches"] == 21 and len(np.unique(np.concatenate([p.ravel() for p in want_preds]))) > 1
+
+    evaluator = Evaluator(apply_fn, num_classes=C, batch_size=8)
+    before = apply_fn.traces
+    res = evaluator.evaluate(variables, data, num_samples=5)
+    assert res["confusion"].dtype == np.int64
+    np.testing.assert_array_equal(res["confusion"], want["confusion"])
+    # (17, 23) x 9 -> 8 + 1, the four other shapes one batch each: 6 batches of 8 slots for 21 images
+    assert res["batching"] == {"grouping": "shape_buckets", "batch_size": 8, "batches": 6,
+                               "dummy_fraction": pytest.approx(1 - 21 / 48), "programs": 5, "compiled": 5}
+    assert evaluator.num_programs == 5 and apply_fn.traces - before == 5  # no per-image compile
+    assert res["sample_indices"] == [0, 5, 10, 15, 20]
+    for index, (image, pred, label) in zip(res["sample_indices"], res["samples"]):
+        np.testing.assert_array_equal(image, data[index]["image"])
+        np.testing.assert_array_equal(label, data[index]["label"])
+        np.testing.assert_array_equal(pred, want_preds[index])
+    # predict: consecutive grouping, in input order, with the programs already compiled
+    for pred, want_pred in zip(evaluator.predict(variables, (d["image"] for d in data)), want_preds, strict=True):
+        np.testing.assert_array_equal(pred, want_pred)
+    again = evaluator.evaluate(variables, data)
+    assert again["batching"]["compiled"] == 0 and apply_fn.traces - before == 5
+    np.testing.assert_array_equal(again["confusion"], want["confusion"])
+
+
+def test_consecutive_grouping_runs_one_image_per_batch_here_with_the_same_result():
+    data = make_dataset(BUCKET_SHAPES, seed=9)
+    res = Evaluator(fake_apply, num_classes=C, batch_size=8, shape_buckets=False).evaluate(VARIABLES, data)
+    assert res["batching"]["grouping"] == "consecutive" and res["batching"]["batches"] == 21  # no neighbours alike
+    buckets = Evaluator(fake_apply, num_classes=C, batch_size=8).evaluate(VARIABLES, data)
+    np.testing.assert_array_equal(res["confusion"], buckets["confusion"])
+
+
+def test_buckets_run_the_fullest_group_when_the_memory_cap_is_reached():
+    """Pending lists per shape; over the cap the fullest runs partial (of equals, the one started first);
+    the rest at the end in the order their lists started."""
+    shapes = [(2, 2), (3, 3), (2, 2), (4, 4), (3, 3), (3, 3), (5, 5), (2, 2), (2, 2), (2, 2)]
+    examples = [(i, np.zeros(s + (3,), np.uint8), np.zeros(s, np.uint8)) for i, s in enumerate(shapes)]
+    # bytes (image + label): (2, 2) 16, (3, 3) 36, (4, 4) 64, (5, 5) 100
+    evaluator = Evaluator(fake_apply, num_classes=C, batch_size=8, max_pending_bytes=136)
+    batches = [[e[0] for e in batch] for batch in evaluator._buckets(examples)]
+    # image 4: 16x2 + 36x2 + 64 = 168 > 136 -> (2, 2) [0, 2] (first of the two fullest), 136 left;
+    # image 5: 172 -> (3, 3) [1, 4, 5]; image 6: 64 + 100 -> (4, 4) [3] (first of equals);
+    # image 9: 100 + 16x3 = 148 -> (2, 2) [7, 8, 9]; the end: (5, 5) [6]
+    assert batches == [[0, 2], [1, 4, 5], [3], [7, 8, 9], [6]]
+    assert [[e[0] for e in b] for b in evaluator._buckets(examples)] == batches  # deterministic
+
+
+def test_host_confusion_accumulates_in_int64(monkeypatch):
+    """Batches of 2^30 counts per cell (a COCO-scale set sums past 2^31) do not wrap around."""
+    evaluator = Evaluator(fake_apply, num_classes=C, batch_size=8)
+    monkeypatch.setattr(evaluator, "_step", lambda variables, images, labels: (
+        np.full((C, C), 2**30, np.int32), np.zeros(images.shape[:3], np.int32)))
+    res = evaluator.evaluate(VARIABLES, make_dataset([(4, 4), (5, 5), (6, 6)]))
+    assert res["confusion"].dtype == np.int64 and (res["confusion"] == 3 * 2**30).all()
+
+
+def test_iou_table_names_each_class_with_its_iou():
+    conf = np.array([[5, 1, 0, 2], [0, 3, 0, 1], [0, 0, 0, 0], [1, 0, 0, 4]], np.int64)
+    iou = metrics.segmentation_metrics(conf)["iou"]  # 5/9, 3/5, 0, 4/8
+    names = ["background", "person", "traffic light", "a class name of 30 characters!"]
+    table = metrics.iou_table(iou, names, columns=3)
+    assert table.splitlines() == ["  background        55.6  person            60.0  traffic light      0.0",
+                                  "  a class name of~  50.0"]
+    many = metrics.iou_table(np.linspace(0, 1, 150), [f"class {i}" for i in range(150)])
+    assert len(many.splitlines()) == 30 and max(len(line) for line in many.splitlines()) <= 120
+    with pytest.raises(ValueError, match="3 class names for 4 IoU values"):
+        metrics.iou_table(iou, names[:3])
 
 
 def test_spread_indices_cover_the_set_evenly():

@@ -1,16 +1,20 @@
 """Sharded inference of one evaluation protocol over a dataset: confusion matrix, mIoU, predictions.
 
 What each protocol computes is its `protocols.Protocol` record (docs/protocol.md §4). Inference runs
-under ``shard_map`` over the ("data",) mesh: consecutive images of the same shape are batched
-(``batch_size``, a multiple of the device count), the batch is padded with dummy samples whose
-labels are all ignored, and the per-device confusion matrices are ``psum``-ed. One jitted program
-is compiled per distinct image shape and kept in the ``Evaluator``, so create the ``Evaluator`` once
-per run. Datasets of many image sizes (Pascal VOC) compile many programs; ``pad_to_multiple=m``
-('whole' only) pads each image bottom/right to a multiple of m (mean colour, ignored labels) so at
-most a few shapes compile. It is faster but not the reference protocol: border pixels see the
-padding. Use it for in-training evaluation, not for reported numbers. Batching images together
-gives the same result as the references' batch 1 because eval-mode BatchNorm treats samples
-independently.
+under ``shard_map`` over the ("data",) mesh: images of the same shape are batched (``batch_size``, a
+multiple of the device count), a partial batch is filled with dummy samples whose labels are all
+ignored, and the per-device confusion matrices are ``psum``-ed. One jitted program is compiled per
+distinct image shape and kept in the ``Evaluator`` (``num_programs``), so create the ``Evaluator``
+once per run.
+
+`evaluate` groups images by shape across the whole stream (shape buckets, `_buckets`): a set of
+many sizes in any order (COCO, ADE20K) runs in mostly full batches, exactly (every image at its
+own size), with host memory bounded by ``max_pending_bytes``. `predict` batches only consecutive
+images of the same shape, so that it yields in input order. ``pad_to_multiple=m`` ('whole' only)
+pads each image bottom/right to a multiple of m (mean colour, ignored labels) so that few shapes
+compile. It is faster but not the reference protocol: border pixels see the padding. Use it for
+in-training evaluation, not for reported numbers. Batching images together gives the same result
+as the references' batch 1 because eval-mode BatchNorm treats samples independently.
 """
 
 from __future__ import annotations
@@ -33,6 +37,12 @@ from csl_jax.evaluation.protocols import Protocol, Tile, center_crop, get_protoc
 
 # apply_fn(variables, images (b, h, w, 3) float32 normalised) -> logits (b, h, w, C) float32.
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
+# (position in the dataset, image (H, W, 3) uint8, label (H, W) uint8)
+Example = tuple[int, np.ndarray, np.ndarray]
+# Host memory (image + label bytes) that images waiting for same-shape companions may hold: about
+# 870 COCO images of 640 x 480, enough to batch a 5,000-image COCO-like stream at 8 images per batch
+# with 6 % dummy slots (19 % with 256 MiB; `python -m benchmarks.eval_scale --plan-only --images 5000`).
+MAX_PENDING_BYTES = 2**30
 
 
 def _apply_stacked(apply_fn: ApplyFn, variables: Any, x: jax.Array, tiles: Sequence[Tile]) -> jax.Array:
@@ -80,6 +90,10 @@ class Evaluator:
       ignore_index: label value not counted.
       pad_label: label value for centre-crop padding (see protocols.center_crop).
       class_names: optional names, used in warnings.
+      pad_to_multiple: 'whole' only: pad each image bottom/right to a multiple of this (0: exact sizes).
+      shape_buckets: `evaluate` groups images by shape across the stream (True) or batches only
+        consecutive same-shape images (False: the grouping `predict` uses; benchmarks/eval_scale.py).
+      max_pending_bytes: host memory the shape buckets may hold (see `_buckets`).
     """
 
     def __init__(
@@ -95,6 +109,8 @@ class Evaluator:
         pad_label: int = IGNORE_INDEX,
         class_names: Sequence[str] | None = None,
         pad_to_multiple: int = 0,
+        shape_buckets: bool = True,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
     ):
         protocol = get_protocol(protocol) if isinstance(protocol, str) else protocol
         if protocol.needs_window and (not isinstance(crop_size, (int, np.integer)) or crop_size <= 0):
@@ -121,6 +137,9 @@ class Evaluator:
         if pad_to_multiple and protocol.needs_window:
             raise ValueError(f"pad_to_multiple applies to protocol 'whole' only, not {protocol.name!r}")
         self.pad_to_multiple = pad_to_multiple
+        self.shape_buckets = shape_buckets
+        self.max_pending_bytes = max_pending_bytes
+        self._shapes: set[tuple[int, int]] = set()  # padded (H, W) run so far: one program each
         self._data_sharding = NamedSharding(self.mesh, P(parallel.AXIS))
         step = parallel.shard_map(
             self._local_step,
@@ -129,6 +148,11 @@ class Evaluator:
             out_specs=(P(), P(parallel.AXIS)),
         )
         self._step = jax.jit(step)  # jit caches one executable per (batch, H, W)
+
+    @property
+    def num_programs(self) -> int:
+        """Programs compiled by this Evaluator so far: its distinct padded image shapes (batch is fixed)."""
+        return len(self._shapes)
 
     @property
     def protocol_info(self) -> dict[str, Any]:
@@ -172,13 +196,14 @@ class Evaluator:
         """Full host batch (same on every process) -> global array sharded on "data"."""
         return jax.make_array_from_callback(batch.shape, self._data_sharding, lambda index: batch[index])
 
-    def _run(self, variables: Any, examples: list[tuple[np.ndarray, np.ndarray]]) -> tuple[jax.Array, jax.Array]:
+    def _run(self, variables: Any, examples: list[Example]) -> tuple[jax.Array, jax.Array]:
         """One padded batch of same-shape examples -> (conf (C, C) int32, preds (batch, H, W) int32)."""
-        h, w = self._padded_shape(examples[0][1].shape)
+        h, w = self._padded_shape(examples[0][2].shape)
+        self._shapes.add((h, w))
         images = np.empty((self.batch_size, h, w, 3), np.uint8)
         images[...] = np.round(np.asarray(IMAGENET_MEAN) * 255).astype(np.uint8)  # ~0 once normalised
         labels = np.full((self.batch_size, h, w), self.ignore_index, np.uint8)  # dummies, padding: ignored
-        for i, (image, label) in enumerate(examples):
+        for i, (_, image, label) in enumerate(examples):
             images[i, : label.shape[0], : label.shape[1]] = image
             labels[i, : label.shape[0], : label.shape[1]] = label
         return self._step(variables, self._to_global(images), self._to_global(labels))
@@ -188,18 +213,45 @@ class Evaluator:
         m = self.pad_to_multiple
         return shape if not m else (-(-shape[0] // m) * m, -(-shape[1] // m) * m)
 
-    def _batches(self, variables: Any, examples: Iterable[tuple[np.ndarray, np.ndarray]]):
-        """Groups consecutive same-shape examples; yields (conf, preds, examples) per batch."""
-        variables = parallel.replicate(variables, self.mesh)
-        pending: list[tuple[np.ndarray, np.ndarray]] = []
+    def _consecutive(self, examples: Iterable[Example]) -> Iterator[list[Example]]:
+        """Batches of consecutive same-shape examples (at most batch_size each), in input order."""
+        for _, run in itertools.groupby(examples, key=lambda ex: self._padded_shape(ex[2].shape)):
+            while batch := list(itertools.islice(run, self.batch_size)):
+                yield batch
+
+    def _buckets(self, examples: Iterable[Example]) -> Iterator[list[Example]]:
+        """Batches of same-shape examples from anywhere in the stream (shape buckets).
+
+        Each padded shape has a pending list; a list runs when it holds batch_size examples. While the
+        pending examples hold more than `max_pending_bytes` (image + label bytes), the fullest list
+        runs partial (of equals, the one started first). The rest run at the end, in the order their
+        lists started. The batches depend only on the sequence of shapes, so every process of a
+        multi-host run, iterating the same dataset, forms the same batches in the same order.
+        """
+        pending: dict[tuple[int, int], list[Example]] = {}
+        held = 0
         for example in examples:
-            shape = self._padded_shape(example[1].shape)
-            if pending and (self._padded_shape(pending[0][1].shape) != shape or len(pending) == self.batch_size):
-                yield *self._run(variables, pending), pending
-                pending = []
-            pending.append(example)
-        if pending:
-            yield *self._run(variables, pending), pending
+            shape = self._padded_shape(example[2].shape)
+            pending.setdefault(shape, []).append(example)
+            held += _nbytes([example])
+            if len(pending[shape]) == self.batch_size:
+                held -= _nbytes(pending[shape])
+                yield pending.pop(shape)
+            while held > self.max_pending_bytes:
+                batch = pending.pop(max(pending, key=lambda k: len(pending[k])))
+                held -= _nbytes(batch)
+                yield batch
+        yield from pending.values()
+
+    def _groups(self, examples: Iterable[Example]) -> Iterator[list[Example]]:
+        """The batches `evaluate` runs: shape buckets, or consecutive runs when not `shape_buckets`."""
+        return self._buckets(examples) if self.shape_buckets else self._consecutive(examples)
+
+    def _batches(self, variables: Any, groups: Iterable[list[Example]]):
+        """Runs each group of same-shape examples; yields (conf, preds, group) per batch."""
+        variables = parallel.replicate(variables, self.mesh)
+        for group in groups:
+            yield *self._run(variables, group), group
 
     def _check(self, example: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """Validates one {'id', 'image', 'label'} example and applies the centre crop if any."""
@@ -242,25 +294,29 @@ class Evaluator:
         Returns:
           segmentation_metrics(...) plus 'confusion' ((C, C) int64), 'num_images',
           'protocol' (protocol_info + num_images), 'samples' (list of triples) and 'sample_indices'
-          (their positions in the dataset).
+          (their positions in the dataset, ascending), and 'batching': 'grouping', 'batch_size',
+          'batches' (device steps), 'dummy_fraction' (batch slots filled with dummies), 'programs'
+          (distinct padded shapes of this call: one program each) and 'compiled' (those compiled
+          during this call; 0 when every one was kept from an earlier call).
         """
         total = len(dataset) if hasattr(dataset, "__len__") else num_samples
         wanted = set(spread_indices(min(total, max_images or total), num_samples))
-        examples = (self._check(ex) for ex in itertools.islice(dataset, max_images))
+        examples = ((i, *self._check(ex)) for i, ex in enumerate(itertools.islice(dataset, max_images)))
         conf = np.zeros((self.num_classes, self.num_classes), np.int64)
         in_flight: collections.deque = collections.deque()
-        samples, sample_indices, num_images = [], [], 0
-        for batch_conf, preds, batch in self._batches(variables, examples):
-            positions = range(num_images, num_images + len(batch))
+        samples: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        shapes, num_images, num_batches, programs_before = set(), 0, 0, self.num_programs
+        for batch_conf, preds, batch in self._batches(variables, self._groups(examples)):
+            shapes.add(self._padded_shape(batch[0][2].shape))
             num_images += len(batch)
+            num_batches += 1
             in_flight.append(batch_conf)
             if len(in_flight) > 2:  # bound the work queued ahead of the device
                 conf += np.asarray(in_flight.popleft(), np.int64)
-            if wanted.intersection(positions):
-                for index, (image, label), pred in zip(positions, batch, _fetch(preds)):
+            if any(index in wanted for index, _, _ in batch):
+                for (index, image, label), pred in zip(batch, _fetch(preds)):
                     if index in wanted:
-                        samples.append((image, pred[: label.shape[0], : label.shape[1]].astype(np.uint8), label))
-                        sample_indices.append(index)
+                        samples[index] = (image, pred[: label.shape[0], : label.shape[1]].astype(np.uint8), label)
         for batch_conf in in_flight:
             conf += np.asarray(batch_conf, np.int64)
         if num_images == 0:
@@ -270,8 +326,16 @@ class Evaluator:
             confusion=conf,
             num_images=num_images,
             protocol={**self.protocol_info, "num_images": num_images},
-            samples=samples,
-            sample_indices=sample_indices,
+            samples=[samples[i] for i in sorted(samples)],
+            sample_indices=sorted(samples),
+            batching={
+                "grouping": "shape_buckets" if self.shape_buckets else "consecutive",
+                "batch_size": self.batch_size,
+                "batches": num_batches,
+                "dummy_fraction": 1.0 - num_images / (num_batches * self.batch_size),
+                "programs": len(shapes),
+                "compiled": self.num_programs - programs_before,
+            },
         )
         return results
 
@@ -285,12 +349,10 @@ class Evaluator:
                 f"protocol {self.protocol.name!r} predicts only the centre; use 'whole' or a sliding protocol"
             )
 
-        def examples():
-            for image in images:
-                yield image, np.full(image.shape[:2], self.ignore_index, np.uint8)
-
-        for _, preds, batch in self._batches(variables, examples()):
-            for (_, label), pred in zip(batch, _fetch(preds)):
+        examples = ((i, image, np.full(image.shape[:2], self.ignore_index, np.uint8))
+                    for i, image in enumerate(images))
+        for _, preds, batch in self._batches(variables, self._consecutive(examples)):
+            for (_, _, label), pred in zip(batch, _fetch(preds)):
                 yield pred[: label.shape[0], : label.shape[1]]
 
 
@@ -302,6 +364,11 @@ def spread_indices(num_images: int, num_samples: int) -> list[int]:
     if k <= 1:
         return list(range(k))
     return [int(v) for v in np.round(np.linspace(0, num_images - 1, k))]
+
+
+def _nbytes(examples: Iterable[Example]) -> int:
+    """Host bytes of the images and labels of `examples`."""
+    return sum(image.nbytes + label.nbytes for _, image, label in examples)
 
 
 def _fetch(x: jax.Array) -> np.ndarray:

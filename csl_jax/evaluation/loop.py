@@ -21,6 +21,7 @@ from absl import logging
 from csl_jax import data, visualize
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.evaluation.evaluator import Evaluator
+from csl_jax.evaluation.metrics import iou_table
 from csl_jax.evaluation.protocols import get_protocol
 
 
@@ -118,6 +119,8 @@ class EvalLoop:
             writer: ImageWriter | None = None) -> dict[str, dict]:
         """Runs every evaluation on `train_state`; writes plots (process 0). Returns {name: JSON-ready results}.
 
+        Logs each evaluation's mIoU, and the IoU per class of the best evaluation (`iou_table`).
+
         The best evaluation draws `config.eval.num_plot_images` val images spread over the split
         (`evaluator.spread_indices`) into plots/{split}_step{step:07d}.png, and into `writer` (when
         given) as `writer.write_image(step, f"{split}/predictions", grid)`, grid (H, W, 3) uint8.
@@ -131,6 +134,9 @@ class EvalLoop:
                 num_samples=self.config.eval.num_plot_images if is_best else 0)
             logging.info("step %d: %s mIoU %.2f (%s, %s, %d images)%s", step, e.name, 100 * results["miou"], e.split,
                          e.protocol, results["num_images"], " [picks best]" if is_best else "")
+            if is_best:
+                logging.info("step %d: %s IoU per class (%%):\n%s", step, e.name,
+                             iou_table(results["iou"], self.class_names))
             if jax.process_index() == 0 and results["samples"]:
                 os.makedirs(self.plot_dir, exist_ok=True)
                 images, preds, labels = zip(*results["samples"])

@@ -1,4 +1,5 @@
-"""Confusion matrix (on device) and the metrics derived from it: IoU per class, mIoU, accuracies."""
+"""Confusion matrix (on device) and the metrics derived from it: IoU per class, mIoU, accuracies;
+the per-class IoU as a compact text table for the logs."""
 
 from __future__ import annotations
 
@@ -64,3 +65,17 @@ def segmentation_metrics(conf: np.ndarray, class_names: Sequence[str] | None = N
         "pixel_acc": float(inter.sum() / max(conf.sum(), 1)),
         "mean_acc": float((inter[present] / gt[present]).mean()) if present.any() else 0.0,
     }
+
+
+def iou_table(iou: Sequence[float], class_names: Sequence[str], columns: int = 5, width: int = 16) -> str:
+    """IoU per class as text for the logs: `columns` cells 'name IoU%' per line, in class order.
+
+    iou: C fractions; class_names: C names, cut to `width` characters (ending in '~' when cut).
+    150 classes take 30 lines of at most 120 characters, each line indented by 2 spaces.
+    """
+    if len(class_names) != len(iou):
+        raise ValueError(f"{len(class_names)} class names for {len(iou)} IoU values")
+    width = min(width, max(len(n) for n in class_names))
+    cells = [f"{n if len(n) <= width else n[: width - 1] + '~':<{width}} {100 * v:5.1f}"
+             for n, v in zip(class_names, iou)]
+    return "\n".join("  " + "  ".join(cells[i : i + columns]) for i in range(0, len(cells), columns))

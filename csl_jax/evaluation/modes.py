@@ -16,10 +16,12 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 
 from csl_jax import checkpoint, data, visualize
 from csl_jax.evaluation.folder import predict_folder
 from csl_jax.evaluation.loop import Evaluation, json_ready, make_evaluator, parse_evaluation, plan_evaluations
+from csl_jax.evaluation.metrics import iou_table
 from csl_jax.methods import build_method
 from csl_jax.state import TrainState
 
@@ -82,7 +84,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     into `workdir` when `save` (main.py: when the workdir can be written).
 
     The results (and the file) hold 'miou', 'iou' (a list in class order), 'iou_per_class' ({class
-    name: IoU}) and the accuracies, all fractions in [0, 1] ('unit': 'fraction').
+    name: IoU}) and the accuracies, all fractions in [0, 1] ('unit': 'fraction'). Prints the mIoU
+    and logs the IoU per class in % (`iou_table`, INFO, on stderr).
 
     evaluation: 'PREDICT[@SPLIT][:PROTOCOL]' (default the run's best evaluation); split: 'val',
     or 'test' where prepared (overrides the evaluation's split).
@@ -102,6 +105,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     if save and jax.process_index() == 0:
         with open(os.path.join(workdir, f"eval_{name}.json"), "w") as f:
             json.dump(results, f, indent=1)
+    logging.info("%s IoU per class (%%), %s:\n%s", chosen.split, chosen.name,
+                 iou_table(results["iou"], info.class_names))
     print(f"{chosen.split} mIoU {100 * results['miou']:.2f} ({chosen.predict}, {results['protocol']['name']}) "
           f"from {source}")
     return results
