@@ -54,7 +54,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.cover_ratio = 0.7
     c.data.block_size = 32  # TMP block side in pixels ...
     c.data.block_size_reference_crop = 0  # ... at this crop, scaled to data.crop_size (0 = at every crop)
-    # custom datasets (name='custom'): list files of '<image> [<mask>]' lines, paths relative to data.root
+    # custom datasets (name='custom'): list files of '<image> [<mask>]' lines, paths relative to data.root.
+    # Prepared datasets: labeled_list (and optionally unlabeled_list) of train ids replaces data.split;
+    # unlabeled default: the rest of the prepared train pool.
     c.data.labeled_list = ""
     c.data.unlabeled_list = ""
     c.data.val_list = ""
@@ -168,16 +170,25 @@ def split_and_variant(arg: str, default_split: str) -> tuple[str, str]:
     return (parts[0] if parts else default_split), variant
 
 
-# Published recipes per dataset (docs/protocol.md, docs/methods/unimatch.md, docs/methods/csl.md §11).
-# CamVid has no published semi-supervised recipe: Pascal's, with 240 epochs for the semi-supervised
-# methods because its unlabeled set is ~30x smaller (240 epochs = 9,600 iterations at 1/8).
+# Published recipes per dataset (docs/protocol.md, docs/methods/unimatch.md, docs/methods/csl.md §11,
+# docs/data.md "COCO" and "ADE20K"). CamVid has no published semi-supervised recipe: Pascal's, with
+# 240 epochs for the semi-supervised methods because its unlabeled set is ~30x smaller (240 epochs =
+# 9,600 iterations at 1/8). COCO is UniMatch V1's (configs/coco.yaml at 0324f3d: Xception-65 OS16,
+# crop 513, lr 0.004, 30 epochs, whole image at its original size). ADE20K has no ResNet-era recipe
+# upstream: ours, COCO's with the deep-stem R101 and V2's 60 ADE20K epochs. `csl_os8`: CSL's paper
+# recipe trains OS8 with ASPP 12/24/36 (Pascal, Cityscapes); its COCO setting is not released, so
+# COCO and ADE20K keep UniMatch's OS16 network for CSL too.
 DATASET_RECIPES = {
     "pascal": dict(crop_size=321, lr=1e-3, lr_multi=10.0, epochs=80, semi_epochs=80, labeled_loss="ce",
                    protocol="whole", tau=0.95),
     "cityscapes": dict(crop_size=801, lr=5e-3, lr_multi=1.0, epochs=240, semi_epochs=240, labeled_loss="ohem",
                        protocol="sliding", tau=0.0),
     "camvid": dict(crop_size=321, lr=1e-3, lr_multi=10.0, epochs=80, semi_epochs=240, labeled_loss="ce",
-                   protocol="whole", tau=0.95, block_size_reference_crop=321),
+                   protocol="whole", tau=0.95, block_size_reference_crop=321, imagenet=False),
+    "coco": dict(crop_size=513, lr=4e-3, lr_multi=10.0, epochs=30, semi_epochs=30, labeled_loss="ce",
+                 protocol="whole", tau=0.95, backbone="xception65", csl_os8=False),
+    "ade20k": dict(crop_size=513, lr=4e-3, lr_multi=10.0, epochs=60, semi_epochs=60, labeled_loss="ce",
+                   protocol="whole", tau=0.95, csl_os8=False),
 }
 
 
@@ -199,7 +210,8 @@ def get_recipe(dataset: str, split: str, method: str, variant: str = "csl") -> m
     c.data.crop_size = r["crop_size"]
     c.data.block_size_reference_crop = r.get("block_size_reference_crop", 0)
     c.loss.labeled = r["labeled_loss"]
-    if dataset in ("pascal", "cityscapes"):  # the published recipes start from ImageNet weights
+    c.model.backbone = r.get("backbone", c.model.backbone)
+    if r.get("imagenet", True):  # the published recipes start from ImageNet weights
         c.model.init_from = "imagenet"
     c.optim.lr = r["lr"]
     c.optim.lr_multi = r["lr_multi"]
@@ -216,9 +228,10 @@ def get_recipe(dataset: str, split: str, method: str, variant: str = "csl") -> m
     c.optim.epochs = r["semi_epochs"]
     c.method = weak_to_strong.variant_options(variant) if method == "csl" else weak_to_strong.default_options(method)
     c.method.tau = r["tau"]
-    if method == "csl":
+    if method == "csl" and r.get("csl_os8", True):
         c.model.output_stride = 8
         c.model.aspp_rates = (12, 24, 36)
+    if method == "csl":
         c.model.dtype = "bfloat16"
         recipe = CSL_RECIPES.get((dataset, variant), {})
         c.batch.labeled = c.batch.unlabeled = recipe.get("batch", c.batch.labeled)

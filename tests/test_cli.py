@@ -232,7 +232,8 @@ def test_config_checks_epochs_only_matter_without_total_steps():
 @pytest.mark.parametrize("name", ["supervised", "csl", "unimatch", "fixmatch"])
 def test_config_checks_pass_the_shipped_recipes(name):
     config_checks.check(demo.get_config(name))
-    for dataset, split in (("pascal", "1464"), ("cityscapes", "1_16"), ("camvid", "1_8")):
+    for dataset, split in (("pascal", "1464"), ("cityscapes", "1_16"), ("camvid", "1_8"), ("coco", "1_512"),
+                           ("ade20k", "1_64")):
         config_checks.check(common.get_recipe(dataset, split, name))
 
 

@@ -1,9 +1,4 @@
-"""Pseudo-label selection rules vs an independent NumPy float64 reference.
-
-The CSL reference follows the original SVD formulation (docs/methods/csl.md §2): X = valid
-features (N x 2), SVD of X^T, a_i = argmax_k |V_ik|, per-cluster mean and unbiased variance, the
-reliable cluster of higher mean confidence, Gaussian weights with the OR rule.
-"""
+"""Pseudo-label selection rules vs an independent NumPy float64 reference (tests/helpers/csl_reference.py)."""
 
 import functools
 import re
@@ -15,60 +10,12 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec
 
 from csl_jax.methods.parts import pseudo_labels as pl
-
-ALPHA, EPS = 8.0, 1e-8
+from tests.helpers.csl_reference import ALPHA, ref_features, ref_image, softmax_maps
 
 
 @functools.partial(jax.jit, static_argnames=("variance_scaling",))
 def weights_and_statistics(probs, valid, alpha, variance_scaling):
     return pl.csl_weights(probs, valid, alpha, variance_scaling), pl.csl_statistics(probs, valid, variance_scaling)
-
-
-# ---------------------------------------------------------------- NumPy float64 reference
-
-
-def ref_features(probs, variance_scaling=False):
-    """conf and (sum_{c != k*} (P_c - m)^2 + m^2) / (C - 1), looping over classes; float64."""
-    probs = np.asarray(probs, np.float64)
-    num_classes = probs.shape[-1]
-    top = np.argmax(probs, axis=-1)
-    conf = np.max(probs, axis=-1)
-    m = (1.0 - conf) / (num_classes - 1)
-    total = m**2
-    for c in range(num_classes):
-        total = total + np.where(top == c, 0.0, (probs[..., c] - m) ** 2)
-    var = total / (num_classes - 1)
-    if variance_scaling:
-        var = var * (num_classes - 1) ** 2 / (2.0 * (1.0 - conf + 1e-8))
-    return conf, var
-
-
-def ref_image(conf, var, valid, alpha=ALPHA, eps=EPS):
-    """One image: (weights (H, W), assignment (H, W), reliable cluster, means (2, 2)); float64."""
-    x = np.stack([conf[valid], var[valid]], axis=1).astype(np.float64)
-    assign = np.zeros(len(x), np.int64)
-    # Exactly collinear rows (one pixel included): rank 1, cluster 0. Products of float32 values
-    # are exact in float64, so this test is exact.
-    collinear = len(x) == 0 or np.all(x[:, 0] * x[0, 1] == x[:, 1] * x[0, 0])
-    if not collinear:
-        _, _, vt = np.linalg.svd(x.T, full_matrices=False)
-        assign = np.argmax(np.abs(vt.T), axis=1)
-    means, variances = np.zeros((2, 2)), np.zeros((2, 2))
-    for k in range(2):
-        xk = x[assign == k]
-        if len(xk):
-            means[k] = xk.mean(axis=0)
-        if len(xk) > 1:
-            variances[k] = xk.var(axis=0, ddof=1)
-    if len(x) == 0:
-        means[0], variances[0] = (1.0, 0.0), (1.0, 1.0)
-    r = int(np.argmax(means[:, 0]))
-    z_c = (conf - means[r, 0]) / np.sqrt(variances[r, 0] + eps)
-    z_v = (means[r, 1] - var) / np.sqrt(variances[r, 1] + eps)
-    w = np.where((z_c > 0) | (z_v > 0), 1.0, np.exp(-z_c**2 / alpha) * np.exp(-z_v**2 / alpha))
-    assignment = np.zeros(conf.shape, np.int64)
-    assignment[valid] = assign
-    return np.where(valid, w, 0.0), assignment, r, means
 
 
 def check_against_reference(probs, valid, variance_scaling=False, alpha=ALPHA, tol=1e-5):
@@ -89,16 +36,6 @@ def check_against_reference(probs, valid, variance_scaling=False, alpha=ALPHA, t
 
 
 # ---------------------------------------------------------------- inputs
-
-
-def softmax_maps(seed, num_images=6, size=12, num_classes=21, max_margin=50.0):
-    """Softmax maps from near-uniform to saturated: per-pixel margins U(0, M), M per image in [0, max]."""
-    rng = np.random.default_rng(seed)
-    top_margin = np.linspace(0.05, max_margin, num_images)[:, None, None, None]
-    margin = rng.uniform(0, 1, (num_images, size, size, 1)) * top_margin
-    target = rng.integers(0, num_classes, (num_images, size, size))
-    logits = rng.normal(0, 1, (num_images, size, size, num_classes)) + margin * np.eye(num_classes)[target]
-    return np.array(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
 
 
 def padded_valid(seed, num_images, size):
@@ -268,3 +205,34 @@ def test_select_dispatches_and_rejects_unknown_names():
         np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
     with pytest.raises(ValueError, match="'entropy'.*csl, threshold"):
         pl.select(probs, valid, selector="entropy")
+
+
+# ---------------------------------------------------------------- many classes (COCO 81, ADE20K 150)
+
+
+@pytest.mark.parametrize("variance_scaling", [False, True])
+@pytest.mark.parametrize("num_classes", [81, 150])
+def test_csl_in_float32_matches_float64_at_coco_and_ade20k_class_counts(num_classes, variance_scaling):
+    """The residual variance sums C - 1 terms: at C = 81 / 150 the float32 features stay within 1e-6
+    (relative) of float64, the split equals the SVD reference's, and float64 end to end gives the
+    same assignments and weights within 1e-6 (benchmarks/csl_numerics.py records the figures)."""
+    probs = softmax_maps(7, num_images=4, size=24, num_classes=num_classes)
+    valid = padded_valid(7, 4, 24)
+    weights, _, stats = check_against_reference(probs, valid, variance_scaling=variance_scaling)
+    conf64, var64 = ref_features(probs, variance_scaling)
+    np.testing.assert_allclose(np.asarray(stats.conf), conf64, rtol=1e-7)
+    big = ref_features(probs)[1] >= 1e-30
+    np.testing.assert_allclose(np.asarray(stats.var)[big], var64[big], rtol=1e-6)
+    for b in range(probs.shape[0]):
+        w64, a64, r64, _ = ref_image(conf64[b], var64[b], valid[b])
+        np.testing.assert_array_equal(np.asarray(stats.assignment[b]), a64)
+        assert int(stats.reliable[b]) == r64
+        np.testing.assert_allclose(np.asarray(weights[b]), w64, rtol=0, atol=1e-6)
+
+
+def test_csl_numerics_report_has_every_setting():
+    from benchmarks import csl_numerics
+
+    rows = csl_numerics.main(["--classes", "81", "--size", "9", "--images", "2"])
+    assert [(r["classes"], r["variance_scaling"]) for r in rows] == [(81, False), (81, True)]
+    assert all(r["e2e_reliable_diff"] == 0 and r["var_max_rel_err"] < 1e-5 for r in rows)

@@ -2,7 +2,8 @@
 
 import pytest
 
-from configs import common, csl_camvid, csl_cityscapes, csl_pascal, demo, supervised_camvid, unimatch_pascal
+from configs import (common, csl_ade20k, csl_camvid, csl_cityscapes, csl_coco, csl_pascal, demo, supervised_ade20k,
+                     supervised_camvid, supervised_coco, unimatch_ade20k, unimatch_coco, unimatch_pascal)
 from csl_jax import methods
 
 # The option sets of docs/methods/csl.md §10, written out here (not read from the code).
@@ -93,3 +94,33 @@ def test_old_saved_method_configs_still_load():
     methods.check_config(config)
     method = methods.build_method(config, 21)
     assert (method.opts.variant, method.opts.second_view_source) == ("", "strong2")
+
+
+# UniMatch V1's COCO recipe (LiheYoung/UniMatch configs/coco.yaml at 0324f3d; spec
+# datasets-coco-ade20k.md §3.1), written out: (backbone, OS, ASPP rates, crop, lr, lr_multi, epochs).
+COCO = ("xception65", 16, (6, 12, 18), 513, 0.004, 10.0, 30)
+ADE20K_OURS = ("resnet", 16, (6, 12, 18), 513, 0.004, 10.0, 60)
+
+
+@pytest.mark.parametrize("module,arg,network,batch", [
+    (unimatch_coco, "1_32", COCO, 8), (csl_coco, "1_32", COCO, 8), (supervised_coco, "1_32", COCO, 16),
+    (csl_coco, "1_32,csl_released", COCO, 8), (unimatch_ade20k, "1_8", ADE20K_OURS, 8),
+    (csl_ade20k, "1_8", ADE20K_OURS, 8), (supervised_ade20k, "1_8", ADE20K_OURS, 16)])
+def test_coco_and_ade20k_recipes(module, arg, network, batch):
+    config = module.get_config(arg)
+    assert config.data.name == ("coco" if network is COCO else "ade20k") and config.data.split == arg.split(",")[0]
+    m = config.model
+    assert (m.backbone, m.output_stride, tuple(m.aspp_rates), config.data.crop_size, config.optim.lr,
+            config.optim.lr_multi, config.optim.epochs) == network
+    assert (config.batch.labeled, config.model.init_from, config.eval.protocol, config.loss.labeled) == \
+        (batch, "imagenet", "whole", "ce")
+    assert config.optim.lr_after_step == (config.method.name != "csl")
+    if config.method.name != "supervised":
+        assert (config.batch.unlabeled, config.loss.group_size, config.method.tau) == (8, 2, 0.95)
+    methods.check_config(config)
+
+
+def test_csl_keeps_os8_only_where_its_paper_trains_it():
+    assert (csl_pascal.get_config().model.output_stride, csl_cityscapes.get_config().model.output_stride) == (8, 8)
+    assert csl_coco.get_config().model.dtype == csl_pascal.get_config().model.dtype == "bfloat16"
+    assert unimatch_coco.get_config().model.dtype == "float32"
