@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from csl_jax.models import ccvc, convert, converters, cpcl, css, registry, u2pl
+from csl_jax.models import ccvc, convert, converters, cpcl, css, dpt, registry, u2pl
 from csl_jax.models.convert import CONVERTERS, DETECTION_ORDER, unwrap_state_dict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -22,12 +22,13 @@ A = np.zeros((1,), np.float32)  # detection and unwrapping read the keys only
 
 
 def test_the_detection_order_is_explicit_and_agrees_with_the_registry_and_kinds():
-    assert DETECTION_ORDER == ("u2pl", "css", "csl", "unimatch_xception", "unimatch", "cpcl", "ccvc", "xception",
-                               "deep_backbone", "torchvision")
+    assert DETECTION_ORDER == ("u2pl", "css", "csl", "unimatch_v2", "dinov2", "unimatch_xception", "unimatch", "cpcl",
+                               "ccvc", "xception", "deep_backbone", "torchvision")
     assert [c.kind for c in convert.converters_in_order()] == list(DETECTION_ORDER)
     assert sorted(CONVERTERS) == sorted(DETECTION_ORDER)
     assert sorted(convert.KINDS) == sorted(("auto", "flax") + DETECTION_ORDER)
-    assert [k for k in DETECTION_ORDER if CONVERTERS[k].raw] == ["u2pl", "css"]  # read the checkpoint as loaded
+    # read the checkpoint as loaded
+    assert [k for k in DETECTION_ORDER if CONVERTERS[k].raw] == ["u2pl", "css", "unimatch_v2"]
     # each variant registers its own module's functions
     assert (CONVERTERS["u2pl"].detect, CONVERTERS["u2pl"].unwrap, CONVERTERS["u2pl"].build) == (
         u2pl.is_u2pl_checkpoint, u2pl.u2pl_state_dict, u2pl.from_u2pl)
@@ -39,6 +40,10 @@ def test_the_detection_order_is_explicit_and_agrees_with_the_registry_and_kinds(
     assert (CONVERTERS["xception"].detect, CONVERTERS["unimatch_xception"].detect) == (
         registry.is_xception_backbone, registry.is_unimatch_xception_state_dict)
     assert isinstance(CONVERTERS["unimatch"], converters.Converter)
+    assert (CONVERTERS["unimatch_v2"].detect, CONVERTERS["unimatch_v2"].unwrap, CONVERTERS["unimatch_v2"].build) == (
+        dpt.is_unimatch_v2_checkpoint, dpt.unimatch_v2_state_dict, dpt.from_unimatch_v2)
+    assert (CONVERTERS["dinov2"].detect, CONVERTERS["dinov2"].unwrap, CONVERTERS["dinov2"].build) == (
+        dpt.is_dinov2_state_dict, dpt.dinov2_state_dict, dpt.from_dinov2)
 
 
 # (checkpoint as an official codebase saves it, its kind, the unwrapped keys, the ignored entries)
@@ -87,6 +92,24 @@ LAYOUTS = {
                            "optimizer": {}, "epoch": 29, "previous_best": 31.86},
                           "unimatch_xception", {"backbone.block1.sepconv1.depthwise.weight", "backbone.conv1.weight",
                                                 "head.b0.0.weight"}, []),
+    # UniMatch V2 (unimatch_v2.py:265-274): both DDP networks, the EMA teacher converted; the never-used
+    # mask_token and refinenet4.resConfUnit1 are reported
+    "unimatch_v2": ({"model": {"module.backbone.blocks.0.attn.qkv.weight": A, "module.head.projects.0.weight": A},
+                     "model_ema": {"module.backbone.blocks.0.attn.qkv.weight": A, "module.backbone.mask_token": A,
+                                   "module.head.scratch.refinenet4.resConfUnit1.conv1.weight": A,
+                                   "module.head.scratch.output_conv.2.weight": A},
+                     "optimizer": {}, "epoch": 59, "previous_best": 86.0, "previous_best_ema": 86.3, "best_epoch": 50,
+                     "best_epoch_ema": 52},
+                    "unimatch_v2", {"backbone.blocks.0.attn.qkv.weight", "head.scratch.output_conv.2.weight"},
+                    ["best_epoch", "best_epoch_ema", "epoch", "model", "optimizer", "previous_best",
+                     "previous_best_ema", "backbone.mask_token", "head.scratch.refinenet4.resConfUnit1.conv1.weight"]),
+    "unimatch_v2_flat": ({"module.backbone.blocks.0.attn.qkv.weight": A, "module.head.projects.0.weight": A},
+                         "unimatch_v2", {"backbone.blocks.0.attn.qkv.weight", "head.projects.0.weight"}, []),
+    # an official dinov2_vit*14_pretrain.pth: bare encoder keys
+    "dinov2": ({"cls_token": A, "pos_embed": A, "mask_token": A, "patch_embed.proj.weight": A,
+                "blocks.0.attn.qkv.weight": A, "blocks.0.ls1.gamma": A},
+               "dinov2", {"backbone.cls_token", "backbone.pos_embed", "backbone.patch_embed.proj.weight",
+                          "backbone.blocks.0.attn.qkv.weight", "backbone.blocks.0.ls1.gamma"}, ["mask_token"]),
 }
 
 
@@ -105,12 +128,13 @@ def _accepting(checkpoint):
 
 
 #: kind -> the later kinds that accept its files too
-OVERLAPS = {"cpcl": ["ccvc"], "unimatch_xception": ["unimatch"], "xception": ["torchvision"]}
+OVERLAPS = {"cpcl": ["ccvc"], "unimatch_xception": ["unimatch"], "unimatch_v2": ["unimatch"],
+            "xception": ["torchvision"]}
 
 
 def test_the_order_decides_where_layouts_overlap():
-    """CPCL files also have CCVC's `branch1.backbone.*` keys, UniMatch Xception models UniMatch's `backbone.*`
-    and ImageNet Xception files torchvision's `conv1.weight`: the specific kind is asked first. Every other
+    """CPCL files also have CCVC's `branch1.backbone.*` keys, UniMatch Xception and V2 models UniMatch's
+    `backbone.*` and ImageNet Xception files torchvision's `conv1.weight`: the specific kind is asked first. Every other
     layout is accepted by its own kind only. (U2PL and CSS read the file as loaded: they pick the teacher,
     where the generic selection would take CSS's student `model`; LAYOUTS expects the teacher's keys.)"""
     for name, (checkpoint, kind, _, _) in LAYOUTS.items():
@@ -133,13 +157,13 @@ def test_an_unknown_layout_names_the_kinds_in_order_and_its_first_keys():
 
 
 def _converter(kind):
-    return converters.Converter(kind=kind, layout="`encoder.*` DINOv2 keys", detect=lambda sd: False,
+    return converters.Converter(kind=kind, layout="`encoder.*` keys", detect=lambda sd: False,
                                 unwrap=converters.unchanged, build=lambda checkpoint, **kw: (None, {}))
 
 
 def test_a_registered_kind_must_be_placed_in_the_order(monkeypatch):
-    monkeypatch.setitem(CONVERTERS, "unimatch_v2", _converter("unimatch_v2"))
-    with pytest.raises(ValueError, match=re.escape("converters ['unimatch_v2'] are registered but not placed in "
+    monkeypatch.setitem(CONVERTERS, "segformer", _converter("segformer"))
+    with pytest.raises(ValueError, match=re.escape("converters ['segformer'] are registered but not placed in "
                                                    "csl_jax.models.convert.DETECTION_ORDER")):
         unwrap_state_dict(LAYOUTS["unimatch"][0])
 
@@ -159,19 +183,32 @@ def test_register_converter_refuses_a_taken_or_reserved_kind():
 
 
 def test_a_registered_converter_is_found_once_placed(monkeypatch):
-    """What a new kind does (UniMatch V2: its DINOv2 `backbone.*` keys go before 'unimatch')."""
-    def is_v2(sd):
-        return any(k.startswith("backbone.blocks.") for k in sd)
+    """What a new kind does (a SegFormer with `backbone.*` keys goes before 'unimatch')."""
+    def is_segformer(sd):
+        return any(k.startswith("backbone.block1.") for k in sd)
 
-    monkeypatch.setitem(CONVERTERS, "unimatch_v2", converters.Converter(
-        kind="unimatch_v2", layout="`backbone.blocks.*` keys", detect=is_v2, unwrap=converters.unchanged,
+    monkeypatch.setitem(CONVERTERS, "segformer", converters.Converter(
+        kind="segformer", layout="`backbone.block1.*` keys", detect=is_segformer, unwrap=converters.unchanged,
         build=lambda checkpoint, **kw: (None, {})))
     order = list(DETECTION_ORDER)
-    order.insert(order.index("unimatch"), "unimatch_v2")
+    order.insert(order.index("unimatch"), "segformer")
     monkeypatch.setattr(convert, "DETECTION_ORDER", tuple(order))
-    v2 = {"model": {"backbone.blocks.0.attn.qkv.weight": A, "head.b0.0.weight": A}}
-    assert unwrap_state_dict(v2)[1] == "unimatch_v2"
+    segformer = {"model": {"backbone.block1.0.attn.q.weight": A, "head.b0.0.weight": A}}
+    assert unwrap_state_dict(segformer)[1] == "segformer"
     assert unwrap_state_dict(LAYOUTS["unimatch"][0])[1] == "unimatch"
+
+
+def test_unimatch_v2_takes_the_teacher_or_the_student_and_dinov2_refuses_register_tokens():
+    checkpoint = LAYOUTS["unimatch_v2"][0]
+    student, ignored = dpt.unimatch_v2_state_dict(checkpoint, network="student")
+    assert set(student) == {"backbone.blocks.0.attn.qkv.weight", "head.projects.0.weight"} and "model_ema" in ignored
+    supervised = {"model": checkpoint["model"], "optimizer": {}, "epoch": 3}  # supervised.py saves no EMA
+    assert unwrap_state_dict(supervised)[:2] == (student, "unimatch_v2")
+    with pytest.raises(ValueError, match="network must be 'teacher' \\(model_ema\\) or 'student' \\(model\\)"):
+        dpt.unimatch_v2_state_dict(checkpoint, network="ema")
+    reg4 = dict(LAYOUTS["dinov2"][0], register_tokens=A)  # dinov2_vit*14_reg4_pretrain.pth: detected, refused
+    with pytest.raises(ValueError, match="has register tokens"):
+        unwrap_state_dict(reg4)
 
 
 def _imports(path):
@@ -185,7 +222,7 @@ def _imports(path):
 
 def test_convert_imports_no_model_variant_and_converters_nothing_of_csl_jax():
     models = ROOT / "csl_jax" / "models"
-    variants = ("u2pl", "css", "cpcl", "ccvc")
+    variants = ("u2pl", "css", "cpcl", "ccvc", "dpt", "dinov2")
     assert not [f"{line} {name}" for line, name in _imports(models / "convert.py")
                 if any(name == f"csl_jax.models.{v}" or name.startswith(f"csl_jax.models.{v}.") for v in variants)]
     assert not [name for _, name in _imports(models / "converters.py") if name.startswith("csl_jax")]

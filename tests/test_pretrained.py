@@ -15,6 +15,7 @@ import sys
 import threading
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -302,6 +303,21 @@ def test_a_wrong_file_put_into_the_cache_is_moved_aside_and_never_pinned(content
     assert (cache / "imagenet" / "resnet101.pth.sha256").read_text() == sha256(resnet_skeleton(101)) + "\n"
 
 
+def test_a_dinov2_file_of_another_size_is_moved_aside(cache):
+    """A 'dinov2:<encoder>' file must hold exactly that encoder's tensors (dpt.encoder_error): here the ViT-S
+    keys with 1-element tensors, as if a truncated or other file had been put there."""
+    from tests.test_dinov2_dpt import official_dinov2_keys
+
+    path = cache / "dinov2" / "dinov2_vits14_pretrain.pth"
+    path.parent.mkdir(parents=True)
+    torch.save({k: torch.zeros((1,) * v.ndim) for k, v in official_dinov2_keys("small").items()}, path)
+    model = ml_collections.ConfigDict({"name": "dpt", "encoder": "small", "init_from": "imagenet"})
+    reason = r"not a valid 'dinov2:small' weights file \(encoder 'small' does not fit the checkpoint \(D 1, depth 12"
+    with pytest.raises(pretrained.WeightsUnavailableError, match=reason):
+        pretrained.resolve_init(model)
+    assert files_in(cache) == ["dinov2/dinov2_vits14_pretrain.pth.invalid"]  # nothing pinned
+
+
 def test_a_download_that_is_not_a_checkpoint_is_not_kept(server, cache):
     server.files["/junk.pth"] = bytes(range(256)) * 8
     pretrained.register_weights(NAME, url=server.url("/junk.pth"), kind="deep_backbone", filename="tiny.pth")
@@ -331,7 +347,8 @@ def test_a_recorded_checksum_is_reset_by_one_command(cache, capsys):
 
 def test_unknown_names_and_missing_paths_are_clear(cache, tmp_path):
     with pytest.raises(ValueError, match=r"'xyz:abc' is not a registered weights name; registered: "
-                                         r"\['imagenet:resnet101', 'imagenet:resnet101_u2pl', "
+                                         r"\['dinov2:base', 'dinov2:giant', 'dinov2:large', 'dinov2:small', "
+                                         r"'imagenet:resnet101', 'imagenet:resnet101_u2pl', "
                                          r"'imagenet:resnet101_v1c', 'imagenet:resnet50', 'imagenet:resnet50_v1c', "
                                          r"'imagenet:xception65', 'torchvision:resnet101', 'torchvision:resnet50'\]"):
         pretrained.resolve_init(tiny_model_config("xyz:abc"))

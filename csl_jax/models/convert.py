@@ -10,7 +10,9 @@ and CSS checkpoints ('css': `ema_model` (converted) / `model` with `resnet_*`, `
 `classifier.*`, `representation.*`; csl_jax.models.css) and CPCL checkpoints ('cpcl': `model` with
 `branch1.head.aspp.map_convs.*` ...; csl_jax.models.cpcl.from_cpcl), and with the Xception-65
 backbone UniMatch's ImageNet file ('xception', bare `block1.sepconv1.depthwise.weight` ...) and
-trained UniMatch models ('unimatch_xception', `backbone.block1.sepconv1.*` ...).
+trained UniMatch models ('unimatch_xception', `backbone.block1.sepconv1.*` ...), and UniMatch V2's
+DINOv2 + DPT (csl_jax.models.dpt): official DINOv2 files ('dinov2', bare `blocks.0.attn.qkv.weight`,
+`pos_embed` ...) and trained UniMatch V2 models ('unimatch_v2', `model_ema` (converted) / `model`).
 
 Each layout is a Converter (csl_jax.models.converters) registered by the module of its model;
 this module holds the generic steps (state-dict selection, key -> Flax path, merging, files), the
@@ -44,8 +46,8 @@ from csl_jax.models.converters import CONVERTERS, RESERVED, Converter, register_
 from csl_jax.models.deeplabv3plus import DeepLabV3Plus
 
 KINDS = ("auto", "deep_backbone", "torchvision", "unimatch", "csl", "ccvc", "u2pl", "css", "cpcl",
-         "xception", "unimatch_xception", "flax")
-BACKBONE_KINDS = ("deep_backbone", "torchvision", "xception")
+         "xception", "unimatch_xception", "unimatch_v2", "dinov2", "flax")
+BACKBONE_KINDS = ("deep_backbone", "torchvision", "xception", "dinov2")
 #: The order in which unwrap_state_dict(kind='auto') asks each kind's Converter.detect; the first
 #: that accepts the checkpoint names its layout. 'u2pl' and 'css' read the checkpoint as loaded
 #: (their files hold two networks, {'teacher_state', 'model_state'} / {'ema_model', 'model'}, and
@@ -53,15 +55,16 @@ BACKBONE_KINDS = ("deep_backbone", "torchvision", "xception")
 #: selected from it (its `state_dict` or `model` entry, `module.` prefixes removed), checked by key
 #: prefix from the most specific to the most general: 'csl' (`model.backbone.*`) before 'unimatch'
 #: (`backbone.*`); 'cpcl' (`branch1.head.aspp.map_convs.*`) before 'ccvc' (`branch1.backbone.*`,
-#: which CPCL files also have); 'unimatch_xception' (`backbone.block1.sepconv1.depthwise.weight`)
-#: before 'unimatch'; the bare backbones last, 'xception' (`block1.sepconv1.depthwise.weight`; its
-#: files have `conv1.weight` too) before the ResNets ('deep_backbone' `conv1.0.weight`,
-#: 'torchvision' `conv1.weight`). A new kind goes before every kind whose keys its files also have:
-#: UniMatch V2 (DINOv2 encoder, `backbone.*` keys) right before 'unimatch'. Every kind here is a
-#: registered converter and every registered converter is here (checked at the first conversion),
-#: and KINDS lists them all.
-DETECTION_ORDER = ("u2pl", "css", "csl", "unimatch_xception", "unimatch", "cpcl", "ccvc", "xception", "deep_backbone",
-                   "torchvision")
+#: which CPCL files also have); UniMatch V2's kinds before every `backbone.*` and `conv1.weight` rule:
+#: 'unimatch_v2' (raw: {'model_ema', 'model'} or a flat dict with `backbone.blocks.0.attn.qkv.weight`)
+#: and its bare DINOv2 encoder files 'dinov2' (`blocks.0.attn.qkv.weight` + `pos_embed`);
+#: 'unimatch_xception' (`backbone.block1.sepconv1.depthwise.weight`) before 'unimatch'; the other bare
+#: backbones last, 'xception' (`block1.sepconv1.depthwise.weight`; its files have `conv1.weight` too)
+#: before the ResNets ('deep_backbone' `conv1.0.weight`, 'torchvision' `conv1.weight`). A new kind goes
+#: before every kind whose keys its files also have. Every kind here is a registered converter and
+#: every registered converter is here (checked at the first conversion), and KINDS lists them all.
+DETECTION_ORDER = ("u2pl", "css", "csl", "unimatch_v2", "dinov2", "unimatch_xception", "unimatch", "cpcl", "ccvc",
+                   "xception", "deep_backbone", "torchvision")
 Path = Tuple[str, ...]  # (collection, module, ..., leaf)
 
 if sorted(KINDS) != sorted(RESERVED + DETECTION_ORDER):
@@ -144,11 +147,17 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], kind: str = "auto") -> Tupl
     return sd, kind, list(ignored)
 
 
+#: leaves that are parameters of their module under their own name (DINOv2's LayerScale `gamma`,
+#: class token and position table)
+PARAMETER_LEAVES = ("gamma", "cls_token", "pos_embed")
+
+
 def flax_path(key: str, ndim: int) -> Path:
     """PyTorch key -> Flax variable path: numeric parts join the previous name with '_'.
 
     `backbone.layer1.0.conv1.weight` (4-D) -> ('params', 'backbone', 'layer1_0', 'conv1', 'kernel');
-    BN `weight`/`bias`/`running_mean`/`running_var` -> params scale/bias, batch_stats mean/var.
+    a 2-D (Linear) `weight` -> 'kernel' too; any other `weight` (BN, LayerNorm) -> 'scale';
+    `bias`/`running_mean`/`running_var` -> params bias, batch_stats mean/var; PARAMETER_LEAVES as they are.
     """
     parts = key.split(".")
     modules = []
@@ -159,7 +168,9 @@ def flax_path(key: str, ndim: int) -> Path:
             modules.append(p)
     leaf = parts[-1]
     if leaf == "weight":
-        return ("params", *modules, "kernel" if ndim == 4 else "scale")
+        return ("params", *modules, "kernel" if ndim in (2, 4) else "scale")
+    if leaf in PARAMETER_LEAVES:
+        return ("params", *modules, leaf)
     if leaf == "bias":
         return ("params", *modules, "bias")
     if leaf == "running_mean":
@@ -170,7 +181,8 @@ def flax_path(key: str, ndim: int) -> Path:
 
 
 def convert_state_dict(state_dict: Mapping[str, Any]) -> Dict[Path, np.ndarray]:
-    """Flat PyTorch state dict -> {Flax path: float32 array}; conv OIHW -> HWIO, drops num_batches_tracked."""
+    """Flat PyTorch state dict -> {Flax path: float32 array}; conv OIHW -> HWIO (ConvTranspose (in, out, k, k)
+    -> (k, k, out, in), read with transpose_kernel=True), Linear (out, in) -> (in, out); drops num_batches_tracked."""
     out = {}
     for key, value in state_dict.items():
         if key.endswith("num_batches_tracked"):
@@ -178,6 +190,8 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> Dict[Path, np.ndarray]:
         arr = _to_numpy(value)
         if arr.ndim == 4:
             arr = arr.transpose(2, 3, 1, 0)
+        elif arr.ndim == 2 and key.endswith(".weight"):
+            arr = arr.T
         out[flax_path(key, arr.ndim)] = arr
     return out
 

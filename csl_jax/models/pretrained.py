@@ -5,7 +5,8 @@
     'none' (or '')          random init
     'imagenet'              the ImageNet ResNet of model.depth for model.stem: 'imagenet:resnet{50,101}'
                             (deep stem) or 'torchvision:resnet{50,101}' (torchvision stem);
-                            'imagenet:xception65' for model.backbone='xception65'
+                            'imagenet:xception65' for model.backbone='xception65';
+                            'dinov2:<model.encoder>' for model.name='dpt'
     'imagenet:resnet101'    a registered name (REGISTRY; `register_weights` adds one)
     '/weights/r101.pth'     a file: a PyTorch .pth (read without torch: csl_jax.models.torch_pickle) or a
                             converted .msgpack/.npz (csl_jax.models.convert)
@@ -16,7 +17,7 @@ place only after its checksum passed. Offline, put the file at that path yoursel
 
 Checksums: a published sha256 (or torchvision's 8-hex prefix, from its file names) is checked on
 every download and every use of the cached file. Files without a published checksum (the Google
-Drive and Baidu Cloud files of the UniMatch, U2PL and CPCL READMEs) are trusted on first use: the
+Drive and Baidu Cloud files of the UniMatch, U2PL and CPCL READMEs, the DINOv2 files) are trusted on first use: the
 sha256 of the first download (or of a file put into the cache by hand) is printed, kept in
 `<file>.sha256` and checked on every later use, but only once the file has been checked to be a
 readable checkpoint of its kind (`validation_error`): a web page or another network's file is never
@@ -42,7 +43,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from csl_jax.models import convert
+from csl_jax.models import convert, dpt
 from csl_jax.models.convert import KINDS
 
 WEIGHTS_DIR_ENV = "CSL_JAX_WEIGHTS_DIR"
@@ -129,6 +130,12 @@ def _google_drive(file_id: str) -> dict:
                 page=f"https://drive.google.com/file/d/{file_id}/view?usp=sharing")
 
 
+def _dinov2(size: str) -> dict:
+    """url and filename of the official DINOv2 ViT-{size}/14 file (no registers)."""
+    filename = f"dinov2_vit{size}14_pretrain.pth"
+    return dict(url=f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{size}14/{filename}", filename=filename)
+
+
 # The ImageNet deep-stem ResNets linked under "Pretrained Backbone" in the UniMatch README
 # (github.com/LiheYoung/UniMatch), which the CSL code loads as pretrained/resnet{50,101}.pth too.
 # No checksum is published: trusted on first use.
@@ -166,6 +173,12 @@ register_weights("torchvision:resnet50", kind="torchvision", filename="resnet50-
 register_weights("torchvision:resnet101", kind="torchvision", filename="resnet101-63fe2227.pth",
                  url="https://download.pytorch.org/models/resnet101-63fe2227.pth", sha256_prefix="63fe2227",
                  description="ImageNet ResNet-101, torchvision stem (IMAGENET1K_V1)")
+# The DINOv2 ViT/14 encoders UniMatch V2 starts from (its README links S, B and L; giant has the same
+# naming on the DINOv2 server). No checksum is published: trusted on first use.
+register_weights("dinov2:small", kind="dinov2", description="DINOv2 ViT-S/14 (UniMatch V2 encoder)", **_dinov2("s"))
+register_weights("dinov2:base", kind="dinov2", description="DINOv2 ViT-B/14 (UniMatch V2 encoder)", **_dinov2("b"))
+register_weights("dinov2:large", kind="dinov2", description="DINOv2 ViT-L/14 (UniMatch V2 encoder)", **_dinov2("l"))
+register_weights("dinov2:giant", kind="dinov2", description="DINOv2 ViT-g/14 (UniMatch V2 encoder)", **_dinov2("g"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +199,16 @@ def imagenet_name(model_cfg: ml_collections.ConfigDict) -> str:
 
     Refuses a narrowed model (model.width != 64 or model.blocks set), which no ImageNet file fits.
     With model.backbone='xception65': 'imagenet:xception65' (stem and depth are ResNet fields).
+    With model.name='dpt': 'dinov2:<model.encoder>', refused when an encoder field is set off the
+    encoder's value (`dpt.narrowed_fields`).
     """
+    if model_cfg.get("name") == "dpt":
+        encoder, narrowed = model_cfg.get("encoder", dpt.DEFAULT_ENCODER), dpt.narrowed_fields(model_cfg)
+        if narrowed:
+            raise ValueError(f"config.model.init_from='imagenet': the DINOv2 files fit only the official encoders, "
+                             f"not model.encoder={encoder!r} with {narrowed}; set --config.model.init_from=none to "
+                             "train this model from random weights")
+        return f"dinov2:{encoder}"
     xception = model_cfg.get("backbone", "resnet") == "xception65"
     stem, depth = model_cfg.get("stem", "deep"), model_cfg.get("depth", 101)
     family = {"deep": "imagenet", "torchvision": "torchvision"}.get(stem)
@@ -325,7 +347,8 @@ def validation_error(record: WeightsRecord, path: str) -> str | None:
     Checks: it reads as a torch.save file (no code runs, `torch_pickle`); its state dict has the
     layout of `record.kind`; for a backbone whose name says 'resnet50' / 'resnet101', every block
     of the four stages is there and no more, each with a 4-d conv1 weight; for an 'xception' file,
-    Xception-65's 20 blocks and no more, with the 4-d kernels of every separable conv.
+    Xception-65's 20 blocks and no more, with the 4-d kernels of every separable conv; for a
+    'dinov2:<encoder>' file, exactly that encoder's tensors, each of its shape.
     """
     try:
         state_dict, _, _ = convert.unwrap_state_dict(convert.load_file(path), record.kind)
@@ -333,6 +356,8 @@ def validation_error(record: WeightsRecord, path: str) -> str | None:
         return str(error)
     if record.kind == "xception":
         return _xception_error(state_dict)
+    if record.kind == "dinov2" and record.family == "dinov2":
+        return dpt.encoder_error(state_dict, record.name.split(":", 1)[1])
     depth = re.search(r"resnet(\d+)", record.name)
     if record.kind not in ("deep_backbone", "torchvision") or not depth or int(depth[1]) not in RESNET_BLOCKS:
         return None
