@@ -49,6 +49,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.crop_size = 321
     c.data.num_workers = 4
     c.data.prefetch = 2
+    # > 0: streams with epoch_of='fixed' (supervised) repeat the labeled list to this many samples per
+    # epoch when it is shorter (UniMatch V2's supervised baseline: 3000 Pascal/Cityscapes, 6000 ADE20K)
+    c.data.epoch_samples = 0
     c.data.cutmix_prob = 0.5
     c.data.tmp_prob = 0.5
     c.data.cover_ratio = 0.7
@@ -80,12 +83,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.method = ml_collections.ConfigDict()
     c.method.name = "supervised"
 
-    # --- optimiser: SGD momentum, torch-style weight decay, poly schedule ---
+    # --- optimiser: SGD momentum or AdamW, torch-style weight decay, poly schedule ---
     c.optim = ml_collections.ConfigDict()
+    c.optim.name = "sgd"  # 'sgd' | 'adamw' (torch.optim.AdamW: betas (0.9, 0.999), eps 1e-8, decoupled decay)
     c.optim.lr = 1e-3
     c.optim.lr_multi = 10.0  # lr of everything but the backbone = lr * lr_multi
-    c.optim.momentum = 0.9
-    c.optim.nesterov = False
+    c.optim.momentum = 0.9  # SGD only
+    c.optim.nesterov = False  # SGD only
     c.optim.weight_decay = 1e-4
     c.optim.weight_decay_on = "all"  # "all" params, or "kernels" only (conv/dense weights, not BN/bias)
     c.optim.poly_power = 0.9
@@ -98,7 +102,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # --- evaluation (csl_jax/evaluation/protocols.py, docs/protocol.md §4) ---
     c.eval = ml_collections.ConfigDict()
-    c.eval.protocol = "whole"  # whole | sliding | sliding_u2pl | sliding_cpcl | center_crop
+    # whole | sliding | sliding_u2pl | sliding_cpcl | center_crop | whole_resize | sliding_shifted
+    c.eval.protocol = "whole"
+    c.eval.resize_multiple = 14  # 'whole_resize' only: each side resized to the nearest multiple of this
     # Evaluations at each eval step, comma-separated `PREDICT[@SPLIT][:PROTOCOL]` (split default
     # val, protocol default eval.protocol), e.g. "teacher,student" or "model@test:sliding".
     # "" = every predict function of the method on val. `best` names the one that picks the best
@@ -236,4 +242,66 @@ def get_recipe(dataset: str, split: str, method: str, variant: str = "csl") -> m
         recipe = CSL_RECIPES.get((dataset, variant), {})
         c.batch.labeled = c.batch.unlabeled = recipe.get("batch", c.batch.labeled)
         c.loss.group_size = recipe.get("group_size", c.loss.group_size)
+    return c
+
+
+#: UniMatch V2 recipes (UniMatch-V2 configs/*.yaml at f6afb4d; docs/methods/unimatch_v2.md §8, §10):
+#: crop (a multiple of 14), global batch labeled = unlabeled (4 GPUs x the per-GPU batch), the loss
+#: group (the per-GPU batch), epochs over the unlabeled set, L_x, the evaluation protocol, and the
+#: supervised baseline's samples per epoch (`data.epoch_samples`; its batch is doubled).
+V2_RECIPES = {
+    "pascal": dict(crop_size=518, batch=16, group_size=4, epochs=60, labeled_loss="ce", protocol="whole_resize",
+                   epoch_samples=3000),
+    "cityscapes": dict(crop_size=798, batch=8, group_size=2, epochs=180, labeled_loss="ohem",
+                       protocol="sliding_shifted", epoch_samples=3000),
+    "ade20k": dict(crop_size=518, batch=8, group_size=2, epochs=60, labeled_loss="ce", protocol="whole_resize",
+                   epoch_samples=6000),
+    "coco": dict(crop_size=518, batch=16, group_size=4, epochs=20, labeled_loss="ce", protocol="whole_resize",
+                 epoch_samples=30000),
+}
+V2_ENCODERS = ("small", "base", "large", "giant")
+
+
+def parse_v2_argument(arg: str, default_split: str) -> tuple[str, str, str]:
+    """'SPLIT[,ENCODER][,VARIANT]' -> (split, encoder, variant); encoder default 'small' (the official config
+    files), variant '' (UniMatch V2), 'csl' or 'fixmatch_v2'. E.g. '1464,base,csl' -> ('1464', 'base', 'csl')."""
+    parts = [p.strip() for p in arg.split(",") if p.strip()] if arg else []
+    variant = parts.pop() if parts and parts[-1] in ("csl", "fixmatch_v2") else ""
+    encoder = parts.pop() if parts and parts[-1] in V2_ENCODERS else "small"
+    if len(parts) > 1:
+        raise ValueError(f"config argument {arg!r}: expected 'SPLIT[,ENCODER][,VARIANT]' with ENCODER one of "
+                         f"{list(V2_ENCODERS)} and VARIANT one of ['csl', 'fixmatch_v2']")
+    return (parts[0] if parts else default_split), encoder, variant
+
+
+def get_v2_recipe(dataset: str, arg: str, method: str) -> ml_collections.ConfigDict:
+    """UniMatch V2's recipe on `dataset` for `method` ('unimatch_v2' or 'supervised'), `arg` as
+    `parse_v2_argument`: DINOv2 + DPT from the DINOv2 weights (`model.init_from='imagenet'`), AdamW
+    (lr 5e-6, head x40, weight decay 0.01 on every parameter), poly with the lr set after each step,
+    the dataset's protocol; the EMA teacher picks the best checkpoint. The TMP ablation's block scales
+    with the crop (32 px at 321)."""
+    split, encoder, variant = parse_v2_argument(arg, {"pascal": "1464", "cityscapes": "1_16", "ade20k": "1_64",
+                                                      "coco": "1_512"}[dataset])
+    r = V2_RECIPES[dataset]
+    c = get_base_config()
+    # the DPT's own fields (csl_jax/models/dpt.py): DeepLabV3+'s (depth, width, ...) do not apply
+    c.model = ml_collections.ConfigDict(dict(name="dpt", encoder=encoder, dtype="float32", remat=False,
+                                             attention="auto", init_from="imagenet", init_kind="auto"))
+    c.data.update(name=dataset, split=split, crop_size=r["crop_size"], block_size_reference_crop=321)
+    c.loss.labeled = r["labeled_loss"]
+    c.loss.group_size = r["group_size"]
+    c.optim.update(name="adamw", lr=5e-6, lr_multi=40.0, weight_decay=0.01, weight_decay_on="all",
+                   lr_after_step=True, epochs=r["epochs"])
+    c.eval.protocol = r["protocol"]
+    if method == "supervised":
+        if variant:
+            raise ValueError(f"config argument {arg!r}: the supervised baseline has no variant {variant!r}")
+        c.batch.labeled = 2 * r["batch"]
+        c.data.epoch_samples = r["epoch_samples"]
+        return c
+    from csl_jax.methods import unimatch_v2
+
+    c.batch.labeled = c.batch.unlabeled = r["batch"]
+    unimatch_v2.configure(c, "fixmatch_v2" if variant == "fixmatch_v2" else "unimatch_v2",
+                          "csl" if variant == "csl" else "")
     return c

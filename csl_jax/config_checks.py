@@ -59,16 +59,17 @@ def check(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError with one line `config.KEY=value: must be ...` for the first invalid setting.
 
     Schedule, logging, checkpoint and stop steps; batch sizes and accumulation; loss groups; crop
-    size; the split (shipped families); learning rate; model dtype and int tuples; evaluation
-    protocol, interval and the syntax of `eval.evaluations` (PREDICT[@SPLIT][:PROTOCOL]; the
-    method's predict names are checked when it is built). The method's own options are
-    `csl_jax.methods.check_config`'s.
+    size and epoch samples; the split (shipped families); optimiser name and learning rate; model
+    dtype and int tuples; evaluation protocol, interval and the syntax of `eval.evaluations`
+    (PREDICT[@SPLIT][:PROTOCOL]; the method's predict names are checked when it is built). The
+    method's own options are `csl_jax.methods.check_config`'s.
     """
     _require(config, "optim.total_steps", lambda v: _is_int(v) and v >= 0,
              "an int >= 0 (0 = optim.epochs x iterations per epoch)")
     if _get(config, "optim.total_steps") in (0, _MISSING):
         _require(config, "optim.epochs", lambda v: v > 0, "> 0 when optim.total_steps=0 (or set optim.total_steps)")
     _require(config, "optim.lr", lambda v: v > 0, "> 0")
+    _check_optimizer(config)
     for key in ("log_every_steps", "checkpoint_every_steps"):
         _require(config, key, lambda v: _is_int(v) and v > 0, "an int > 0")
     _require(config, "keep_checkpoints", lambda v: _is_int(v) and v >= 1, "an int >= 1")
@@ -85,9 +86,20 @@ def check(config: ml_collections.ConfigDict) -> None:
                 _require(config, f"batch.{name}", lambda v: _is_int(v) and v > 0, "an int > 0 (a global batch size)")
     _require(config, "loss.group_size", lambda v: _is_int(v) and v >= 1, "an int >= 1 (images per loss group)")
     _require(config, "data.crop_size", lambda v: _is_int(v) and v > 0, "an int > 0 (pixels)")
+    _require(config, "data.epoch_samples", lambda v: _is_int(v) and v >= 0,
+             "an int >= 0 (samples per epoch of an epoch_of='fixed' stream; 0 = its list as it is)")
     _check_split(config)
     _check_model(config)
     _check_eval(config)
+
+
+def _check_optimizer(config: ml_collections.ConfigDict) -> None:
+    """optim.name is a known optimiser."""
+    from csl_jax.optim import OPTIMIZERS
+
+    name = _get(config, "optim.name")
+    if name is not _MISSING and name not in OPTIMIZERS:
+        raise ValueError(f"config.optim.name={name!r}: must be one of {list(OPTIMIZERS)}")
 
 
 def _check_split(config: ml_collections.ConfigDict) -> None:
@@ -104,8 +116,10 @@ def _check_split(config: ml_collections.ConfigDict) -> None:
 
 def _check_model(config: ml_collections.ConfigDict) -> None:
     """model.dtype is a known compute dtype, model.backbone a known backbone; aspp_rates and blocks are
-    tuples of positive ints."""
+    tuples of positive ints; with model.name='dpt', data.crop_size is a multiple of the patch size (14)
+    and so are the images the main evaluation protocol feeds it ('whole' needs eval.pad_to_multiple)."""
     from csl_jax.models.deeplabv3plus import BACKBONES
+    from csl_jax.models.dinov2 import PATCH_SIZE
     from csl_jax.models.registry import DTYPES
 
     dtype = _get(config, "model.dtype")
@@ -116,6 +130,21 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.model.backbone={backbone!r}: must be one of {list(BACKBONES)}")
     _check_int_tuple(config, "model.aspp_rates")
     _check_int_tuple(config, "model.blocks", allow_none=True)
+    crop, patch = _get(config, "data.crop_size"), _get(config, "model.patch_size")
+    patch = PATCH_SIZE if patch in (_MISSING, None) else patch
+    if _get(config, "model.name") != "dpt":
+        return
+    if _is_int(crop) and crop % patch:
+        raise ValueError(f"config.data.crop_size={crop}: must be a multiple of {patch} for model.name='dpt' "
+                         f"(DINOv2 patches), e.g. {crop // patch * patch} or {(crop // patch + 1) * patch}")
+    protocol, pad = _get(config, "eval.protocol"), _get(config, "eval.pad_to_multiple")
+    if protocol == "whole" and (not _is_int(pad) or pad % patch or pad == 0):
+        raise ValueError(f"config.eval.protocol='whole' runs every image at its own size, which model.name='dpt' "
+                         f"takes only in multiples of {patch}: use 'whole_resize' (UniMatch V2's) or set "
+                         f"config.eval.pad_to_multiple to a multiple of {patch}")
+    multiple = _get(config, "eval.resize_multiple")
+    if protocol == "whole_resize" and _is_int(multiple) and multiple % patch:
+        raise ValueError(f"config.eval.resize_multiple={multiple}: must be a multiple of {patch} for model.name='dpt'")
 
 
 def check_evaluation(entry: str, protocol: str, where: str) -> None:
@@ -138,9 +167,12 @@ def check_evaluation(entry: str, protocol: str, where: str) -> None:
 
 
 def _check_eval(config: ml_collections.ConfigDict) -> None:
-    """eval.protocol is registered; every eval.evaluations entry is a valid `check_evaluation` entry."""
+    """eval.resize_multiple is a positive int; eval.protocol is registered; every eval.evaluations entry
+    is a valid `check_evaluation` entry."""
     from csl_jax.evaluation.protocols import PROTOCOLS
 
+    _require(config, "eval.resize_multiple", lambda v: _is_int(v) and v > 0,
+             "an int > 0 (whole_resize runs each image at the nearest multiple of it; 14 = the ViT patch)")
     protocol = _get(config, "eval.protocol")
     if protocol is _MISSING:
         return

@@ -1,12 +1,26 @@
-"""Optimiser: SGD with momentum and torch-style weight decay, poly schedule, backbone/head lr groups.
+"""Optimiser: SGD with momentum or AdamW, torch-style weight decay, poly schedule, parameter groups.
 
-The method decides which parameters are 'backbone' and which are 'head'
-(`Method.param_labels`, default `param_groups`); the trainer passes that function to
-`make_optimizer`. Config keys read from `config.optim`:
+The method labels every parameter (`Method.param_labels`, default `param_groups`); the trainer
+passes that function to `make_optimizer`. Groups:
 
+    'backbone'          trains at lr
+    'head'              trains at lr * lr_multi
+    'frozen'            never updated (optax.set_to_zero: bit-identical, no weight decay, no optimiser
+                        state), e.g. an encoder locked by the method (UniMatch V2 `lock_backbone`); the
+                        method should also `jax.lax.stop_gradient` them in its loss so that their
+                        backward pass is not computed
+    'no_grad'           the same, for parameters that the torch reference has but never updates
+                        (they get no gradient there, so torch neither steps nor decays them)
+
+Config keys read from `config.optim`:
+
+    name                'sgd' (default) | 'adamw'
     lr, lr_multi        'backbone' trains at lr, 'head' at lr * lr_multi
-    momentum, nesterov  torch.optim.SGD semantics (dampening 0)
-    weight_decay        added to the gradient before the momentum buffer (torch), g + wd * theta
+    momentum, nesterov  SGD only: torch.optim.SGD semantics (dampening 0)
+    weight_decay        SGD: added to the gradient before the momentum buffer (torch), g + wd * theta.
+                        AdamW: decoupled as torch.optim.AdamW, theta <- theta * (1 - lr * wd) before
+                        the Adam step, i.e. -lr * (adam + wd * theta) (optax.adamw); betas (0.9, 0.999)
+                        and eps 1e-8 (torch's defaults, `ADAMW_BETAS`, `ADAMW_EPS`)
     weight_decay_on     'all' (default) | 'kernels': decay only leaves named `kernel` (conv and
                         linear weights), not BN scale/bias nor conv biases (CPCL's `group_weight`)
     poly_power          lr_t = base * (1 - t / T)^power, step t (from 0) runs at lr_t
@@ -14,10 +28,11 @@ The method decides which parameters are 'backbone' and which are 'head'
                         in every group, the same absolute floor for 'backbone' and 'head' (CSS)
     lr_after_step       False (default): step t runs at lr_t. True: the lr is set after each step
                         from that step's index (UniMatch, FixMatch, its supervised baseline, CCVC),
-                        so step 0 runs at lr_0 = base and step t >= 1 at lr_{t-1}
+                        so step 0 runs at lr_0 = base and step t >= 1 at lr_{t-1}; this is the
+                        one-step poly offset of UniMatch V2 too (its spec's `poly_offset=1`)
 
-`weight_decay_on`, `min_lr` and `lr_after_step` may be absent from older configs; they default to
-'all', 0.0 and False (`LATER_FIELDS`).
+`name`, `weight_decay_on`, `min_lr` and `lr_after_step` may be absent from older configs; they default
+to 'sgd', 'all', 0.0 and False (`LATER_FIELDS`).
 """
 
 from __future__ import annotations
@@ -33,12 +48,18 @@ from csl_jax.constants import PyTree
 
 LabelFn = Callable[[PyTree], PyTree]
 
-#: the parameter groups, their lr relative to `lr`, and their key in the logged metrics.
+#: the trained parameter groups, their lr relative to `lr`, and their key in the logged metrics.
 GROUPS = ("backbone", "head")
+#: the groups that are never updated (their updates are zeros).
+UNTRAINED = ("frozen", "no_grad")
 #: `config.optim` fields added after the first release -> the value that reproduces older runs.
-LATER_FIELDS = {"weight_decay_on": "all", "min_lr": 0.0, "lr_after_step": False}
+LATER_FIELDS = {"name": "sgd", "weight_decay_on": "all", "min_lr": 0.0, "lr_after_step": False}
 _LOG_KEYS = {"backbone": "lr", "head": "lr_head"}
 WEIGHT_DECAY_ON = ("all", "kernels")
+OPTIMIZERS = ("sgd", "adamw")
+#: torch.optim.AdamW's defaults, which UniMatch V2 keeps.
+ADAMW_BETAS = (0.9, 0.999)
+ADAMW_EPS = 1e-8
 
 
 def _key_name(entry) -> Any:
@@ -101,8 +122,9 @@ def is_kernel(path) -> bool:
 def decayed_weights(weight_decay: float, decay_on: str = "all") -> optax.GradientTransformation:
     """g -> g + weight_decay * theta on all leaves ('all') or only on `kernel` leaves ('kernels').
 
-    Chained before the momentum trace, this is torch SGD's weight decay. The state is optax's
-    EmptyState in both modes, so the optimizer state has the same structure either way.
+    Chained before the momentum trace, this is torch SGD's weight decay; between the Adam scaling and
+    the lr, AdamW's decoupled one. The state is optax's EmptyState in both modes, so the optimizer
+    state has the same structure either way.
     """
     if decay_on not in WEIGHT_DECAY_ON:
         raise ValueError(f"config.optim.weight_decay_on must be one of {WEIGHT_DECAY_ON}, got {decay_on!r}")
@@ -122,35 +144,54 @@ def decayed_weights(weight_decay: float, decay_on: str = "all") -> optax.Gradien
 def _checked(param_labels: LabelFn) -> LabelFn:
     def labels(tree):
         out = param_labels(tree)
-        unknown = set(jax.tree.leaves(out)) - set(GROUPS)
+        unknown = set(jax.tree.leaves(out)) - set(GROUPS + UNTRAINED)
         if unknown:
-            raise ValueError(f"param_labels returned unknown group(s) {sorted(unknown)}; valid: {list(GROUPS)}")
+            raise ValueError(f"param_labels returned unknown group(s) {sorted(unknown)}; "
+                             f"valid: {list(GROUPS + UNTRAINED)}")
         return out
 
     return labels
 
 
+def _trained(optim_cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """One trained group's transformation: torch SGD or torch AdamW at `schedule`, weight decay included."""
+    name = optim_cfg.get("name", LATER_FIELDS["name"])
+    decay = decayed_weights(optim_cfg.weight_decay, optim_cfg.get("weight_decay_on", LATER_FIELDS["weight_decay_on"]))
+    if name == "sgd":
+        return optax.chain(decay, optax.sgd(schedule, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov))
+    if name == "adamw":  # optax.adamw's chain, with `decay` honouring weight_decay_on
+        return optax.chain(optax.scale_by_adam(*ADAMW_BETAS, eps=ADAMW_EPS), decay,
+                           optax.scale_by_learning_rate(schedule))
+    raise ValueError(f"config.optim.name must be one of {OPTIMIZERS}, got {name!r}")
+
+
 def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int,
                    param_labels: LabelFn = param_groups) -> optax.GradientTransformation:
-    """SGD (momentum, optional Nesterov) where g + wd * theta enters the momentum buffer (torch).
+    """Per-group SGD (momentum, optional Nesterov; g + wd * theta enters the momentum buffer, as torch)
+    or AdamW (torch's decoupled decay), on the poly schedule.
 
     Args:
-      optim_cfg: `config.optim` (see the module docstring; `weight_decay_on` and `min_lr` optional).
+      optim_cfg: `config.optim` (see the module docstring; the `LATER_FIELDS` are optional).
       total_steps: T of the poly schedule.
-      param_labels: params (or updates) -> pytree of 'backbone' / 'head' with their structure; the
-        trainer passes `method.param_labels`. 'backbone' trains at `lr`, 'head' at `lr * lr_multi`,
-        both on the poly schedule with the `min_lr` floor.
+      param_labels: params (or updates) -> pytree of 'backbone' / 'head' / 'frozen' / 'no_grad' with
+        their structure; the trainer passes `method.param_labels`. 'backbone' trains at `lr`, 'head'
+        at `lr * lr_multi`, both on the poly schedule with the `min_lr` floor; 'frozen' and 'no_grad'
+        get zero updates.
+
+    The untrained groups enter the optax.multi_transform only when the labels use them, so a model
+    without them keeps the optimizer state structure it always had (checkpoints of older runs).
     """
-    decay_on = optim_cfg.get("weight_decay_on", LATER_FIELDS["weight_decay_on"])
     schedules = group_schedules(optim_cfg, total_steps)
+    trained = {g: _trained(optim_cfg, schedules[g]) for g in GROUPS}
+    labels = _checked(param_labels)
 
-    def sgd(schedule):
-        return optax.chain(
-            decayed_weights(optim_cfg.weight_decay, decay_on),
-            optax.sgd(schedule, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov),
-        )
+    def partition(tree) -> optax.GradientTransformation:
+        used = set(jax.tree.leaves(labels(tree)))
+        return optax.multi_transform({**trained, **{g: optax.set_to_zero() for g in UNTRAINED if g in used}}, labels)
 
-    return optax.multi_transform({g: sgd(schedules[g]) for g in GROUPS}, _checked(param_labels))
+    return optax.GradientTransformation(
+        lambda params: partition(params).init(params),
+        lambda updates, state, params=None: partition(updates).update(updates, state, params))
 
 
 def learning_rates(optim_cfg: ml_collections.ConfigDict, total_steps: int, step: jax.Array) -> dict:

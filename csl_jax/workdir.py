@@ -98,13 +98,15 @@ def flatten(config: ml_collections.ConfigDict) -> dict:
 def later_defaults(config: ml_collections.ConfigDict) -> dict:
     """{'optim.min_lr': 0.0, 'method.pad_label': 255, ...}: for the fields added after a run could have
     been saved, the value that reproduces it (csl_jax.optim.LATER_FIELDS, csl_jax.models.registry.LATER_FIELDS,
-    the method's `later_fields`)."""
+    csl_jax.data.pipeline.LATER_FIELDS, the method's `later_fields`)."""
     from csl_jax import optim
+    from csl_jax.data import pipeline
     from csl_jax.methods import METHODS
     from csl_jax.models import registry
 
     method = METHODS.get(config.get("method", {}).get("name"))
     return {**{f"optim.{k}": v for k, v in optim.LATER_FIELDS.items()},
+            **{f"data.{k}": v for k, v in pipeline.LATER_FIELDS.items()},
             **{f"model.{k}": v for k, v in registry.LATER_FIELDS.items()},
             **{f"method.{k}": v for k, v in (method.later_fields if method else {}).items()}}
 

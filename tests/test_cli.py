@@ -210,6 +210,8 @@ def test_a_second_training_run_into_a_workdir_is_refused(tmp_path):
                                                 "'teacher:tiles' names protocol 'tiles'; valid: "),
     ("eval.evaluations", "model@train", "entry 'model@train' names split 'train'; valid: ['val', 'test']"),
     ("eval.evaluations", ",", "config.eval.evaluations=',': must be comma-separated PREDICT[@SPLIT][:PROTOCOL]"),
+    ("optim.name", "adam", "config.optim.name='adam': must be one of ['sgd', 'adamw']"),
+    ("data.epoch_samples", -1, "config.data.epoch_samples=-1: must be an int >= 0"),
 ])
 def test_config_checks_name_the_key_the_value_and_what_is_valid(key, value, message):
     config = demo.get_config()

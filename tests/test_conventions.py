@@ -113,8 +113,8 @@ def test_tiny_model_has_one_definition():
 
 
 # `protocol.md`, `csl.md`, `docs/methods/unimatch.md`, `(../protocol.md)` ..., optionally followed by §N.
-_CITATION = re.compile(r"(?<![\w-])((?:\.\./|docs/)?(?:methods/)?(protocol|csl|unimatch|u2pl|ccvc|css|cpcl)\.md)"
-                       r"\)?(?:\s*§(\d+))?")
+_CITATION = re.compile(r"(?<![\w-])((?:\.\./|docs/)?(?:methods/)?"
+                       r"(protocol|csl|unimatch_v2|unimatch|u2pl|ccvc|css|cpcl)\.md)\)?(?:\s*§(\d+))?")
 
 
 def test_cited_method_and_protocol_docs_are_in_the_repository():

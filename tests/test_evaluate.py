@@ -169,10 +169,11 @@ def test_u2pl_tiles_at_cityscapes_size():
 
 
 def test_registry_names_and_unknown_name_lists_them():
-    assert list(protocols.PROTOCOLS) == ["whole", "sliding", "sliding_u2pl", "sliding_cpcl", "center_crop"]
+    assert list(protocols.PROTOCOLS) == ["whole", "sliding", "sliding_u2pl", "sliding_cpcl", "center_crop",
+                                         "whole_resize", "sliding_shifted"]
     assert evaluation.PROTOCOLS is protocols.PROTOCOLS and evaluation.get_protocol is get_protocol
     assert all(get_protocol(name).name == name for name in protocols.PROTOCOLS)
-    valid = "whole, sliding, sliding_u2pl, sliding_cpcl, center_crop"
+    valid = "whole, sliding, sliding_u2pl, sliding_cpcl, center_crop, whole_resize, sliding_shifted"
     with pytest.raises(ValueError, match=f"'slide' is not one of {valid}$"):
         get_protocol("slide")
     with pytest.raises(ValueError, match="'slide' is not one of whole, sliding"):
@@ -182,10 +183,11 @@ def test_registry_names_and_unknown_name_lists_them():
 
 
 def test_record_fields():
-    whole, sliding, u2pl, cpcl, crop = (get_protocol(n) for n in protocols.PROTOCOLS)
-    records = (whole, sliding, u2pl, cpcl, crop)
+    # tests/test_protocols_v2.py checks 'whole_resize' and 'sliding_shifted'
+    records = whole, sliding, u2pl, cpcl, crop = [get_protocol(n) for n in protocols.PROTOCOLS][:5]
     assert [p.tiling for p in records] == ["none", "sliding", "shifted", "shifted", "none"]
     assert [p.stride(7) for p in records] == [None, 4, 5, 5, None]  # floor/ceil(14/3)
+    assert not any(p.resizes_to_multiple for p in records)
     assert sliding.tile_softmax and not u2pl.tile_softmax and not cpcl.tile_softmax
     assert u2pl.average_overlaps and not cpcl.average_overlaps and not sliding.average_overlaps
     assert [p.needs_window for p in records] == [False, True, True, True, True]

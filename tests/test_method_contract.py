@@ -87,7 +87,7 @@ if "toy_two_networks" not in METHODS:
 BACKBONE_CASES = {"supervised:xception65": ("supervised", {"model.backbone": "xception65", "model.blocks": (1,)})}
 #: every registered method, the named variants of a method that change its step ('NAME:VARIANT') and the
 #: backbone cases
-NAMES = sorted(METHODS) + ["u2pl:intended"] + sorted(BACKBONE_CASES)
+NAMES = sorted(METHODS) + ["u2pl:intended", "unimatch_v2:csl", "supervised:dpt"] + sorted(BACKBONE_CASES)
 #: the cases of the 1-vs-8-device test. Not the Xception case: its ~2x more activations hold pre-ReLU values
 #: within float32 rounding (~1e-7) of zero, which the other summation order of 8 devices flips, each flip
 #: moving the gradient by one pixel's share (~1e-3 of its scale here, beyond the per-leaf tolerance);

@@ -1,6 +1,7 @@
-"""csl_jax.optim against a NumPy float64 transcription of torch.optim.SGD and CSS's PolyLR.
+"""csl_jax.optim against a NumPy float64 transcription of torch.optim.SGD and CSS's PolyLR, and
+against torch.optim.AdamW itself (float64).
 
-The reference below is written from torch's documented SGD update (momentum, dampening 0,
+The SGD reference below is written from torch's documented SGD update (momentum, dampening 0,
 optional Nesterov, weight decay added to the gradient), one param group per label with its own
 lr, and the poly lr max(base * (1 - t/T)^power, min_lr) set before step t, or (lr_after_step)
 from index t - 1 after step t - 1 as UniMatch's loop.
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import torch
 
 from csl_jax import optim
 from csl_jax.methods.base import Method
@@ -246,3 +248,116 @@ def test_lr_after_step_sequence_logging_and_resume():
         updates, state = tx.update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), grads[t]), state, p)
         p = jax.tree.map(lambda a, u: a + u, p, updates)
     assert_close(flat(p), reference)
+
+
+# --- AdamW and the untrained groups ----------------------------------------------------------
+
+def with_untrained(rng):
+    """one_net plus a 'locked' module (labelled 'frozen') and a `mask_token` (labelled 'no_grad'), with
+    shapes no trained leaf has."""
+    return {**one_net(rng), "locked": {"kernel": rng.normal(size=(7, 3)), "bias": rng.normal(size=(7,))},
+            "mask_token": rng.normal(size=(1, 5))}
+
+
+def untrained_labels(params):
+    """'frozen' under `locked`, 'no_grad' for `mask_token`, else the default groups."""
+    def label(path, default):
+        names = [p.key for p in path]
+        return "frozen" if names[0] == "locked" else "no_grad" if names[0] == "mask_token" else default
+
+    return jax.tree_util.tree_map_with_path(label, optim.param_groups(params))
+
+
+def run_torch_adamw(params, grads_seq, *, lr, lr_multi, weight_decay, poly_power, decayed=lambda name: True):
+    """UniMatch V2's loop (`unimatch_v2.py:67-73,216-219`) in float64: torch.optim.AdamW over the
+    backbone (lr) and head (lr * lr_multi) groups, split further by weight decay when `decayed` says
+    so; step t, then every group's lr <- base * (1 - t/T)^power, T = len(grads_seq). 'locked' is left out of the
+    optimizer (lock_backbone); `mask_token` is in it but never gets a gradient."""
+    tensors = {k: torch.tensor(v, dtype=torch.float64) for k, v in flat(params).items()}
+    groups = {}
+    for name, tensor in tensors.items():
+        if name.startswith("locked/"):
+            continue
+        key = ("backbone" in name.split("/")[:-1], decayed(name))
+        groups.setdefault(key, []).append(tensor)
+    base = {key: lr if key[0] else lr * lr_multi for key in groups}
+    opt = torch.optim.AdamW([{"params": ps, "lr": base[key], "weight_decay": weight_decay if key[1] else 0.0}
+                             for key, ps in groups.items()], betas=(0.9, 0.999), eps=1e-8)
+    for t, grads in enumerate(grads_seq):
+        for name, g in flat(grads).items():
+            tensors[name].grad = None if name == "mask_token" else torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        for group, key in zip(opt.param_groups, groups):
+            group["lr"] = base[key] * (1 - t / len(grads_seq)) ** poly_power
+    return {k: v.numpy() for k, v in tensors.items()}
+
+
+def run_optax_f64(tx, params, grads_seq):
+    """`run_optax` in float64."""
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
+        state = tx.init(params)
+        for grads in grads_seq:
+            updates, state = tx.update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), grads), state, params)
+            params = jax.tree.map(lambda p, u: p + u, params, updates)
+        return flat(params), state
+
+
+@pytest.mark.parametrize("decay_on", ["all", "kernels"])
+def test_adamw_groups_match_torch_adamw(decay_on):
+    """Spec unimatch_v2.md §16 item 7: two lr groups (lr_multi 40), the lr set after each step, 5 steps,
+    float64 (but for optax's float32 lr schedule: 2e-8 apart), within 1e-7; decay on biases and norm
+    scales too ('all'); 'frozen' and 'no_grad' leaves bit-identical although their gradients are not
+    zero, with no Adam moments."""
+    params = with_untrained(np.random.default_rng(11))
+    rng = np.random.default_rng(12)
+    grads = [jax.tree.map(lambda x: rng.normal(size=np.shape(x)), params) for _ in range(5)]
+    c = cfg(name="adamw", lr=5e-3, lr_multi=40.0, weight_decay=0.01, weight_decay_on=decay_on, lr_after_step=True)
+    got, state = run_optax_f64(optim.make_optimizer(c, len(grads), param_labels=untrained_labels), params, grads)
+    decayed = (lambda name: True) if decay_on == "all" else (lambda name: name.endswith("/kernel"))
+    want = run_torch_adamw(params, grads, lr=c.lr, lr_multi=c.lr_multi, weight_decay=c.weight_decay,
+                           poly_power=c.poly_power, decayed=decayed)
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-7, err_msg=k)
+    initial = flat(params)
+    for k in ("locked/kernel", "locked/bias", "mask_token"):
+        np.testing.assert_array_equal(got[k], initial[k], err_msg=k)
+    assert not any(np.shape(leaf) in ((7, 3), (7,), (1, 5)) for leaf in jax.tree.leaves(state))
+    # The decay is there, on biases and BN scales too when 'all', and nowhere but kernels otherwise.
+    no_wd = run_torch_adamw(params, grads, lr=c.lr, lr_multi=c.lr_multi, weight_decay=0.0, poly_power=c.poly_power)
+    for k in ("aspp/bn/scale", "classifier/bias", "backbone/layer1/conv/kernel"):
+        assert (np.abs(no_wd[k] - want[k]).max() > 1e-6) == decayed(k), k
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_untrained_groups_change_nothing_else(name):
+    """'frozen' and 'no_grad' leaves stay bit-identical under either optimizer, and every other leaf
+    moves exactly as in a run without them; their groups join the state only when used."""
+    params = with_untrained(np.random.default_rng(13))
+    rng = np.random.default_rng(14)
+    grads = [jax.tree.map(lambda x: rng.normal(size=np.shape(x)), params) for _ in range(STEPS)]
+    c = cfg(name=name)
+    got = run_optax(optim.make_optimizer(c, T, param_labels=untrained_labels), params, grads)
+    trained_only = {k: v for k, v in params.items() if k not in ("locked", "mask_token")}
+    want = run_optax(optim.make_optimizer(c, T), trained_only, [{k: g[k] for k in trained_only} for g in grads])
+    for k, v in flat(params).items():
+        np.testing.assert_array_equal(got[k], want[k] if k in want else np.float32(v), err_msg=k)
+    assert set(optim.make_optimizer(c, T).init(trained_only).inner_states) == {"backbone", "head"}
+    used = optim.make_optimizer(c, T, param_labels=untrained_labels).init(params).inner_states
+    assert set(used) == {"backbone", "head", "frozen", "no_grad"}
+
+
+def test_adamw_defaults_and_unknown_name():
+    """A config without `name` is SGD (LATER_FIELDS: a run saved before resumes as SGD); an unknown
+    name is refused."""
+    from configs import demo
+    from csl_jax import workdir
+
+    saved, now = demo.get_config(), demo.get_config()
+    del saved.optim["name"]
+    assert workdir.resume_differences(saved, now) == []
+    now.optim.name = "adamw"
+    assert workdir.resume_differences(saved, now) == ["config.optim.name: saved (absent: 'sgd'), now 'adamw'"]
+    with pytest.raises(ValueError, match=r"config.optim.name must be one of \('sgd', 'adamw'\), got 'adam'"):
+        optim.make_optimizer(cfg(name="adam"), T)

@@ -193,6 +193,82 @@ def test_labeled_repeat_rules_in_the_stream(root_uneven, spec):
     assert epochs[0] == epochs[1] == epochs[2]
 
 
+FIXED = data.StreamSpec("labeled", "labeled", epoch_of="fixed")
+
+
+def test_fixed_epoch_base_repeats_to_n_only_when_shorter():
+    """epoch_of='fixed' (UniMatch V2 `dataset/semi.py:25-27`): N > |L| repeats the list ceil(N/|L|)
+    times and keeps the first N, so each image appears ceil or floor(N/|L|) times (the first N mod |L|
+    ceil times); N <= |L| (0 included) keeps the list as it is; no unlabeled images are needed."""
+    rng = np.random.default_rng(0)
+    np.testing.assert_array_equal(pipeline._epoch_base(4, 0, FIXED, rng, epoch_samples=10),
+                                  [0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
+    q, r = divmod(3000, 7)  # Pascal's 3000 samples from 7 images
+    counts = np.bincount(pipeline._epoch_base(7, 0, FIXED, rng, epoch_samples=3000), minlength=7)
+    np.testing.assert_array_equal(counts, [q + 1] * r + [q] * (7 - r))
+    for n in (0, 3, 4):
+        np.testing.assert_array_equal(pipeline._epoch_base(4, 0, FIXED, rng, epoch_samples=n), np.arange(4))
+    sampled = data.StreamSpec("labeled", "labeled", epoch_of="fixed", repeat="sample")
+    counts = np.bincount(pipeline._epoch_base(7, 0, sampled, rng, epoch_samples=3000), minlength=7)
+    assert counts.sum() == 3000 and counts.max() <= q + 1
+
+
+def test_fixed_epoch_length(root):
+    """An epoch of a 'fixed' stream is floor(max(N, |L|) / B) batches (|L| = 6 here); other streams
+    do not read data.epoch_samples."""
+    cfg = _cfg(root, epoch_samples=10)
+    assert data.epoch_length(cfg, FIXED, 4) == 10 // 4
+    assert data.epoch_length(cfg, SUP_LABELED, 4) == 6 // 4
+    assert data.epoch_length(cfg, SEMI_LABELED, 4) == 18 // 4
+    assert data.epoch_length(_cfg(root, epoch_samples=3), FIXED, 4) == 6 // 4  # kept as it is
+    assert data.epoch_length(_cfg(root), FIXED, 2) == data.epoch_length(_cfg(root), SUP_LABELED, 2) == 6 // 2
+    with pytest.raises(ValueError, match=r"^config.data.epoch_samples=7 is fewer than global_batch=8$"):
+        data.epoch_length(_cfg(root, epoch_samples=7), FIXED, 8)
+
+
+@pytest.mark.parametrize("process_index,process_count", [(0, 1), (1, 2)])
+def test_fixed_stream_follows_the_seeding_rule(root, process_index, process_count):
+    """Three epochs and a bit (8 batches of 4, N = 10 from |L| = 6) against the rule, sharded; each
+    epoch is a new permutation of the same repeated list (images 0-3 twice, 4 and 5 once)."""
+    cfg = _cfg(root, epoch_samples=10)
+    it = _labeled(cfg, seed=5, global_batch=4, spec=FIXED, process_index=process_index,
+                  process_count=process_count)
+    _assert_same(_reference(cfg, FIXED, 0, 5, 4, 8, process_index, process_count), _take(it, 8))
+    order = pipeline._EpochOrder(pipeline._epoch_base(6, 18, FIXED, None, epoch_samples=10), seed=5, stream=0)
+    epochs = [[order(e * 10 + p) for p in range(10)] for e in range(3)]
+    assert all(np.bincount(e, minlength=6).tolist() == [2, 2, 2, 2, 1, 1] for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_fixed_stream_without_epoch_samples_is_the_own_stream(root):
+    """N = 0: sample for sample the stream of epoch_of='own' (a supervised method may always use 'fixed')."""
+    cfg = _cfg(root)
+    _assert_same(_take(_labeled(cfg, seed=2, global_batch=4, spec=SUP_LABELED), 3),
+                 _take(_labeled(cfg, seed=2, global_batch=4, spec=FIXED), 3))
+
+
+def test_fixed_stream_resumes_exactly(root):
+    cfg = _cfg(root, epoch_samples=10)
+    it = _labeled(cfg, seed=6, global_batch=4, spec=FIXED)
+    _take(it, 2)
+    state = it.get_state()
+    expected = _take(it, 3)  # across the epoch boundary at sample 10
+    fresh = _labeled(cfg, seed=6, global_batch=4, spec=FIXED)
+    fresh.set_state(state)
+    _assert_same(expected, _take(fresh, 3))
+
+
+def test_runs_saved_before_epoch_samples_resume_with_its_later_default():
+    from configs import demo
+    from csl_jax import workdir
+
+    saved, now = demo.get_config(), demo.get_config()
+    del saved.data["epoch_samples"]
+    assert workdir.resume_differences(saved, now) == []
+    now.data.epoch_samples = 3000
+    assert workdir.resume_differences(saved, now) == ["config.data.epoch_samples: saved (absent: 0), now 3000"]
+
+
 def test_eval_dataset_is_original_and_exact(root):
     ev = data.eval_dataset(_cfg(root))
     assert len(ev) == 4
@@ -330,18 +406,20 @@ def test_tmp_block_scales_with_the_crop(crop):
 def _reference(cfg, spec, stream, seed, global_batch, num_batches, process_index=0, process_count=1,
                geometry=transforms.sample_geometry):
     """Batches computed directly from the documented rule (not through the pipeline): epoch e of the
-    stream's list (when epoch_of='unlabeled': repeated k = ceil(|U|/|list|) times, then its first |U|
-    entries, or with repeat='sample' those at the first |U| positions of the permutation of (seed,
-    stream, 3)) is permuted by (seed, stream, 1, e); sample i's geometry is drawn from
-    (seed, stream, 2, i, 0) and view v's from (seed, stream, 2, i, id_v)."""
+    stream's list (when epoch_of='unlabeled': repeated k = ceil(n/|list|) times with n = |U|, then its
+    first n entries, or with repeat='sample' those at the first n positions of the permutation of
+    (seed, stream, 3); the same with n = max(data.epoch_samples, |list|) when epoch_of='fixed') is
+    permuted by (seed, stream, 1, e); sample i's geometry is drawn from (seed, stream, 2, i, 0) and
+    view v's from (seed, stream, 2, i, id_v)."""
     labeled, unlabeled = sources.train_sources(cfg)
     records = labeled if spec.source == "labeled" else unlabeled
     base = np.arange(len(records))
-    if spec.epoch_of == "unlabeled":
-        base = np.resize(base, -(-len(unlabeled) // len(records)) * len(records))
+    if spec.epoch_of != "own":
+        n = len(unlabeled) if spec.epoch_of == "unlabeled" else max(cfg.get("epoch_samples", 0), len(records))
+        base = np.resize(base, -(-n // len(records)) * len(records))
         keep = np.random.default_rng([seed, stream, 3]).permutation(len(base)) if spec.repeat == "sample" else \
             np.arange(len(base))
-        base = base[keep[:len(unlabeled)]]
+        base = base[keep[:n]]
     crop, b = cfg.crop_size, global_batch // process_count
     batches = []
     for k in range(num_batches):
@@ -472,7 +550,7 @@ def test_registry_and_spec_errors_name_the_valid_choices(root, registries):
         data.StreamSpec("train", "labeled")
     with pytest.raises(ValueError, match=r"^StreamSpec.batch='mix'; valid: labeled, unlabeled$"):
         data.StreamSpec("unlabeled", "mix")
-    with pytest.raises(ValueError, match=r"^StreamSpec.epoch_of='labeled'; valid: own, unlabeled$"):
+    with pytest.raises(ValueError, match=r"^StreamSpec.epoch_of='labeled'; valid: own, unlabeled, fixed$"):
         data.StreamSpec("labeled", "labeled", epoch_of="labeled")
     with pytest.raises(ValueError, match="strong requested more than once"):
         data.StreamSpec("unlabeled", "unlabeled", views=("strong", "tmp", "strong"))

@@ -4,11 +4,12 @@ Sample order and augmentation are pure functions of (seed, stream id, global sam
 - the stream NAME keys the randomness: 'labeled' 0, 'unlabeled' 1, 'mix' 2; any other name gets
   zlib.crc32(name) + 3 (stable across processes and runs; a name whose id another name of this
   process already has is refused);
-- an epoch is one pass over the stream's list (`epoch_of='own'`) or, with `epoch_of='unlabeled'`,
-  over the list repeated k = ceil(|U|/|list|) times and cut to |U| entries: the first |U|
-  (`repeat='tile'`) or |U| of the k |list| positions drawn without replacement, once per run, by
-  the permutation from (seed, stream id, 3) (`repeat='sample'`); each epoch is a permutation of
-  that list drawn from (seed, stream id, 1, epoch); streams never end;
+- an epoch is one pass over the stream's list (`epoch_of='own'`) or over n entries of the list
+  repeated k = ceil(n/|list|) times: n = |U| (`epoch_of='unlabeled'`), or n = N =
+  `data.epoch_samples` when N > |list| (`epoch_of='fixed'`; else the list as it is, n = |list|):
+  the first n (`repeat='tile'`) or n of the k |list| positions drawn without replacement, once per
+  run, by the permutation from (seed, stream id, 3) (`repeat='sample'`); each epoch is a
+  permutation of that list drawn from (seed, stream id, 1, epoch); streams never end;
 - global batch k holds global sample indices [kB, (k+1)B); process p of P yields the slice
   [kB + pB/P, kB + (p+1)B/P), so batches do not depend on the number of processes or workers;
 - sample i's geometry generator is seeded with (seed, stream id, 2, i, 0) and each view's with
@@ -24,6 +25,7 @@ Sample order and augmentation are pure functions of (seed, stream id, global sam
   num_workers  0: threads in this process; > 0: Grain worker processes (mp_prefetch)   [0]
   num_threads  read threads per process                                                [2]
   prefetch     batches buffered per worker                                             [2]
+  epoch_samples N of the streams with epoch_of='fixed' (UniMatch V2's supervised baseline) [0]
   view options, each view's own (views.VIEWS): cutmix_prob 0.5; tmp_prob 0.5; cover_ratio 0.7;
                block_size 32
   labeled_list, unlabeled_list: custom: '<image> <mask>' / '<image>' lines (masks optional);
@@ -44,11 +46,13 @@ from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import sources, transforms, views as views_lib
 
 SOURCES = ("labeled", "unlabeled")
-EPOCHS_OF = ("own", "unlabeled")
+EPOCHS_OF = ("own", "unlabeled", "fixed")
 REPEATS = ("tile", "sample")
 _FIXED_STREAM_IDS = {"labeled": 0, "unlabeled": 1, "mix": 2}
 _STREAM_NAMES = {i: n for n, i in _FIXED_STREAM_IDS.items()}  # id -> name, every stream id of this process
 _DEFAULTS = {"num_workers": 0, "num_threads": 2, "prefetch": 2}
+#: `config.data` fields added after the first release -> the value that reproduces older runs.
+LATER_FIELDS = {"epoch_samples": 0}
 
 
 def _choice(field: str, value: str, valid) -> None:
@@ -65,9 +69,11 @@ class StreamSpec:
     views:    names in `views.VIEWS`, added to the base sample.
     geometry: name in `transforms.GEOMETRIES`.
     epoch_of: 'own': an epoch is one pass over its own list; 'unlabeled': the list repeated
-              ceil(|U|/|list|) times and cut to |U| entries (the semi-supervised labeled stream).
-    repeat:   with epoch_of='unlabeled', which |U| entries: 'tile' the first ones (UniMatch: the
-              first images of the list get the extra copies), 'sample' ones drawn without
+              ceil(|U|/|list|) times and cut to |U| entries (the semi-supervised labeled stream);
+              'fixed': the same with N = config.data.epoch_samples entries when N > |list|, else
+              the list as it is (UniMatch V2's supervised baseline, `dataset/semi.py:25-27`).
+    repeat:   with epoch_of='unlabeled' or 'fixed', which entries: 'tile' the first ones (UniMatch:
+              the first images of the list get the extra copies), 'sample' ones drawn without
               replacement once per run seed (U2PL's `random.sample`, CCVC's shuffle and cut).
     """
     source: str
@@ -82,8 +88,9 @@ class StreamSpec:
         _choice("StreamSpec.batch", self.batch, SOURCES)
         _choice("StreamSpec.epoch_of", self.epoch_of, EPOCHS_OF)
         _choice("StreamSpec.repeat", self.repeat, REPEATS)
-        if self.repeat != "tile" and self.epoch_of != "unlabeled":
-            raise ValueError(f"StreamSpec.repeat={self.repeat!r} needs epoch_of='unlabeled' (nothing is repeated)")
+        if self.repeat != "tile" and self.epoch_of == "own":
+            raise ValueError(f"StreamSpec.repeat={self.repeat!r} needs epoch_of='unlabeled' or 'fixed' "
+                             "(nothing is repeated)")
         object.__setattr__(self, "views", tuple(self.views))
         repeated = sorted({v for v in self.views if self.views.count(v) > 1})
         if repeated:
@@ -186,19 +193,32 @@ def _iterator(data_cfg, sample: _Sample) -> grain.DatasetIterator:
     return iter(it_ds)
 
 
-def _epoch_base(n_source: int, n_unlabeled: int, spec: StreamSpec, rng: np.random.Generator) -> np.ndarray:
+def _epoch_samples(data_cfg) -> int:
+    """config.data.epoch_samples (0 when absent)."""
+    return int(_opt(data_cfg, "epoch_samples", LATER_FIELDS["epoch_samples"]))
+
+
+def _epoch_size(spec: StreamSpec, n_source: int, n_unlabeled: int, epoch_samples: int) -> int:
+    """Entries of one epoch of `spec` over a source of `n_source` images: n_source (epoch_of='own'),
+    n_unlabeled ('unlabeled') or max(epoch_samples, n_source) ('fixed')."""
+    return {"own": n_source, "unlabeled": n_unlabeled, "fixed": max(epoch_samples, n_source)}[spec.epoch_of]
+
+
+def _epoch_base(n_source: int, n_unlabeled: int, spec: StreamSpec, rng: np.random.Generator,
+                epoch_samples: int = 0) -> np.ndarray:
     """Per-epoch source indices (int64) of a source of `n_source` images: each once (epoch_of='own'),
-    or (n_unlabeled,) entries of arange(n_source) tiled ceil(n_unlabeled / n_source) times: the
-    first ones (repeat='tile') or those at n_unlabeled positions drawn without replacement by
-    `rng` (repeat='sample')."""
+    or (n,) entries (n = `_epoch_size`) of arange(n_source) tiled ceil(n / n_source) times: the
+    first ones (repeat='tile') or those at n positions drawn without replacement by `rng`
+    (repeat='sample')."""
     if spec.epoch_of == "own":
         return np.arange(n_source)
-    if n_unlabeled == 0:
+    if spec.epoch_of == "unlabeled" and n_unlabeled == 0:
         raise ValueError("semi-supervised epochs need unlabeled images; the split has none")
-    repeated = np.tile(np.arange(n_source), math.ceil(n_unlabeled / n_source))
+    n = _epoch_size(spec, n_source, n_unlabeled, epoch_samples)
+    repeated = np.tile(np.arange(n_source), math.ceil(n / n_source))
     if spec.repeat == "tile":
-        return repeated[:n_unlabeled]
-    return repeated[rng.permutation(len(repeated))[:n_unlabeled]]
+        return repeated[:n]
+    return repeated[rng.permutation(len(repeated))[:n]]
 
 
 def stream_iterator(data_cfg, spec: StreamSpec, *, name: str, seed: int, global_batch: int, process_index: int = 0,
@@ -224,7 +244,8 @@ def stream_iterator(data_cfg, spec: StreamSpec, *, name: str, seed: int, global_
     records = labeled if spec.source == "labeled" else unlabeled
     if len(records) == 0:
         raise ValueError(f"config.data.split={data_cfg.get('split')!r} has no {spec.source} images")
-    order = _EpochOrder(_epoch_base(len(records), len(unlabeled), spec, _rng(seed, sid, 3)), seed, sid)
+    base = _epoch_base(len(records), len(unlabeled), spec, _rng(seed, sid, 3), _epoch_samples(data_cfg))
+    order = _EpochOrder(base, seed, sid)
     resolved = []
     for view in spec.views:
         entry = views_lib.VIEWS[view]
@@ -237,15 +258,19 @@ def stream_iterator(data_cfg, spec: StreamSpec, *, name: str, seed: int, global_
 
 
 def epoch_length(data_cfg, spec: StreamSpec, global_batch: int) -> int:
-    """Batches per epoch of `spec`: floor(n / B), n = |U| (unlabeled source or epoch_of='unlabeled') else |L|."""
+    """Batches per epoch of `spec`: floor(n / B), n = |U| (unlabeled source or epoch_of='unlabeled'),
+    max(N, |L|) (epoch_of='fixed', N = data.epoch_samples), else |L|."""
     labeled, unlabeled = sources.split_ids(data_cfg)
     kind = "unlabeled" if "unlabeled" in (spec.source, spec.epoch_of) else "labeled"
-    n = len(unlabeled) if kind == "unlabeled" else len(labeled)
+    n_source = len(unlabeled) if spec.source == "unlabeled" else len(labeled)
+    n = _epoch_size(spec, n_source, len(unlabeled), _epoch_samples(data_cfg))
     if global_batch <= 0:
         raise ValueError(f"global_batch={global_batch} must be positive")
     if n < global_batch:
         split = data_cfg.get("labeled_list") or data_cfg.get("split")
-        raise ValueError(f"{kind} set of split {split!r} has {n} images, fewer than global_batch={global_batch}")
+        what = (f"config.data.epoch_samples={n} is" if spec.epoch_of == "fixed" and n > n_source else
+                f"{kind} set of split {split!r} has {n} images,")
+        raise ValueError(f"{what} fewer than global_batch={global_batch}")
     return n // global_batch
 
 

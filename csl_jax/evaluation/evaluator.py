@@ -10,7 +10,8 @@ once per run.
 `evaluate` groups images by shape across the whole stream (shape buckets, `_buckets`): a set of
 many sizes in any order (COCO, ADE20K) runs in mostly full batches, exactly (every image at its
 own size), with host memory bounded by ``max_pending_bytes``. `predict` batches only consecutive
-images of the same shape, so that it yields in input order. ``pad_to_multiple=m`` ('whole' only)
+images of the same shape, so that it yields in input order; both key batches by the original image
+shape, also for 'whole_resize' (which resizes on device). ``pad_to_multiple=m`` ('whole' only)
 pads each image bottom/right to a multiple of m (mean colour, ignored labels) so that few shapes
 compile. It is faster but not the reference protocol: border pixels see the padding. Use it for
 in-training evaluation, not for reported numbers. Batching images together gives the same result
@@ -33,7 +34,17 @@ from csl_jax import parallel
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data.transforms import IMAGENET_MEAN, normalize
 from csl_jax.evaluation.metrics import confusion_matrix, segmentation_metrics
-from csl_jax.evaluation.protocols import Protocol, Tile, center_crop, get_protocol, shifted_tiles, sliding_tiles
+from csl_jax.evaluation.protocols import (
+    RESIZE_MULTIPLE,
+    Protocol,
+    Tile,
+    center_crop,
+    get_protocol,
+    resized_shape,
+    shifted_tiles,
+    sliding_tiles,
+)
+from csl_jax.models.layers import resize_align_corners
 
 # apply_fn(variables, images (b, h, w, 3) float32 normalised) -> logits (b, h, w, C) float32.
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
@@ -51,6 +62,13 @@ def _apply_stacked(apply_fn: ApplyFn, variables: Any, x: jax.Array, tiles: Seque
     crops = jnp.stack([x[:, y0:y1, x0:x1] for y0, y1, x0, x1 in tiles], axis=1)
     logits = apply_fn(variables, crops.reshape((b * len(tiles),) + crops.shape[2:]))
     return logits.astype(jnp.float32).reshape((b, len(tiles)) + logits.shape[1:])
+
+
+def _resize_exact(x: jax.Array, size: Sequence[int]) -> jax.Array:
+    """x (B, H, W, C) float32 -> (B, *size, C) float32, bilinear with align_corners=True at full float32
+    matmul precision (not TF32), so that it matches PyTorch's F.interpolate on any backend."""
+    with jax.default_matmul_precision("highest"):
+        return resize_align_corners(x, size)
 
 
 def _tiled_scores(apply_fn: ApplyFn, variables: Any, x: jax.Array, tiles: Sequence[Tile], softmax: bool,
@@ -91,6 +109,8 @@ class Evaluator:
       pad_label: label value for centre-crop padding (see protocols.center_crop).
       class_names: optional names, used in warnings.
       pad_to_multiple: 'whole' only: pad each image bottom/right to a multiple of this (0: exact sizes).
+      resize_multiple: m of a protocol with resizes_to_multiple ('whole_resize'), a positive int;
+        ignored by the others.
       shape_buckets: `evaluate` groups images by shape across the stream (True) or batches only
         consecutive same-shape images (False: the grouping `predict` uses; benchmarks/eval_scale.py).
       max_pending_bytes: host memory the shape buckets may hold (see `_buckets`).
@@ -109,6 +129,7 @@ class Evaluator:
         pad_label: int = IGNORE_INDEX,
         class_names: Sequence[str] | None = None,
         pad_to_multiple: int = 0,
+        resize_multiple: int = RESIZE_MULTIPLE,
         shape_buckets: bool = True,
         max_pending_bytes: int = MAX_PENDING_BYTES,
     ):
@@ -134,9 +155,14 @@ class Evaluator:
                              f"{ignore_index} (ignored) or a class id in [0, {num_classes})")
         self.pad_label = pad_label
         self.class_names = class_names
-        if pad_to_multiple and protocol.needs_window:
+        if pad_to_multiple and (protocol.needs_window or protocol.resizes_to_multiple):
             raise ValueError(f"pad_to_multiple applies to protocol 'whole' only, not {protocol.name!r}")
         self.pad_to_multiple = pad_to_multiple
+        if protocol.resizes_to_multiple and (not isinstance(resize_multiple, (int, np.integer))
+                                             or isinstance(resize_multiple, bool) or resize_multiple <= 0):
+            raise ValueError(f"protocol {protocol.name!r} needs resize_multiple (config.eval.resize_multiple), "
+                             f"a positive int, got {resize_multiple!r}")
+        self.resize_multiple = int(resize_multiple) if protocol.resizes_to_multiple else None
         self.shape_buckets = shape_buckets
         self.max_pending_bytes = max_pending_bytes
         self._shapes: set[tuple[int, int]] = set()  # padded (H, W) run so far: one program each
@@ -160,6 +186,8 @@ class Evaluator:
         info: dict[str, Any] = {"name": self.protocol.name, "window": self.window, "stride": self.stride}
         if self.pad_to_multiple:
             info["pad_to_multiple"] = self.pad_to_multiple
+        if self.resize_multiple:
+            info["resize_multiple"] = self.resize_multiple
         if self.protocol.crops_center:
             info["pad_label"] = self.pad_label
         return info
@@ -168,15 +196,21 @@ class Evaluator:
 
     def scores(self, variables: Any, images: jax.Array) -> jax.Array:
         """(B, H, W, 3) float32 normalised images -> (B, H, W, C) float32 scores whose argmax is the
-        prediction (logits, or tile logits/probabilities summed or averaged, per protocol)."""
+        prediction (logits, at the original size after a resize there and back, or tile logits/probabilities
+        summed or averaged, per protocol)."""
         p = self.protocol
+        _, h, w, _ = images.shape
+        if p.resizes_to_multiple:  # float32 there and back, never re-quantised, no padding
+            x = _resize_exact(images, resized_shape(h, w, self.resize_multiple))
+            return _resize_exact(self.apply_fn(variables, x).astype(jnp.float32), (h, w))
         if p.tiling == "none":  # a centre crop, if any, happened on the host
             return self.apply_fn(variables, images).astype(jnp.float32)
-        _, h, w, _ = images.shape
         if p.tiling == "sliding":
             tiles = sliding_tiles(h, w, self.window, self.stride)
             return _tiled_scores(self.apply_fn, variables, images, tiles, p.tile_softmax, p.average_overlaps)
-        ph, pw = max(self.window - h, 0), max(self.window - w, 0)  # 'shifted': zero-pad to >= g, centred
+        ph, pw = 0, 0  # 'shifted': every window g x g; zero-pad to >= g, centred, if the protocol pads
+        if p.pads_to_window:
+            ph, pw = max(self.window - h, 0), max(self.window - w, 0)
         top, left = ph // 2, pw // 2
         x = jnp.pad(images, ((0, 0), (top, ph - top), (left, pw - left), (0, 0)))
         tiles = shifted_tiles(h + ph, w + pw, self.window, self.stride)
@@ -253,12 +287,26 @@ class Evaluator:
         for group in groups:
             yield *self._run(variables, group), group
 
+    def _check_size(self, name: str, shape: tuple[int, ...]) -> None:
+        """Refuses an (H, W, ...) image the protocol cannot run: smaller than the window of a protocol that
+        does not pad ('sliding_shifted'), or rounding to size 0 under 'whole_resize'."""
+        h, w = shape[:2]
+        if self.protocol.refuses_small and min(h, w) < self.window:
+            raise ValueError(f"{name}: {h}x{w} is smaller than the {self.window}x{self.window} window of protocol "
+                             f"{self.protocol.name!r}, which does not pad; use a smaller crop_size or another protocol")
+        if self.resize_multiple:
+            try:
+                resized_shape(h, w, self.resize_multiple)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err} (protocol {self.protocol.name!r})") from None
+
     def _check(self, example: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """Validates one {'id', 'image', 'label'} example and applies the centre crop if any."""
         name = example.get("id", "<no id>")
         image, label = np.asarray(example["image"]), np.asarray(example["label"])
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"example {name}: image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+        self._check_size(f"example {name}", image.shape)
         if label.shape != image.shape[:2] or not np.issubdtype(label.dtype, np.integer):
             raise ValueError(
                 f"example {name}: label must be integer {image.shape[:2]}, got {label.shape} {label.dtype}"
@@ -349,9 +397,12 @@ class Evaluator:
                 f"protocol {self.protocol.name!r} predicts only the centre; use 'whole' or a sliding protocol"
             )
 
-        examples = ((i, image, np.full(image.shape[:2], self.ignore_index, np.uint8))
-                    for i, image in enumerate(images))
-        for _, preds, batch in self._batches(variables, self._consecutive(examples)):
+        def examples():
+            for i, image in enumerate(images):
+                self._check_size(f"image {i}", image.shape)
+                yield i, image, np.full(image.shape[:2], self.ignore_index, np.uint8)
+
+        for _, preds, batch in self._batches(variables, self._consecutive(examples())):
             for (_, _, label), pred in zip(batch, _fetch(preds)):
                 yield pred[: label.shape[0], : label.shape[1]]
 

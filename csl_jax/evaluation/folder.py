@@ -20,7 +20,7 @@ from PIL import Image
 from csl_jax import visualize
 from csl_jax.data.sources import to_rgb
 from csl_jax.evaluation.evaluator import ApplyFn, Evaluator
-from csl_jax.evaluation.protocols import Protocol
+from csl_jax.evaluation.protocols import RESIZE_MULTIPLE, Protocol
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -90,13 +90,14 @@ def predict_folder(
     crop_size: int | None = None,
     batch_size: int | None = None,
     mesh=None,
+    resize_multiple: int = RESIZE_MULTIPLE,
 ) -> list[str]:
     """Segments every image of `in_dir` and writes, per image <name>.<ext>, into `out_dir`:
     <name>_mask.png ((H, W) uint8 class indices), <name>_color.png ((H, W, 3) palette colours)
     and <name>_overlay.png (image blended 50 % with the colours).
 
     Args:
-      apply_fn, num_classes, protocol, crop_size, batch_size, mesh: as for `Evaluator`
+      apply_fn, num_classes, protocol, crop_size, batch_size, mesh, resize_multiple: as for `Evaluator`
         (a protocol whose record has covers_image False, such as 'center_crop', is refused).
       variables: model variables.
       palette: (num_classes, 3) uint8.
@@ -115,8 +116,8 @@ def predict_folder(
     check_output_dir(in_dir, out_dir)
     os.makedirs(out_dir, exist_ok=True)
     evaluator = Evaluator(
-        apply_fn, num_classes=num_classes, protocol=protocol, crop_size=crop_size, batch_size=batch_size, mesh=mesh
-    )
+        apply_fn, num_classes=num_classes, protocol=protocol, crop_size=crop_size, batch_size=batch_size, mesh=mesh,
+        resize_multiple=resize_multiple)
     in_flight: collections.deque = collections.deque()  # (path, image) read but not yet written
     failed: list[tuple[str, str]] = []
 

@@ -22,7 +22,7 @@ from csl_jax import data, visualize
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.evaluation.evaluator import Evaluator
 from csl_jax.evaluation.metrics import iou_table
-from csl_jax.evaluation.protocols import get_protocol
+from csl_jax.evaluation.protocols import RESIZE_MULTIPLE, get_protocol
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +78,8 @@ def make_evaluator(config: ml_collections.ConfigDict, info, mesh, method, evalua
     return Evaluator(method.predict_fns()[evaluation.predict], num_classes=info.num_classes,
                      protocol=evaluation.protocol, crop_size=config.data.crop_size, batch_size=batch_size, mesh=mesh,
                      class_names=info.class_names, pad_to_multiple=config.eval.pad_to_multiple,
-                     pad_label=config.eval.get("center_crop_pad_label", IGNORE_INDEX))
+                     pad_label=config.eval.get("center_crop_pad_label", IGNORE_INDEX),
+                     resize_multiple=config.eval.get("resize_multiple", RESIZE_MULTIPLE))
 
 
 def json_ready(results: dict, class_names: Sequence[str]) -> dict:

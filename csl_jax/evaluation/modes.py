@@ -22,6 +22,7 @@ from csl_jax import checkpoint, data, visualize
 from csl_jax.evaluation.folder import predict_folder
 from csl_jax.evaluation.loop import Evaluation, json_ready, make_evaluator, parse_evaluation, plan_evaluations
 from csl_jax.evaluation.metrics import iou_table
+from csl_jax.evaluation.protocols import RESIZE_MULTIPLE
 from csl_jax.methods import build_method
 from csl_jax.state import TrainState
 
@@ -126,7 +127,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str, which: str, input_d
     written = predict_folder(method.predict_fns()[chosen.predict], variables, input_dir, output_dir,
                              palette=visualize.palette_for(info.name, info.num_classes),
                              num_classes=info.num_classes, protocol=_covering(chosen.protocol),
-                             crop_size=config.data.crop_size)
+                             crop_size=config.data.crop_size,
+                             resize_multiple=config.eval.get("resize_multiple", RESIZE_MULTIPLE))
     print(f"wrote predictions of {len(written)} image(s) by {source} to {output_dir}")
 
 

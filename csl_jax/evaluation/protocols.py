@@ -12,6 +12,12 @@ the window (the training crop) and s the stride:
   to at least g; grid ceil((H - g)/s) + 1 windows per axis, the last ones shifted back inside, so
   every window is g x g; logits are summed (U2PL divides by the overlap count, which leaves the
   argmax unchanged) and the padding is cropped off.
+- ``whole_resize`` (UniMatch V2 ``original``): the normalised float32 image is resized to H' x W',
+  H' = int(H/m + 0.5)*m (round half up; m = ``resize_multiple``, 14), W' likewise, bilinearly with
+  align_corners=True; the float32 logits are resized back to H x W the same way, then argmax.
+- ``sliding_shifted`` (UniMatch V2 ``sliding_window``): s = int(2g/3), starts 0 then min(prev + s,
+  n - g) until n - g, every window g x g; no padding (an image smaller than g is refused); softmax
+  probabilities summed, then argmax.
 - ``center_crop``: the g x g region starting at ((H - g)//2, (W - g)//2). A side smaller than g is
   first padded as U2PL's ``Crop`` does: floor(pad/2) before and the rest after, the image with the
   ImageNet mean colour rounded to uint8 (within 0.01 of U2PL's 0 after normalisation) and the label
@@ -31,6 +37,8 @@ from csl_jax.data.transforms import IMAGENET_MEAN
 
 Tile = tuple[int, int, int, int]  # (y0, y1, x0, x1), half-open
 TILINGS = ("none", "sliding", "shifted")
+#: Default m of ``whole_resize`` (config.eval.resize_multiple): the ViT-S/B/L/14 patch size of UniMatch V2.
+RESIZE_MULTIPLE = 14
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +48,16 @@ class Protocol:
     Attributes:
       name: registry key, recorded in results as results['protocol']['name'].
       tiling: 'none' (one network call on the image), 'sliding' (UniMatch: starts 0, s, 2s, ...
-        < H, border tiles truncated) or 'shifted' (U2PL/CPCL: image zero-padded to >= g, every
-        window g x g, the last ones shifted back inside).
+        < H, border tiles truncated) or 'shifted' (U2PL/CPCL/UniMatch V2: every window g x g, the
+        last ones shifted back inside).
       stride_rounding: s = 'floor' or 'ceil' of 2g/3; None without tiling.
       tile_softmax: sum softmax probabilities over tiles (True) or logits (False).
       average_overlaps: divide the summed scores by the number of tiles covering each pixel.
+      pads_to_window: 'shifted' only: zero-pad (centred) an image smaller than g to >= g (U2PL/CPCL);
+        False refuses such an image.
       crops_center: the host crops image and label to the centred g x g window before inference.
+      resizes_to_multiple: 'none' only: run the network at the size rounded to the nearest multiple of
+        `resize_multiple` (align_corners bilinear there and back, in float32).
     """
 
     name: str
@@ -53,7 +65,9 @@ class Protocol:
     stride_rounding: Literal["floor", "ceil"] | None = None
     tile_softmax: bool = False
     average_overlaps: bool = False
+    pads_to_window: bool = False
     crops_center: bool = False
+    resizes_to_multiple: bool = False
 
     def __post_init__(self):
         if self.tiling not in TILINGS:
@@ -66,11 +80,21 @@ class Protocol:
             raise ValueError(f"protocol {self.name!r}: tile_softmax and average_overlaps need a tiling")
         if tiled and self.crops_center:
             raise ValueError(f"protocol {self.name!r}: crops_center cannot be combined with tiling")
+        if self.pads_to_window and self.tiling != "shifted":
+            raise ValueError(f"protocol {self.name!r}: pads_to_window needs tiling 'shifted'")
+        if self.resizes_to_multiple and (tiled or self.crops_center):
+            raise ValueError(f"protocol {self.name!r}: resizes_to_multiple cannot be combined with tiling or "
+                             "crops_center")
 
     @property
     def needs_window(self) -> bool:
         """Whether the protocol needs a window size g (crop_size)."""
         return self.tiling != "none" or self.crops_center
+
+    @property
+    def refuses_small(self) -> bool:
+        """Whether an image smaller than the window g (in H or W) is refused ('shifted' without padding)."""
+        return self.tiling == "shifted" and not self.pads_to_window
 
     @property
     def covers_image(self) -> bool:
@@ -89,9 +113,11 @@ PROTOCOLS: dict[str, Protocol] = {
     for p in (
         Protocol("whole"),
         Protocol("sliding", tiling="sliding", stride_rounding="floor", tile_softmax=True),
-        Protocol("sliding_u2pl", tiling="shifted", stride_rounding="ceil", average_overlaps=True),
-        Protocol("sliding_cpcl", tiling="shifted", stride_rounding="ceil"),
+        Protocol("sliding_u2pl", tiling="shifted", stride_rounding="ceil", average_overlaps=True, pads_to_window=True),
+        Protocol("sliding_cpcl", tiling="shifted", stride_rounding="ceil", pads_to_window=True),
         Protocol("center_crop", crops_center=True),
+        Protocol("whole_resize", resizes_to_multiple=True),
+        Protocol("sliding_shifted", tiling="shifted", stride_rounding="floor", tile_softmax=True),
     )
 }
 
@@ -101,6 +127,15 @@ def get_protocol(name: str) -> Protocol:
     if name not in PROTOCOLS:
         raise ValueError(f"evaluation protocol {name!r} is not one of {', '.join(PROTOCOLS)}")
     return PROTOCOLS[name]
+
+
+def resized_shape(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """(H', W') of ``whole_resize``: each side rounded half up to a multiple, int(n/m + 0.5)*m (500 x 375, m=14
+    -> 504 x 378). A side under m/2 rounds to 0 and is refused."""
+    size = tuple(int(n / multiple + 0.5) * multiple for n in (height, width))
+    if 0 in size:
+        raise ValueError(f"an image of {height}x{width} rounds to {size[0]}x{size[1]} at multiples of {multiple}")
+    return size
 
 
 def sliding_tiles(height: int, width: int, window: int, stride: int) -> list[Tile]:
@@ -116,10 +151,11 @@ def sliding_tiles(height: int, width: int, window: int, stride: int) -> list[Til
 
 
 def shifted_tiles(height: int, width: int, window: int, stride: int) -> list[Tile]:
-    """U2PL/CPCL tiles of an image already padded to >= window: every tile is window x window.
+    """U2PL/CPCL/UniMatch V2 tiles of an image of at least window x window: every tile is window x window.
 
     Per axis of length n: ceil((n - g)/s) + 1 windows starting at i*s, each shifted back to end
-    at min(i*s + g, n). Returns (y0, y1, x0, x1) boxes, row-major.
+    at min(i*s + g, n); the same starts as UniMatch V2's loop 0, min(prev + s, n - g), ... up to
+    n - g. Returns (y0, y1, x0, x1) boxes, row-major.
     """
     if height < window or width < window:
         raise ValueError(f"shifted_tiles needs an image of at least {window}x{window}, got {height}x{width}")

@@ -7,6 +7,8 @@
     u2pl             methods/u2pl/              U2PL: entropy-partitioned pseudo-labels, contrastive queues
     cpcl             methods/cpcl/              CPCL: two networks, intersection / union pseudo-labels
     css              methods/css/               CSS: cross-space pseudo-labels, prototypes, tilted contrast
+    unimatch_v2,     methods/unimatch_v2/       UniMatch V2 on DINOv2 + DPT: EMA teacher, two strong views with
+    fixmatch_v2                                 Complementary Dropout (CSL's selector: variant 'csl')
     methods/parts/   what several methods share: losses, pseudo-label selection, passes, views, EMA
                      teacher, legacy-nearest downsampling
 
@@ -75,5 +77,10 @@ register_method(_css.NAME, _css.CSS, _css.check_options)
 from csl_jax.methods import cpcl as _cpcl  # noqa: E402
 
 register_method(_cpcl.NAME, _cpcl.CPCL, _cpcl.check_options)
+
+from csl_jax.methods import unimatch_v2 as _unimatch_v2  # noqa: E402
+
+for _name in _unimatch_v2.PRESETS:
+    register_method(_name, _unimatch_v2.UniMatchV2, _unimatch_v2.check_options)
 
 __all__ = ["METHODS", "Method", "PredictFn", "StepContext", "build_method", "check_config", "register_method"]

@@ -164,6 +164,7 @@ def init_network(model, model_cfg: ml_collections.ConfigDict, rng: jax.Array, im
         logging.info("Initialised at random (config.model.init_from=%r).", model_cfg.get("init_from", ""))
         return variables
     variables, report = convert.load_pretrained(variables, source.path, kind=source.kind)
+    variables.setdefault("batch_stats", {})  # a network without BatchNorm (DPT) has none
     logging.info("Initialised from %s (%s, sha256 %s): %s", source.name or source.path, source.path, source.sha256,
                  report)
     return variables
@@ -204,7 +205,9 @@ class Method:
     def param_labels(self, params: PyTree) -> PyTree:
         """The optimiser group of every parameter: a pytree of 'backbone' / 'head' like `params`.
 
-        'backbone' trains at `config.optim.lr`, 'head' at `lr * lr_multi` (`optim.make_optimizer`).
+        'backbone' trains at `config.optim.lr`, 'head' at `lr * lr_multi` (`optim.make_optimizer`);
+        'frozen' and 'no_grad' leaves are never updated (a method labelling a tree 'frozen' also
+        stop_gradients it in its loss, so its backward is skipped).
         The default labels a leaf 'backbone' when any module on its path is named `backbone`, so
         two-network params (`{'branch1': {'backbone': ...}, 'branch2': {'backbone': ...}}`) work as
         they are. It must look only at paths: optax also calls it on the updates.

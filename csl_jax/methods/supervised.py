@@ -1,13 +1,21 @@
-"""Supervised baseline: labeled images only, one train-mode pass that updates BN statistics."""
+"""Supervised baseline: labeled images only, one train-mode pass that updates BN statistics.
+
+An epoch is one pass over the labeled list, or `config.data.epoch_samples` samples of it when set
+(UniMatch V2's `supervised.py`: the list repeated and cut to 3000 / 6000 / 30000 samples).
+"""
 
 from __future__ import annotations
 
+from csl_jax.data import StreamSpec
 from csl_jax.methods.base import Method, StepContext
 from csl_jax.methods.parts import passes
 
 
 class Supervised(Method):
     """L = L_x on the labeled batch (UniMatch's `supervised.py`)."""
+
+    def streams(self):
+        return {"labeled": StreamSpec(source="labeled", batch="labeled", epoch_of="fixed")}
 
     def loss(self, params, state, batch, ctx: StepContext):
         labeled = batch["labeled"]

@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
 from csl_jax.config_checks import is_number
 from csl_jax.methods.base import (BOOLEAN, Method, StepContext, above, check_ranges, within,
@@ -324,42 +323,13 @@ class WeakToStrong(Method):
 
     # -- plots -------------------------------------------------------------------------------------
     def diagnostics(self, train_state, batch):
-        """What the pseudo-label plots need, for the unlabeled images of `batch` (outside shard_map).
-
-        The evaluated model (the EMA teacher, or the student for teacher='online', whose in-step
-        pseudo-labels use train-mode BN instead) predicts the weak views in inference mode.
-
-        Args:
-          batch: {'unlabeled': {'weak' (B, H, W, 3) float32, 'ignore' (B, H, W) int32, 'label'
-            (B, H, W) int32 (255 where unknown); optional 'tmp' (B, H, W, 3), 'block_mask' (B, H, W)
-            bool}}.
-        Returns:
-          dict of arrays: weak (B, H, W, 3); conf, var (B, H, W) float32 CSL reliability features;
-          cluster_means (B, 2, 2) float32 [image, cluster, (conf, var)] of the CSL split;
-          pseudo_label (B, H, W) int32; weight (B, H, W) float32; reliable, valid, correct (B, H, W)
-          bool (correct: pseudo-label equals a known label); and 'tmp' (B, H, W, 3), the TMP view
-          after trusted masking, when the input has a TMP view.
-        """
+        """What the pseudo-label plots need (`passes.pseudo_label_diagnostics`), for the unlabeled images of
+        `batch` (outside shard_map). The evaluated model (the EMA teacher, or the student for
+        teacher='online', whose in-step pseudo-labels use train-mode BN instead) predicts the weak views
+        in inference mode."""
         unlabeled = batch["unlabeled"]
         logits = self._predict(self.eval_variables(train_state, self.best_predict), unlabeled["weak"])
-        targets, reliable = self._targets(logits, unlabeled["ignore"])
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        valid = unlabeled["ignore"] != IGNORE_INDEX
-        stats = pseudo_labels.csl_statistics(probs, valid, self.opts.variance_scaling)
-        out = {
-            "weak": unlabeled["weak"],
-            "conf": stats.conf,
-            "var": stats.var,
-            "cluster_means": stats.mean,
-            "pseudo_label": targets["label"],
-            "weight": targets["weight"],
-            "reliable": reliable,
-            "valid": valid,
-            "correct": valid & (unlabeled["label"] != IGNORE_INDEX) & (targets["label"] == unlabeled["label"]),
-        }
-        if "tmp" in unlabeled:
-            out["tmp"] = views.trusted_mask(unlabeled["tmp"], reliable, unlabeled["block_mask"])
-        return out
+        return passes.pseudo_label_diagnostics(logits, unlabeled, self.opts)
 
 
 METHODS = {"csl": WeakToStrong, "unimatch": WeakToStrong, "fixmatch": WeakToStrong}

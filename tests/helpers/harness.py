@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from configs import common, demo
 from csl_jax import checkpoint, parallel, train
 from csl_jax.workdir import set_fields
-from csl_jax.methods import build_method, ccvc, cpcl, css, u2pl
+from csl_jax.methods import build_method, ccvc, cpcl, css, u2pl, unimatch_v2
 from data_prep import synthetic
 
 NUM_CLASSES = 5  # the synthetic set (data_prep/synthetic.py)
@@ -80,22 +80,49 @@ def tiny_method_config(setup, root=None, *, total_steps, **method):
 
 
 CONTRACT_CROP = 32
+#: the tiny DINOv2 + DPT of the method tests (patch 14, so crops are multiples of 14): D 16, 4 blocks,
+#: a stored 2 x 2 position grid (interpolated at every crop but 28 x 28)
+TINY_DPT = dict(name="dpt", encoder="small", embed_dim=16, depth=4, num_heads=2, taps=(0, 1, 2, 3), pos_grid=2,
+                features=8, out_channels=(4, 4, 8, 8), dtype="float32", remat=False, attention="einsum",
+                init_from="none", init_kind="auto")
+DPT_CROP = 28
+
+
+def tiny_v2(c, name="unimatch_v2", variant=""):
+    """A UniMatch V2 preset on `TINY_DPT` (AdamW as its recipe, the x14-resize evaluation)."""
+    unimatch_v2.configure(c, name, variant)
+    tiny_dpt_supervised(c)
+    c.optim.update(name="adamw", lr_multi=40.0, weight_decay=0.01, lr_after_step=True)
+    return c
+
+
+def tiny_dpt_supervised(c):
+    """The supervised baseline on `TINY_DPT`, evaluated by 'whole_resize' (the model takes multiples of 14)."""
+    c.model = type(c.model)(TINY_DPT)
+    c.eval.protocol = "whole_resize"
+    return c
+
+
 #: name -> setup of a method's own model and options on the demo config of the contract (CutMix
 #: groups of 2: the local batch of 8 devices); 'NAME:VARIANT' names a variant that changes the step
 CONTRACT_SETUP = {"ccvc": lambda c: ccvc.configure(c).method.update(mix_group=2),
                   "u2pl": tiny_u2pl, "u2pl:intended": lambda c: tiny_u2pl(c, "intended"),
-                  "css": tiny_css, "cpcl": cpcl.configure}
+                  "css": tiny_css, "cpcl": cpcl.configure, "unimatch_v2": tiny_v2,
+                  "fixmatch_v2": lambda c: tiny_v2(c, "fixmatch_v2"),
+                  "unimatch_v2:csl": lambda c: tiny_v2(c, variant="csl"), "supervised:dpt": tiny_dpt_supervised}
 
 
 def contract_config(data_root, name, **overrides):
     """The demo config of `name`, tiny: crop 32, batches of 16, one loss group of 2 per device of 8;
     `overrides` by dotted keys (`set_fields`)."""
     c = demo.get_config(name if name in ("csl", "unimatch", "fixmatch") else "supervised")
-    c.method.name = name
+    c.method.name = name.split(":")[0]
     if name in CONTRACT_SETUP:
         CONTRACT_SETUP[name](c)
-    c.data.update(root=data_root, crop_size=CONTRACT_CROP, split="1_2", block_size=8)
-    common.tiny_model(c, width=4, head_width=8, reduce_width=4)
+    dpt = c.model.name == "dpt"
+    c.data.update(root=data_root, crop_size=DPT_CROP if dpt else CONTRACT_CROP, split="1_2", block_size=8)
+    if not dpt:
+        common.tiny_model(c, width=4, head_width=8, reduce_width=4)
     c.batch.update(labeled=16, unlabeled=16)
     c.loss.group_size = 2  # whole groups in every micro-batch: exact accumulation (groups over devices: test_semi)
     c.update(log_every_steps=1, checkpoint_every_steps=2)

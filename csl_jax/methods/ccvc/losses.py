@@ -9,30 +9,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from csl_jax.methods.parts.views import reverse_groups  # noqa: F401  (the CutMix partner, shared with UniMatch V2)
+
 CONFIDENCES = ("logit", "prob")
 #: `torch.nn.CosineSimilarity(dim=1, eps=1e-6)` of the official code.
 COSINE_EPS = 1e-6
-
-
-def reverse_groups(x: jax.Array, group: int, axis_name: str | None = None, num_devices: int = 1) -> jax.Array:
-    """The CutMix partner: reverse the batch inside consecutive groups of `group` samples.
-
-    The official code reverses each GPU's batch (`flip(0)`); groups of the reference per-GPU batch
-    reproduce that on any device count. Device d holds the global samples d*B .. d*B + B - 1 of
-    its local batch x (B, ...). When `group` divides B the reversal is local; when B divides
-    `group` (groups spanning devices, inside shard_map over `axis_name` with `num_devices`
-    devices) each device receives the reversed block of its mirror device in the group
-    (`ppermute`). Same shape out.
-    """
-    b = x.shape[0]
-    if group >= 1 and b % group == 0:
-        return x.reshape((b // group, group) + x.shape[1:])[:, ::-1].reshape(x.shape)
-    span = group // b if b and group % b == 0 else 0
-    if axis_name is None or span < 1 or num_devices % span:
-        raise ValueError(f"config.method.mix_group = {group} must divide the local unlabeled batch of {b} images, "
-                         f"or be a multiple of it that divides the global batch ({num_devices} devices x {b})")
-    perm = [(d, (d // span) * span + span - 1 - d % span) for d in range(num_devices)]
-    return jax.lax.ppermute(x[::-1], axis_name, perm)
 
 
 def cosine_similarity(a: jax.Array, b: jax.Array, eps: float = COSINE_EPS) -> jax.Array:

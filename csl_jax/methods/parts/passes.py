@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from csl_jax.constants import IGNORE_INDEX, PyTree
-from csl_jax.methods.parts import pseudo_labels
+from csl_jax.methods.parts import pseudo_labels, views
 
 
 def train_pass(model, params: PyTree, batch_stats: PyTree, images: jax.Array, *, rng: jax.Array,
@@ -118,3 +118,38 @@ def pseudo_label_metrics(pseudo_label: jax.Array, weight: jax.Array, reliable: j
         pl_acc_reliable=ratio(n["n_correct_reliable"], n["n_labeled_reliable"]),
         pl_acc_rest=ratio(n["n_correct"] - n["n_correct_reliable"], n["n_labeled"] - n["n_labeled_reliable"]),
     )
+
+
+def pseudo_label_diagnostics(logits: jax.Array, unlabeled: Mapping[str, jax.Array], options: Mapping) -> dict:
+    """What the evaluation loop's pseudo-label plots need, from a model's inference logits on weak views.
+
+    Args:
+      logits: (B, H, W, C) inference-mode logits of `unlabeled['weak']`.
+      unlabeled: {'weak' (B, H, W, 3) float32, 'ignore' (B, H, W) int32, 'label' (B, H, W) int32 (255
+        where unknown); optional 'tmp' (B, H, W, 3), 'block_mask' (B, H, W) bool}.
+      options: the selector options of `pseudo_targets` (selector, alpha, variance_scaling, eps, tau).
+    Returns:
+      dict of arrays: weak (B, H, W, 3); conf, var (B, H, W) float32 CSL reliability features;
+      cluster_means (B, 2, 2) float32 [image, cluster, (conf, var)] of the CSL split;
+      pseudo_label (B, H, W) int32; weight (B, H, W) float32; reliable, valid, correct (B, H, W)
+      bool (correct: pseudo-label equals a known label); and 'tmp' (B, H, W, 3), the TMP view
+      after trusted masking, when the input has a TMP view.
+    """
+    targets, reliable = pseudo_targets(logits, unlabeled["ignore"], options)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    valid = unlabeled["ignore"] != IGNORE_INDEX
+    stats = pseudo_labels.csl_statistics(probs, valid, options["variance_scaling"])
+    out = {
+        "weak": unlabeled["weak"],
+        "conf": stats.conf,
+        "var": stats.var,
+        "cluster_means": stats.mean,
+        "pseudo_label": targets["label"],
+        "weight": targets["weight"],
+        "reliable": reliable,
+        "valid": valid,
+        "correct": valid & (unlabeled["label"] != IGNORE_INDEX) & (targets["label"] == unlabeled["label"]),
+    }
+    if "tmp" in unlabeled:
+        out["tmp"] = views.trusted_mask(unlabeled["tmp"], reliable, unlabeled["block_mask"])
+    return out

@@ -1,4 +1,4 @@
-"""In-step view operations shared by the semi-supervised methods: CutMix pasting and TMP masking.
+"""In-step view operations shared by the semi-supervised methods: CutMix pasting, its partner, TMP masking.
 
 The data pipeline draws the random parts (CutMix boxes, TMP block masks, photometric jitter) from
 (seed, index); what depends on the model's predictions happens here, inside the train step.
@@ -48,3 +48,25 @@ def trusted_mask(images: jax.Array, reliable: jax.Array, block_mask: jax.Array) 
     """
     trusted = _broadcast_mask(reliable & block_mask, images)
     return jnp.where(trusted, jnp.zeros_like(images), images)
+
+
+def reverse_groups(x: jax.Array, group: int, axis_name: str | None = None, num_devices: int = 1,
+                   what: str = "config.method.mix_group") -> jax.Array:
+    """The CutMix partner: reverse the batch inside consecutive groups of `group` samples.
+
+    The official code reverses each GPU's batch (`flip(0)`); groups of the reference per-GPU batch
+    reproduce that on any device count. Device d holds the global samples d*B .. d*B + B - 1 of
+    its local batch x (B, ...). When `group` divides B the reversal is local; when B divides
+    `group` (groups spanning devices, inside shard_map over `axis_name` with `num_devices`
+    devices) each device receives the reversed block of its mirror device in the group
+    (`ppermute`). Same shape out. `what`: the config key of `group`, for the error message.
+    """
+    b = x.shape[0]
+    if group >= 1 and b % group == 0:
+        return x.reshape((b // group, group) + x.shape[1:])[:, ::-1].reshape(x.shape)
+    span = group // b if b and group % b == 0 else 0
+    if axis_name is None or span < 1 or num_devices % span:
+        raise ValueError(f"{what} = {group} must divide the local unlabeled batch of {b} images, "
+                         f"or be a multiple of it that divides the global batch ({num_devices} devices x {b})")
+    perm = [(d, (d // span) * span + span - 1 - d % span) for d in range(num_devices)]
+    return jax.lax.ppermute(x[::-1], axis_name, perm)

@@ -1,0 +1,244 @@
+"""csl_jax.methods.unimatch_v2: one step against a NumPy reference written from
+docs/methods/unimatch_v2.md §5 (UniMatch-V2 `unimatch_v2.py:163-226` at f6afb4d), Complementary
+Dropout masks (§3), the EMA teacher (§6), a frozen encoder (§7) and the V2 recipes (§8, §10).
+Device-count independence and exact resume: tests/test_method_contract.py (unimatch_v2, fixmatch_v2,
+unimatch_v2:csl, supervised:dpt)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import (common, supervised_v2_ade20k, supervised_v2_cityscapes, supervised_v2_coco,
+                     supervised_v2_pascal, unimatch_v2_ade20k, unimatch_v2_cityscapes, unimatch_v2_coco,
+                     unimatch_v2_pascal)
+from csl_jax import config_checks, optim, parallel
+from csl_jax.methods import StepContext, build_method, unimatch_v2
+from csl_jax.methods.parts import pseudo_labels
+from csl_jax.methods.unimatch_v2 import comp_drop
+from tests.helpers import harness
+
+NUM_CLASSES = 3
+CROP = harness.DPT_CROP
+N, GROUP = 4, 2  # global (= local) unlabeled batch, reference per-GPU batch
+
+
+def make_config(name="unimatch_v2", variant="", **options):
+    c = harness.tiny_v2(common.get_base_config(), name, variant)
+    c.data.crop_size = CROP
+    c.batch.update(labeled=N, unlabeled=N)
+    c.loss.group_size = GROUP
+    c.method.update(options)
+    return c
+
+
+def make_batch(seed):
+    rng = np.random.default_rng(seed)
+
+    def images():
+        return rng.normal(size=(N, CROP, CROP, 3)).astype(np.float32)
+
+    def box():
+        out = np.zeros((N, CROP, CROP), bool)
+        for i in range(1, N, 2):  # every other sample has no box
+            y, x = rng.integers(0, CROP // 2, 2)
+            out[i, y:y + rng.integers(4, CROP // 2), x:x + rng.integers(4, CROP // 2)] = True
+        return out
+
+    ignore = np.zeros((N, CROP, CROP), np.int32)
+    ignore[0, -7:] = 255  # crop padding
+    ignore[3, :, -5:] = 255
+    label = rng.integers(0, NUM_CLASSES, (N, CROP, CROP)).astype(np.int32)
+    blocks = np.kron(rng.random((N, 4, 4)) < 0.7, np.ones((7, 7))).astype(bool)
+    unlabeled = {"weak": images(), "ignore": ignore, "label": label, "strong": images(), "cutmix_box": box(),
+                 "strong2": images(), "cutmix_box2": box(), "tmp": images(), "block_mask": blocks}
+    lab_label = rng.integers(0, NUM_CLASSES, (N, CROP, CROP)).astype(np.int32)
+    lab_label[:, :3] = 255
+    return {"labeled": {"image": images(), "label": lab_label}, "unlabeled": unlabeled}
+
+
+def ctx(rng):
+    return StepContext(rng=rng, step=jnp.int32(0), device_index=jax.lax.axis_index(parallel.AXIS), num_devices=1,
+                       steps_per_epoch=1, stream_offsets={"labeled": 0, "unlabeled": N})
+
+
+def method_step(method, params, state, batch, rng):
+    """method.loss on a 1-device mesh: (loss, metrics)."""
+    def per_device(params, state, batch):
+        loss, (_, metrics) = method.loss(params, state, batch, ctx(rng))
+        return loss, metrics
+
+    return harness.sharded(per_device, 1, in_specs=(P(), P(), P(parallel.AXIS)))(params, state, batch)
+
+
+def np_grouped_ce(logits, labels, weights, valid):
+    """sum w CE over valid pixels / their count, per group of GROUP images; mean over groups (float64)."""
+    z = np.float64(logits)
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    picked = np.take_along_axis(z, labels[..., None], -1)[..., 0]
+    ce = np.where(valid, (lse - picked) * weights, 0.0)
+    num = ce.reshape(-1, GROUP * CROP * CROP).sum(1)
+    return float(np.mean(num / valid.reshape(-1, GROUP * CROP * CROP).sum(1)))
+
+
+def reference_step(method, params, teacher, batch, rng):
+    """Loss terms of one step, following §5 literally: teacher targets, reversed-batch CutMix, comp-drop."""
+    o, model = method.opts, method.model
+    lab, unl = batch["labeled"], batch["unlabeled"]
+    t = np.asarray(model.apply({"params": teacher}, unl["weak"], train=False)[0], np.float64)
+    probs = np.exp(t - t.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    valid = unl["ignore"] != 255
+    if o.selector == "threshold":
+        weight = (valid & (probs.max(-1) >= o.tau)).astype(np.float64)
+    else:
+        weight = np.float64(pseudo_labels.csl_weights(jax.nn.softmax(jnp.asarray(t, jnp.float32)), valid)[0])
+    label = probs.argmax(-1)
+    partner = np.concatenate([np.arange(g, g + GROUP)[::-1] for g in range(0, N, GROUP)])  # flip(0) per GPU
+
+    def paste(box, own):
+        return np.where(box.reshape(box.shape + (1,) * (own.ndim - 3)), own[partner], own)
+
+    views = [(paste(unl["cutmix_box"], unl["strong"]), *(paste(unl["cutmix_box"], x) for x in (label, weight, valid)))]
+    if o.second_view == "cutmix":
+        views.append((paste(unl["cutmix_box2"], unl["strong2"]),
+                      *(paste(unl["cutmix_box2"], x) for x in (label, weight, valid))))
+    elif o.second_view == "tmp":
+        reliable = valid & (weight == 1.0)
+        views.append((np.where((reliable & unl["block_mask"])[..., None], 0.0, unl["tmp"]), label, weight, valid))
+    scale = None
+    if o.comp_drop and len(views) == 2:
+        ids = N + np.arange(N)
+        m1, m2 = comp_drop.masks(jax.random.fold_in(rng, unimatch_v2._COMP_DROP_KEY), ids, ids - N,
+                                 params["backbone"]["cls_token"].shape[-1], GROUP)
+        scale = np.concatenate([m1, m2])
+    z_x = np.asarray(model.apply({"params": params}, lab["image"], train=True)[0])
+    z_s = np.asarray(model.apply({"params": params}, np.concatenate([v[0] for v in views]), train=True,
+                                 feature_scale=scale)[0])
+    terms = {"loss_x": np_grouped_ce(z_x, np.where(lab["label"] == 255, 0, lab["label"]), 1.0, lab["label"] != 255)}
+    for k, (_, lbl, w, v) in enumerate(views):
+        terms[f"loss_s{k + 1}"] = np_grouped_ce(z_s[k * N:(k + 1) * N], lbl, w, v)
+    terms["loss"] = (terms["loss_x"] + sum(terms[f"loss_s{k + 1}"] for k in range(len(views))) / len(views)) / 2
+    terms["mask_ratio"] = float((valid & (weight == 1.0)).sum() / valid.sum())
+    return terms
+
+
+CASES = {"unimatch_v2": ("unimatch_v2", "", {}), "fixmatch_v2": ("fixmatch_v2", "", {}),
+         "csl": ("unimatch_v2", "csl", {}), "tmp": ("unimatch_v2", "", {"second_view": "tmp"}),
+         "no_comp_drop": ("unimatch_v2", "", {"comp_drop": False})}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_step_matches_numpy_reference(case):
+    name, variant, options = CASES[case]
+    method = build_method(make_config(name, variant, **options), NUM_CLASSES)
+    params, state = method.init(jax.random.PRNGKey(0), (CROP, CROP, 3))
+    teacher, _ = method.init(jax.random.PRNGKey(1), (CROP, CROP, 3))  # differs: the test sees which one is used
+    state = dict(state, teacher={"params": teacher, "batch_stats": {}})
+    batch, rng = make_batch(3), jax.random.PRNGKey(5)
+    # tau at the median teacher confidence: about half the pixels pass (a random tiny model is near uniform)
+    conf = jax.nn.softmax(method.model.apply({"params": teacher}, batch["unlabeled"]["weak"], train=False)[0]).max(-1)
+    method.opts.tau = float(np.median(np.asarray(conf)))
+    loss, metrics = method_step(method, params, state, batch, rng)
+    ref = reference_step(method, params, teacher, batch, rng)
+    assert 0.0 < ref["mask_ratio"] < 1.0, "degenerate case: every or no pixel is reliable"
+    for key, value in ref.items():
+        np.testing.assert_allclose(float(metrics[key]), value, rtol=2e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(float(loss), ref["loss"], rtol=2e-5)
+    assert ("loss_s2" in metrics) == (name != "fixmatch_v2")
+
+
+def test_complementary_dropout_masks():
+    key, d, g = jax.random.PRNGKey(0), 64, 4
+    ids = jnp.arange(100, 164)
+    m1, m2 = map(np.asarray, comp_drop.masks(key, ids, jnp.arange(64), d, g))
+    untouched = np.all(m1 == 1, axis=1)
+    np.testing.assert_array_equal(np.all(m2 == 1, axis=1), untouched)
+    assert untouched.reshape(-1, g).sum(1).tolist() == [g // 2] * 16  # floor(g/2) per group
+    drawn = m1[~untouched]
+    assert set(np.unique(drawn)) <= {0.0, 2.0} and np.all(m1[~untouched] + m2[~untouched] == 2.0)
+    assert abs(drawn.mean() / 2 - 0.5) < 0.05  # Bernoulli(0.5) over 32 images x 64 channels
+    # keyed by global ids and positions: any split of the batch over devices draws the same masks
+    half = comp_drop.masks(key, ids[32:], jnp.arange(32, 64), d, g)
+    np.testing.assert_array_equal(np.asarray(half[0]), m1[32:])
+    other = comp_drop.masks(jax.random.PRNGKey(1), ids, jnp.arange(64), d, g)[0]
+    assert np.any(np.asarray(other) != m1)
+
+
+def test_ema_teacher_copies_then_follows_at_0996():
+    method = build_method(make_config(), NUM_CLASSES)
+    params, state = method.init(jax.random.PRNGKey(0), (CROP, CROP, 3))
+    student = jax.tree.map(lambda x: x + 1.0, params)
+    copied = method.after_update(state, student, jnp.int32(0))["teacher"]["params"]
+    harness.assert_trees_equal(copied, student)
+    later = method.after_update(state, student, jnp.int32(1000))["teacher"]["params"]
+    harness.assert_trees_close(later, jax.tree.map(lambda t, s: 0.996 * t + 0.004 * s, params, student),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_locked_backbone_is_frozen_and_gets_no_gradient():
+    method = build_method(make_config(lock_backbone=True), NUM_CLASSES)
+    params, state = method.init(jax.random.PRNGKey(0), (CROP, CROP, 3))
+    labels = method.param_labels(params)
+    assert set(jax.tree.leaves(labels["backbone"])) == {"frozen"} and set(jax.tree.leaves(labels["head"])) == {"head"}
+    batch = make_batch(4)
+
+    def per_device(params, state, batch):
+        return jax.grad(lambda p: method.loss(p, state, batch, ctx(jax.random.PRNGKey(0)))[0])(params)
+
+    grads = harness.sharded(per_device, 1, in_specs=(P(), P(), P(parallel.AXIS)))(params, state, batch)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads["backbone"]))
+    assert any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(grads["head"]))
+    c = make_config(lock_backbone=True)
+    tx = optim.make_optimizer(c.optim, 10, method.param_labels)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates["backbone"]))
+
+
+# UniMatch-V2 configs/*.yaml at f6afb4d and the logs' config dumps (spec §8, §10), written out:
+# (crop, global labeled = unlabeled batch, loss group, epochs, L_x, protocol, supervised samples per epoch)
+V2_TABLE = {"pascal": (518, 16, 4, 60, "ce", "whole_resize", 3000),
+            "cityscapes": (798, 8, 2, 180, "ohem", "sliding_shifted", 3000),
+            "ade20k": (518, 8, 2, 60, "ce", "whole_resize", 6000),
+            "coco": (518, 16, 4, 20, "ce", "whole_resize", 30000)}
+SEMI = {"pascal": unimatch_v2_pascal, "cityscapes": unimatch_v2_cityscapes, "ade20k": unimatch_v2_ade20k,
+        "coco": unimatch_v2_coco}
+SUPERVISED = {"pascal": supervised_v2_pascal, "cityscapes": supervised_v2_cityscapes, "ade20k": supervised_v2_ade20k,
+              "coco": supervised_v2_coco}
+
+
+@pytest.mark.parametrize("dataset", list(V2_TABLE))
+def test_v2_recipes(dataset):
+    crop, batch, group, epochs, loss, protocol, samples = V2_TABLE[dataset]
+    for config in (SEMI[dataset].get_config(), SUPERVISED[dataset].get_config()):
+        config_checks.check(config)
+        assert (config.model.name, config.model.encoder, config.model.init_from) == ("dpt", "small", "imagenet")
+        assert (config.data.crop_size, config.loss.group_size, config.optim.epochs, config.loss.labeled,
+                config.eval.protocol) == (crop, group, epochs, loss, protocol)
+        o = config.optim
+        assert (o.name, o.lr, o.lr_multi, o.weight_decay, o.weight_decay_on, o.lr_after_step) == (
+            "adamw", 5e-6, 40.0, 0.01, "all", True)
+    semi = SEMI[dataset].get_config("1_8,base,csl" if dataset != "pascal" else "1_8,base,csl")
+    assert (semi.batch.labeled, semi.batch.unlabeled, semi.model.encoder) == (batch, batch, "base")
+    assert (semi.method.name, semi.method.variant, semi.method.selector, semi.method.ema_momentum,
+            semi.method.comp_drop) == ("unimatch_v2", "csl", "csl", 0.996, True)
+    fix = SEMI[dataset].get_config("fixmatch_v2").method
+    assert (fix.name, fix.second_view, fix.comp_drop, fix.selector, fix.tau) == ("fixmatch_v2", "none", False,
+                                                                                 "threshold", 0.95)
+    sup = SUPERVISED[dataset].get_config("large")
+    assert (sup.batch.labeled, sup.data.epoch_samples, sup.method.name, sup.model.encoder) == (
+        2 * batch, samples, "supervised", "large")
+    with pytest.raises(ValueError, match="SPLIT\\[,ENCODER\\]\\[,VARIANT\\]"):
+        SEMI[dataset].get_config("1_8,huge,extra")
+
+
+def test_v2_options_are_checked():
+    opts = unimatch_v2.default_options()
+    unimatch_v2.check_options(opts)
+    for key, value in (("tau", 1.5), ("comp_drop", 1), ("second_view", "mix"), ("selector", "entropy"),
+                       ("comp_drop_keep", -0.1)):
+        bad = ml_collections.ConfigDict({**opts.to_dict(), key: value})
+        with pytest.raises(ValueError, match=f"config.method.{key}="):
+            unimatch_v2.check_options(bad)
