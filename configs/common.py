@@ -260,17 +260,19 @@ V2_RECIPES = {
                  epoch_samples=30000),
 }
 V2_ENCODERS = ("small", "base", "large", "giant")
+#: config-argument variants: CSL's selector, U2PL's entropy partition, FixMatch with the EMA teacher
+V2_VARIANTS = ("csl", "u2pl_entropy", "fixmatch_v2")
 
 
 def parse_v2_argument(arg: str, default_split: str) -> tuple[str, str, str]:
     """'SPLIT[,ENCODER][,VARIANT]' -> (split, encoder, variant); encoder default 'small' (the official config
-    files), variant '' (UniMatch V2), 'csl' or 'fixmatch_v2'. E.g. '1464,base,csl' -> ('1464', 'base', 'csl')."""
+    files), variant '' (UniMatch V2) or one of `V2_VARIANTS`. E.g. '1464,base,csl' -> ('1464', 'base', 'csl')."""
     parts = [p.strip() for p in arg.split(",") if p.strip()] if arg else []
-    variant = parts.pop() if parts and parts[-1] in ("csl", "fixmatch_v2") else ""
+    variant = parts.pop() if parts and parts[-1] in V2_VARIANTS else ""
     encoder = parts.pop() if parts and parts[-1] in V2_ENCODERS else "small"
     if len(parts) > 1:
         raise ValueError(f"config argument {arg!r}: expected 'SPLIT[,ENCODER][,VARIANT]' with ENCODER one of "
-                         f"{list(V2_ENCODERS)} and VARIANT one of ['csl', 'fixmatch_v2']")
+                         f"{list(V2_ENCODERS)} and VARIANT one of {list(V2_VARIANTS)}")
     return (parts[0] if parts else default_split), encoder, variant
 
 
@@ -302,6 +304,8 @@ def get_v2_recipe(dataset: str, arg: str, method: str) -> ml_collections.ConfigD
     from csl_jax.methods import unimatch_v2
 
     c.batch.labeled = c.batch.unlabeled = r["batch"]
-    unimatch_v2.configure(c, "fixmatch_v2" if variant == "fixmatch_v2" else "unimatch_v2",
-                          "csl" if variant == "csl" else "")
+    if variant == "fixmatch_v2":
+        unimatch_v2.configure(c, "fixmatch_v2")
+    else:
+        unimatch_v2.configure(c, "unimatch_v2", variant)
     return c

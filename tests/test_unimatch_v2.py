@@ -93,6 +93,11 @@ def reference_step(method, params, teacher, batch, rng):
     valid = unl["ignore"] != 255
     if o.selector == "threshold":
         weight = (valid & (probs.max(-1) >= o.tau)).astype(np.float64)
+    elif o.selector == "u2pl_entropy":  # U2PL at epoch 0: keep entropies below the group's 80th percentile
+        h = -np.sum(probs * np.log(probs + 1e-10), axis=-1)
+        thresholds = [np.percentile(h[g:g + GROUP][valid[g:g + GROUP]], 100 - (100 - o.drop_percent))
+                      for g in range(0, N, GROUP)]
+        weight = (valid & (h < np.repeat(thresholds, GROUP)[:, None, None])).astype(np.float64)
     else:
         weight = np.float64(pseudo_labels.csl_weights(jax.nn.softmax(jnp.asarray(t, jnp.float32)), valid)[0])
     label = probs.argmax(-1)
@@ -126,7 +131,8 @@ def reference_step(method, params, teacher, batch, rng):
 
 
 CASES = {"unimatch_v2": ("unimatch_v2", "", {}), "fixmatch_v2": ("fixmatch_v2", "", {}),
-         "csl": ("unimatch_v2", "csl", {}), "tmp": ("unimatch_v2", "", {"second_view": "tmp"}),
+         "csl": ("unimatch_v2", "csl", {}), "u2pl_entropy": ("unimatch_v2", "u2pl_entropy", {}),
+         "tmp": ("unimatch_v2", "", {"second_view": "tmp"}),
          "no_comp_drop": ("unimatch_v2", "", {"comp_drop": False})}
 
 
@@ -224,6 +230,7 @@ def test_v2_recipes(dataset):
     assert (semi.batch.labeled, semi.batch.unlabeled, semi.model.encoder) == (batch, batch, "base")
     assert (semi.method.name, semi.method.variant, semi.method.selector, semi.method.ema_momentum,
             semi.method.comp_drop) == ("unimatch_v2", "csl", "csl", 0.996, True)
+    assert SEMI[dataset].get_config("u2pl_entropy").method.selector == "u2pl_entropy"
     fix = SEMI[dataset].get_config("fixmatch_v2").method
     assert (fix.name, fix.second_view, fix.comp_drop, fix.selector, fix.tau) == ("fixmatch_v2", "none", False,
                                                                                  "threshold", 0.95)

@@ -214,6 +214,11 @@ class Method:
         """
         return optim.param_groups(params)
 
+    def schedule_epochs(self, steps_per_epoch: int) -> float:
+        """E of epoch-annealed rules (e/E): config.optim.epochs, or total_steps / L when total_steps is set."""
+        total = self.config.optim.get("total_steps", 0)
+        return total / steps_per_epoch if total else float(self.config.optim.epochs)
+
     # -- data ------------------------------------------------------------------------------------
     def streams(self) -> dict[str, StreamSpec]:
         """The input streams, by name (the keys of `batch`); an epoch is one pass of `epoch_stream`."""

@@ -203,11 +203,6 @@ class U2PL(Method):
                 "unlabeled": StreamSpec(source="unlabeled", batch="unlabeled", views=("u2pl_box",),
                                         geometry=geometry)}
 
-    def _epochs(self, steps_per_epoch: int) -> float:
-        """E of the thresholds' e/E: config.optim.epochs, or total_steps / L when total_steps is set."""
-        total = self.config.optim.get("total_steps", 0)
-        return total / steps_per_epoch if total else float(self.config.optim.epochs)
-
     def after_update(self, state, params, step):
         """Teacher params: kept, copied from the student or EMA (module docstring); BN statistics untouched."""
         e0 = self.opts.sup_only_epochs
@@ -262,7 +257,7 @@ class U2PL(Method):
         teacher = jax.lax.stop_gradient(state["teacher"])
         sup_phase = ctx.step < ctx.steps_per_epoch * o.sup_only_epochs
         epoch = ctx.step // ctx.steps_per_epoch
-        epochs = self._epochs(ctx.steps_per_epoch)
+        epochs = self.schedule_epochs(ctx.steps_per_epoch)
 
         # 1-2. pseudo-labels (eval-mode teacher, before mixing), in-batch CutMix
         t_logits = passes.eval_pass(self.model, teacher, unl["weak"])

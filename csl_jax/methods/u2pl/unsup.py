@@ -15,48 +15,9 @@ import jax.numpy as jnp
 
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.methods.parts import losses
-
-
-def entropy(probs: jax.Array) -> jax.Array:
-    """(..., C) probabilities -> (...) float32 natural-log entropy with U2PL's +1e-10 inside the log."""
-    probs = jnp.asarray(probs, jnp.float32)
-    return -jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)
-
-
-def masked_percentile(values: jax.Array, mask: jax.Array, percent: jax.Array) -> jax.Array:
-    """Per-row percentile of the masked entries, linear interpolation as `np.percentile`.
-
-    Args:
-      values: (G, N) float32; mask: (G, N) bool; percent: scalar in [0, 100].
-    Returns:
-      (G,) float32; +inf for a row without a masked entry (nothing is then >= it).
-    """
-    values = jnp.asarray(values, jnp.float32)
-    ordered = jnp.sort(jnp.where(mask, values, jnp.inf), axis=1)
-    count = jnp.sum(mask, axis=1)
-    position = jnp.asarray(percent, jnp.float32) / 100.0 * jnp.maximum(count - 1, 0).astype(jnp.float32)
-    lo = jnp.clip(jnp.floor(position).astype(jnp.int32), 0, jnp.maximum(count - 1, 0))
-    hi = jnp.minimum(lo + 1, jnp.maximum(count - 1, 0))
-    frac = position - lo.astype(jnp.float32)
-    a = jnp.take_along_axis(ordered, lo[:, None], axis=1)[:, 0]
-    b = jnp.take_along_axis(ordered, hi[:, None], axis=1)[:, 0]
-    diff = b - a
-    # NumPy's _lerp: a + d t below t = 0.5, b - d (1 - t) from it (exact at both ends)
-    value = jnp.where(frac >= 0.5, b - diff * (1.0 - frac), a + diff * frac)
-    return jnp.where(count > 0, value, jnp.inf)
-
-
-def group_percentile(entropies: jax.Array, valid: jax.Array, percent: jax.Array, group_size: int) -> jax.Array:
-    """Percentile of (B, H, W) entropies over each group's valid pixels, broadcast back to (B, 1, 1)."""
-    batch = entropies.shape[0]
-    groups = losses._groups(entropies, group_size)
-    thresholds = masked_percentile(groups, losses._groups(valid, group_size), percent)
-    return jnp.repeat(thresholds, group_size)[:, None, None].reshape(batch, 1, 1)
-
-
-def drop_percentile(epoch: jax.Array, epochs: float, drop_percent: float) -> jax.Array:
-    """The percentile above which entropies are dropped at integer `epoch`: 100 - (100 - drop) (1 - e/E)."""
-    return 100.0 - (100.0 - drop_percent) * (1.0 - jnp.asarray(epoch, jnp.float32) / epochs)
+# the entropy partition itself is shared (UniMatch V2 runs it as a selector); U2PL keeps its names
+from csl_jax.methods.parts.entropy_split import (drop_percentile, entropy, group_percentile,  # noqa: F401
+                                                 masked_percentile)
 
 
 def unsupervised_loss(logits: jax.Array, pseudo_labels: jax.Array, valid: jax.Array, entropies: jax.Array,

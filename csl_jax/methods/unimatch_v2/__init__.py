@@ -27,21 +27,25 @@ import jax.numpy as jnp
 import ml_collections
 
 from csl_jax import optim
+from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
 from csl_jax.methods.base import (BOOLEAN, Method, StepContext, above, check_fields, check_network, check_ranges,
                                   with_later_fields, within)
-from csl_jax.methods.parts import losses, passes, pseudo_labels, teacher, views
+from csl_jax.methods.parts import entropy_split, losses, passes, pseudo_labels, teacher, views
 from csl_jax.methods.unimatch_v2 import comp_drop
 from csl_jax.parallel import AXIS
 
 NAME = "unimatch_v2"
 #: unlabeled views by `config.method.second_view`.
 _VIEWS = {"cutmix": ("strong", "strong2"), "none": ("strong",), "tmp": ("strong", "tmp")}
-_CHOICES = {"selector": pseudo_labels.SELECTORS, "second_view": tuple(_VIEWS), "variant": ("", "csl")}
+#: pseudo-label rules on the teacher's softmax: the shared selectors and U2PL's entropy partition
+SELECTORS = pseudo_labels.SELECTORS + ("u2pl_entropy",)
+_CHOICES = {"selector": SELECTORS, "second_view": tuple(_VIEWS), "variant": ("", "csl", "u2pl_entropy")}
 #: presets: the options each changes from the UniMatch V2 defaults (spec §14).
 PRESETS = {"unimatch_v2": {}, "fixmatch_v2": {"second_view": "none", "comp_drop": False}}
-#: variants of `unimatch_v2`: CSL's selector on the EMA teacher's weak-view softmax (spec §14 "CSL on top").
-VARIANTS = {"": {}, "csl": {"selector": "csl"}}
+#: variants of `unimatch_v2`: CSL's selector on the EMA teacher's weak-view softmax (spec §14 "CSL on top"),
+#: U2PL's entropy partition in its place.
+VARIANTS = {"": {}, "csl": {"selector": "csl"}, "u2pl_entropy": {"selector": "u2pl_entropy"}}
 #: fold_in index of the Complementary Dropout key in the step key.
 _COMP_DROP_KEY = 7
 
@@ -49,8 +53,9 @@ _COMP_DROP_KEY = 7
 def default_options(name: str = NAME, variant: str = "") -> ml_collections.ConfigDict:
     """`config.method` of a preset ('unimatch_v2' | 'fixmatch_v2') and variant ('' | 'csl').
 
-    Fields: name; variant; selector ('threshold' | 'csl'); tau (threshold, `conf_thresh` 0.95);
-    alpha, variance_scaling, eps (CSL selector); ema_momentum (0.996); second_view ('cutmix' |
+    Fields: name; variant; selector ('threshold' | 'csl' | 'u2pl_entropy'); tau (threshold, `conf_thresh`
+    0.95); alpha, variance_scaling, eps (CSL selector); drop_percent (U2PL's entropy partition: the
+    share kept at the first epoch, annealed to 100 %); ema_momentum (0.996); second_view ('cutmix' |
     'none' | 'tmp'); comp_drop (bool), comp_drop_keep (share of each group left unperturbed, 0.5),
     comp_drop_scale (2.0); lock_backbone (freeze the encoder: no update, no backward).
     """
@@ -59,8 +64,8 @@ def default_options(name: str = NAME, variant: str = "") -> ml_collections.Confi
                          f"{sorted(VARIANTS)}")
     opts = ml_collections.ConfigDict(dict(
         name=name, variant=variant, selector="threshold", tau=0.95, alpha=8.0, variance_scaling=False, eps=1e-8,
-        ema_momentum=0.996, second_view="cutmix", comp_drop=True, comp_drop_keep=0.5, comp_drop_scale=2.0,
-        lock_backbone=False))
+        drop_percent=80.0, ema_momentum=0.996, second_view="cutmix", comp_drop=True, comp_drop_keep=0.5,
+        comp_drop_scale=2.0, lock_backbone=False))
     opts.update(PRESETS[name])
     opts.update(VARIANTS[variant])
     return opts
@@ -68,14 +73,19 @@ def default_options(name: str = NAME, variant: str = "") -> ml_collections.Confi
 
 def option_ranges() -> dict:
     """The valid values of the numeric and boolean `config.method` fields (csl_jax.methods.base Ranges)."""
-    return {"tau": within(0.0, 1.0), "alpha": above(0), "eps": above(0), "ema_momentum": within(0.0, 1.0, True),
+    return {"tau": within(0.0, 1.0), "drop_percent": within(0.0, 100.0), "alpha": above(0), "eps": above(0),
+            "ema_momentum": within(0.0, 1.0, True),
             "comp_drop_keep": within(0.0, 1.0), "comp_drop_scale": above(0), "comp_drop": BOOLEAN,
             "variance_scaling": BOOLEAN, "lock_backbone": BOOLEAN}
 
 
+#: fields added after the method's first release, with the values older saved configs meant.
+LATER_FIELDS = {"drop_percent": 80.0}
+
+
 def check_options(opts: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the `config.method` field that is missing or invalid."""
-    opts = with_later_fields(opts, {})
+    opts = with_later_fields(opts, LATER_FIELDS)
     check_fields(opts, default_options(), NAME, _CHOICES)
     check_ranges(opts, option_ranges())
 
@@ -92,12 +102,13 @@ class UniMatchV2(Method):
     epoch_stream = "unlabeled"
     best_predict = "teacher"
     has_diagnostics = True
+    later_fields = LATER_FIELDS
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
         check_options(config.method)
         check_network(config, "dpt")
         super().__init__(config, num_classes)
-        self.opts = config.method
+        self.opts = with_later_fields(config.method, LATER_FIELDS)
 
     def init(self, rng, image_shape):
         """Student params and {'batch_stats': {}, 'teacher': a copy of the student}."""
@@ -147,7 +158,7 @@ class UniMatchV2(Method):
 
         # 1. pseudo-labels from the EMA teacher, at crop resolution
         t_logits = passes.eval_pass(self.model, state["teacher"], unl["weak"])
-        own, reliable = passes.pseudo_targets(t_logits, unl["ignore"], o)
+        own, reliable = self._targets(t_logits, unl["ignore"], ctx)
 
         # 2. strong views CutMixed with the reversed batch's un-mixed views (targets likewise)
         partner_targets = jax.tree.map(partner, own)
@@ -183,6 +194,18 @@ class UniMatchV2(Method):
         metrics.update(passes.pseudo_label_metrics(own["label"], own["weight"], reliable, unl["ignore"],
                                                    unl["label"], axis_name=AXIS))
         return loss, (state, metrics)
+
+    def _targets(self, logits, ignore, ctx: StepContext):
+        """({'label', 'weight', 'ignore'}, reliable) of teacher logits by `selector`; 'u2pl_entropy' keeps
+        the pixels below the group's entropy percentile of this epoch (U2PL's partition, weights 0 / 1)."""
+        if self.opts.selector != "u2pl_entropy":
+            return passes.pseudo_targets(logits, ignore, self.opts)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        percent = entropy_split.drop_percentile(ctx.step // ctx.steps_per_epoch,
+                                                self.schedule_epochs(ctx.steps_per_epoch), self.opts.drop_percent)
+        weight, kept = entropy_split.entropy_split_weights(probs, ignore != IGNORE_INDEX, percent,
+                                                           self.config.loss.group_size)
+        return {"label": jnp.argmax(probs, axis=-1).astype(jnp.int32), "weight": weight, "ignore": ignore}, kept
 
     def diagnostics(self, train_state, batch):
         """The pseudo-label plots' arrays from the teacher's weak-view logits (`passes.pseudo_label_diagnostics`)."""
