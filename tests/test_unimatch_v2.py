@@ -249,3 +249,98 @@ def test_v2_options_are_checked():
         bad = ml_collections.ConfigDict({**opts.to_dict(), key: value})
         with pytest.raises(ValueError, match=f"config.method.{key}="):
             unimatch_v2.check_options(bad)
+
+
+# ------------------------------------------------- one step against the PyTorch transcription (spec §16 item 6)
+def test_step_loss_and_gradients_match_torch():
+    """Teacher, student and the step in torch (tests/helpers/torch_dinov2_dpt.py, written from the spec):
+    the teacher's threshold targets, the reversed-partner CutMix, the Complementary Dropout masks (the
+    method's, injected), L_x, L_s1, L_s2, L and every parameter gradient agree with csl_jax's step."""
+    torch = pytest.importorskip("torch")
+    from csl_jax.models import dpt
+    from tests.helpers import torch_dinov2_dpt as ref
+
+    size, classes, fields = 56, 5, dict(dim=32, depth=4, num_heads=2, taps=(0, 1, 2, 3), features=8,
+                                        out_channels=(4, 8, 16, 32), pos_grid=4)
+    nets = []
+    for seed in (0, 3):  # student, teacher
+        torch.manual_seed(seed)
+        net = ref.DPT(classes, **fields)
+        ref.randomise(net, torch.Generator().manual_seed(seed + 1))
+        nets.append(net)
+    student, teacher_net = nets
+    checkpoint = {"model": {f"module.{k}": v for k, v in student.state_dict().items()},
+                  "model_ema": {f"module.{k}": v for k, v in teacher_net.state_dict().items()}}
+    given = dict(num_heads=2, taps=(0, 1, 2, 3), attention="einsum")
+    _, t_vars = dpt.from_unimatch_v2(checkpoint, **given)
+    _, s_vars = dpt.from_unimatch_v2(checkpoint, network="student", **given)
+
+    c = make_config()
+    c.model.update(embed_dim=32, depth=4, num_heads=2, taps=(0, 1, 2, 3), pos_grid=4, features=8,
+                   out_channels=(4, 8, 16, 32))
+    c.data.crop_size = size
+    rng_np = np.random.default_rng(9)
+    batch = make_batch(9)
+    for stream in batch.values():  # the same batch at crop 56
+        for key, value in stream.items():
+            stream[key] = np.kron(value, np.ones((1, 2, 2) + (1,) * (value.ndim - 3), value.dtype))
+    batch["labeled"]["label"] = rng_np.integers(0, classes, (N, size, size)).astype(np.int32)
+    batch["unlabeled"]["label"] = batch["labeled"]["label"]
+    method = build_method(c, classes)
+    to_torch = lambda x: torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)  # noqa: E731
+    unl, lab, rng = batch["unlabeled"], batch["labeled"], jax.random.PRNGKey(2)
+    with torch.no_grad():
+        probs = torch.softmax(teacher_net(to_torch(unl["weak"])), 1)
+    conf, pseudo = probs.max(1)
+    method.opts.tau = float(conf.median())
+
+    # torch: the step of spec §5 with the method's masks
+    ids = N + np.arange(N)
+    m1, m2 = comp_drop.masks(jax.random.fold_in(rng, unimatch_v2._COMP_DROP_KEY), ids, ids - N, 32, GROUP)
+    partner = torch.tensor([1, 0, 3, 2])
+    ignore = torch.from_numpy(unl["ignore"])
+    weight = ((conf >= method.opts.tau) & (ignore != 255)).float()
+    strong, targets = [], []
+    for view, box in (("strong", "cutmix_box"), ("strong2", "cutmix_box2")):
+        b = torch.from_numpy(unl[box])
+        s = to_torch(unl[view])
+        strong.append(torch.where(b[:, None], s[partner], s))
+        targets.append([torch.where(b, t[partner], t) for t in (pseudo, weight, ignore)])
+    logits_x = student(to_torch(lab["image"]))
+    logits_s = student(torch.cat(strong), feature_scale=torch.from_numpy(np.concatenate([m1, m2])))
+
+    def grouped(ce, valid):  # per group of GROUP images: sum / valid count; mean over groups
+        return torch.stack([ce[g:g + GROUP].sum() / valid[g:g + GROUP].sum() for g in range(0, N, GROUP)]).mean()
+
+    y = torch.from_numpy(lab["label"]).long()
+    terms = {"loss_x": grouped(F_ce(torch, logits_x, y.clamp(max=classes - 1)) * (y != 255), y != 255)}
+    for k, (lbl, w, ig) in enumerate(targets):
+        valid = ig != 255
+        terms[f"loss_s{k + 1}"] = grouped(F_ce(torch, logits_s[k * N:(k + 1) * N], lbl) * w * valid, valid)
+    terms["loss"] = (terms["loss_x"] + (terms["loss_s1"] + terms["loss_s2"]) / 2) / 2
+    terms["loss"].backward()
+
+    # csl_jax: the same step, gradients by jax.grad
+    state = {"batch_stats": {}, "teacher": {"params": t_vars["params"], "batch_stats": {}}}
+
+    def per_device(params, batch):
+        return jax.value_and_grad(lambda p: method.loss(p, state, batch, ctx(rng)), has_aux=True)(params)
+
+    (loss, (_, metrics)), grads = harness.sharded(per_device, 1, in_specs=(P(), P(parallel.AXIS)))(
+        s_vars["params"], batch)
+    for key, value in terms.items():
+        np.testing.assert_allclose(float(metrics[key]), float(value.detach()), rtol=1e-5, err_msg=key)
+    torch_grads = {f"module.{k}": (p.grad if p.grad is not None else torch.zeros_like(p))
+                   for k, p in student.named_parameters()}
+    _, expected = dpt.from_unimatch_v2({"model": torch_grads}, network="student", **given)
+    flat_got = jax.tree_util.tree_leaves_with_path(jax.device_get(grads))
+    flat_expected = dict(jax.tree_util.tree_leaves_with_path(expected["params"]))
+    scale = max(float(np.abs(g).max()) for _, g in flat_got)
+    for path, g in flat_got:
+        np.testing.assert_allclose(g, np.asarray(flat_expected[path]), rtol=1e-3, atol=1e-5 * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def F_ce(torch, logits, labels):
+    """Per-pixel cross-entropy (B, H, W) of (B, C, H, W) logits."""
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
