@@ -253,7 +253,7 @@ def test_v2_options_are_checked():
 
 # ------------------------------------------------- one step against the PyTorch transcription (spec §16 item 6)
 def test_step_loss_and_gradients_match_torch():
-    """Teacher, student and the step in torch (tests/helpers/torch_dinov2_dpt.py, written from the spec):
+    """Teacher, student and the step in float64 torch (tests/helpers/torch_dinov2_dpt.py, written from the spec):
     the teacher's threshold targets, the reversed-partner CutMix, the Complementary Dropout masks (the
     method's, injected), L_x, L_s1, L_s2, L and every parameter gradient agree with csl_jax's step."""
     torch = pytest.importorskip("torch")
@@ -268,9 +268,9 @@ def test_step_loss_and_gradients_match_torch():
         net = ref.DPT(classes, **fields)
         ref.randomise(net, torch.Generator().manual_seed(seed + 1))
         nets.append(net)
-    student, teacher_net = nets
-    checkpoint = {"model": {f"module.{k}": v for k, v in student.state_dict().items()},
-                  "model_ema": {f"module.{k}": v for k, v in teacher_net.state_dict().items()}}
+    student, teacher_net = (net.double() for net in nets)  # the transcription in float64
+    checkpoint = {"model": {f"module.{k}": v.float() for k, v in student.state_dict().items()},
+                  "model_ema": {f"module.{k}": v.float() for k, v in teacher_net.state_dict().items()}}
     given = dict(num_heads=2, taps=(0, 1, 2, 3), attention="einsum")
     _, t_vars = dpt.from_unimatch_v2(checkpoint, **given)
     _, s_vars = dpt.from_unimatch_v2(checkpoint, network="student", **given)
@@ -287,19 +287,22 @@ def test_step_loss_and_gradients_match_torch():
     batch["labeled"]["label"] = rng_np.integers(0, classes, (N, size, size)).astype(np.int32)
     batch["unlabeled"]["label"] = batch["labeled"]["label"]
     method = build_method(c, classes)
-    to_torch = lambda x: torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)  # noqa: E731
+    to_torch = lambda x: torch.from_numpy(np.float64(x)).permute(0, 3, 1, 2)  # noqa: E731
     unl, lab, rng = batch["unlabeled"], batch["labeled"], jax.random.PRNGKey(2)
     with torch.no_grad():
         probs = torch.softmax(teacher_net(to_torch(unl["weak"])), 1)
     conf, pseudo = probs.max(1)
-    method.opts.tau = float(conf.median())
+    # tau in the widest gap between teacher confidences near the median: float32 and float64 agree on every pixel
+    ordered = np.sort(conf.numpy().ravel())
+    k = len(ordered) // 2 - 50 + int(np.argmax(np.diff(ordered[len(ordered) // 2 - 50:len(ordered) // 2 + 51])))
+    method.opts.tau = float(ordered[k] + ordered[k + 1]) / 2
 
     # torch: the step of spec §5 with the method's masks
     ids = N + np.arange(N)
     m1, m2 = comp_drop.masks(jax.random.fold_in(rng, unimatch_v2._COMP_DROP_KEY), ids, ids - N, 32, GROUP)
     partner = torch.tensor([1, 0, 3, 2])
     ignore = torch.from_numpy(unl["ignore"])
-    weight = ((conf >= method.opts.tau) & (ignore != 255)).float()
+    weight = ((conf >= method.opts.tau) & (ignore != 255)).double()
     strong, targets = [], []
     for view, box in (("strong", "cutmix_box"), ("strong2", "cutmix_box2")):
         b = torch.from_numpy(unl[box])
@@ -307,7 +310,7 @@ def test_step_loss_and_gradients_match_torch():
         strong.append(torch.where(b[:, None], s[partner], s))
         targets.append([torch.where(b, t[partner], t) for t in (pseudo, weight, ignore)])
     logits_x = student(to_torch(lab["image"]))
-    logits_s = student(torch.cat(strong), feature_scale=torch.from_numpy(np.concatenate([m1, m2])))
+    logits_s = student(torch.cat(strong), feature_scale=torch.from_numpy(np.float64(np.concatenate([m1, m2]))))
 
     def grouped(ce, valid):  # per group of GROUP images: sum / valid count; mean over groups
         return torch.stack([ce[g:g + GROUP].sum() / valid[g:g + GROUP].sum() for g in range(0, N, GROUP)]).mean()
@@ -330,7 +333,7 @@ def test_step_loss_and_gradients_match_torch():
         s_vars["params"], batch)
     for key, value in terms.items():
         np.testing.assert_allclose(float(metrics[key]), float(value.detach()), rtol=1e-5, err_msg=key)
-    torch_grads = {f"module.{k}": (p.grad if p.grad is not None else torch.zeros_like(p))
+    torch_grads = {f"module.{k}": (p.grad if p.grad is not None else torch.zeros_like(p)).float()
                    for k, p in student.named_parameters()}
     _, expected = dpt.from_unimatch_v2({"model": torch_grads}, network="student", **given)
     flat_got = jax.tree_util.tree_leaves_with_path(jax.device_get(grads))
