@@ -347,3 +347,58 @@ def test_step_loss_and_gradients_match_torch():
 def F_ce(torch, logits, labels):
     """Per-pixel cross-entropy (B, H, W) of (B, C, H, W) logits."""
     return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+
+
+data_root = harness.data_root
+
+
+def test_mode_eval_of_an_official_checkpoint_gives_the_transcriptions_miou(data_root, tmp_path):
+    """`--mode=eval --checkpoint=V2.pth` (modes.evaluate_checkpoint) on random weights saved in UniMatch V2's
+    layout (`unimatch_v2.py:264-277`: DDP `module.` keys, model and model_ema) evaluates the EMA network
+    with 'whole_resize' exactly as the float64 transcription does: x14 resize with align_corners, the
+    network, back, argmax; mIoU over all classes from the set's confusion matrix."""
+    torch = pytest.importorskip("torch")
+    from csl_jax import data
+    from csl_jax.data.transforms import normalize
+    from csl_jax.evaluation import modes
+    from tests.helpers import torch_dinov2_dpt as ref
+
+    fields = dict(dim=32, depth=4, num_heads=2, taps=(0, 1, 2, 3), features=8, out_channels=(4, 8, 16, 32),
+                  pos_grid=4)
+    nets = []
+    for seed in (0, 3):
+        torch.manual_seed(seed)
+        net = ref.DPT(harness.NUM_CLASSES, **fields)
+        ref.randomise(net, torch.Generator().manual_seed(seed + 1))
+        nets.append(net.eval())
+    student, ema = nets
+    path = tmp_path / "v2.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in student.state_dict().items()},
+                "model_ema": {f"module.{k}": v for k, v in ema.state_dict().items()}, "epoch": 3}, path)
+
+    c = harness.tiny_v2(common.get_base_config())
+    c.model.update(embed_dim=32, depth=4, num_heads=2, taps=(0, 1, 2, 3), pos_grid=4, features=8,
+                   out_channels=(4, 8, 16, 32))
+    c.data.update(name="synthetic", root=data_root, crop_size=harness.DPT_CROP, split="1_2")
+    c.eval.update(batch_size=8, max_images=0)
+    results = modes.evaluate_checkpoint(c, str(tmp_path), str(path), save=False)
+
+    ema = ema.double()
+    conf = np.zeros((harness.NUM_CLASSES,) * 2, np.int64)
+    for example in data.eval_dataset(c.data):
+        image, label = np.asarray(example["image"]), np.asarray(example["label"])
+        h, w = label.shape
+        x = torch.from_numpy(np.float64(normalize(image))).permute(2, 0, 1)[None]
+        size = (int(h / 14 + 0.5) * 14, int(w / 14 + 0.5) * 14)
+        resize = torch.nn.functional.interpolate
+        with torch.no_grad():
+            logits = resize(ema(resize(x, size, mode="bilinear", align_corners=True)), (h, w), mode="bilinear",
+                            align_corners=True)
+        pred = logits[0].argmax(0).numpy()
+        keep = label != 255
+        np.add.at(conf, (label[keep], pred[keep]), 1)
+    inter = np.diag(conf)
+    expected = np.mean(inter / (conf.sum(0) + conf.sum(1) - inter + 1e-10))
+    assert results["predict"] == "teacher" and results["protocol"]["name"] == "whole_resize"
+    assert results["num_images"] == len(data.eval_dataset(c.data))
+    np.testing.assert_allclose(results["miou"], expected, atol=2e-4)

@@ -70,7 +70,7 @@ def load_eval_variables(config: ml_collections.ConfigDict, method, workdir: str,
 
     # the template's weights are replaced by the file's: random ones, no pretrained file read
     template_method = build_method(pretrained.random_init_config(config), method.num_classes)
-    params, state = template_method.init(jax.random.PRNGKey(0), (33, 33, 3))
+    params, state = template_method.init(jax.random.PRNGKey(0), (42, 42, 3))  # any model's input (DPT: 14 k)
     template = method.eval_variables(TrainState(step=0, params=params, opt_state=None, state=state), predict)
     variables, report = convert.load_pretrained(template, which, kind=config.model.init_kind)
     if report["left_at_init"]:
