@@ -23,6 +23,7 @@ python3 -m benchmarks.train_step --tiny --method csl --dtype bfloat16 --profile-
   --out /tmp/check.json >"$out/check_log.txt" 2>&1 || { tail -60 "$out/check_log.txt"; exit 3; }
 python3 -m benchmarks.profile_summary /tmp/check_profile/csl_bfloat16_os8_33 --top 8 >>"$out/check_log.txt" 2>&1
 tail -25 "$out/check_log.txt"
+v2_start=$SECONDS; timeout 150 python3 -m benchmarks.train_step --method unimatch_v2 --encoder small --crop 518 --labeled 16 --unlabeled 16 --dtype bfloat16 --warmup 2 --iters 5 --out /tmp/v2_step.json 2>&1 | tee -a "$out/check_log.txt" | tail -3; budget=$((budget - SECONDS + v2_start))  # UniMatch V2 ViT-S step (about 1 min, estimated), deducted from the suite budget
 python3 -m benchmarks.suite --budget-s "$budget" --out /tmp/suite "$@" 2>&1 | tee "$out/suite_log.txt"
 status=${PIPESTATUS[0]}
 cp /tmp/suite/suite.md "$out/" 2>/dev/null

@@ -2,6 +2,8 @@ r"""The same train steps in PyTorch (eager), the baseline of benchmarks/train_st
 
     python -m benchmarks.torch_reference --method csl unimatch --depth 101 --output-stride 16 \
         --crop 513 --dtype float32 bfloat16 --out torch_reference.json
+    python -m benchmarks.torch_reference --method unimatch_v2 --encoder small --crop 518 \
+        --labeled 16 --unlabeled 16 --dtype float32 bfloat16      # UniMatch V2 on DINOv2 + DPT
     python -m benchmarks.torch_reference --tiny    # CPU smoke test
 
 A compact DeepLabV3+ in UniMatch's layout (deep stem, torchvision dilation schedule, ASPP, 48-ch
@@ -13,6 +15,11 @@ student's eval-mode mix pass and its clean u_w logits), CutMix / TMP strong view
 update. Running-statistics bookkeeping is PyTorch's default (every train-mode pass updates BN);
 that changes no cost. `--dtype bfloat16` means bf16 autocast with channels_last model and inputs
 (the fast PyTorch recipe), float32 means plain float32 NCHW.
+
+UniMatch V2's methods (`unimatch_v2`, `fixmatch_v2`, `supervised_v2`; `V2Trainer`) run the DINOv2 +
+DPT of the test transcription tests/helpers/torch_dinov2_dpt.py (written from the spec) with its
+attention through `F.scaled_dot_product_attention`, on train_step's V2 configs (AdamW, the
+method's options); bf16 is autocast alone there.
 
 cuDNN autotuning is on (`cudnn.benchmark`, as UniMatch sets it); float32 keeps PyTorch's TF32 defaults.
 After --warmup steps, --iters steps are timed each ended by torch.cuda.synchronize()
@@ -33,10 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.train_step import make_config, synthetic_batch, unlabeled_views
+from benchmarks.train_step import (V2_METHODS, batch_streams, configurations, model_keys, model_label,
+                                   synthetic_batch, unlabeled_views)
 from csl_jax.constants import IGNORE_INDEX as IGNORE
 from csl_jax.methods import build_method
+from csl_jax.models import build_model
 from csl_jax.models.resnet import EXPANSION, block_schedule, resolve_blocks
+from tests.helpers import torch_dinov2_dpt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,14 +254,104 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         if self.teacher is not None:
-            decay = min(1 - 1 / (self.step_count + 1), self.opts.ema_momentum)
             with torch.no_grad():
-                for t, s in zip(itertools.chain(self.teacher.parameters(), self.teacher.buffers()),
-                                itertools.chain(self.model.parameters(), self.model.buffers())):
-                    if t.is_floating_point():
-                        t.lerp_(s, 1 - decay)
+                self.update_teacher(min(1 - 1 / (self.step_count + 1), self.opts.ema_momentum))
         self.step_count += 1
         return loss
+
+    def update_teacher(self, decay: float) -> None:
+        """EMA of every floating parameter and buffer: t <- decay t + (1 - decay) s."""
+        for t, s in zip(itertools.chain(self.teacher.parameters(), self.teacher.buffers()),
+                        itertools.chain(self.model.parameters(), self.model.buffers())):
+            if t.is_floating_point():
+                t.lerp_(s, 1 - decay)
+
+
+class SdpaAttention(torch_dinov2_dpt.Attention):
+    """The transcription's attention through `F.scaled_dot_product_attention` (flash / memory-efficient
+    kernels on GPU, as the official code's xFormers MemEffAttention): same qkv and proj, scale hd^-0.5."""
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+
+
+def reversed_groups(x, group: int):
+    """x[partner]: each consecutive group of `group` samples reversed (UniMatch V2's per-GPU flip(0))."""
+    return x.reshape(-1, group, *x.shape[1:]).flip(1).reshape(x.shape)
+
+
+def comp_drop_masks(batch: int, dim: int, group: int, keep: float, scale: float, device):
+    """Complementary Dropout masks [m1; m2] (2B, D) (spec §3): m1 = scale * Bernoulli(0.5), m2 = scale - m1,
+    both 1 for the first floor(g * keep) images of a random permutation of each group of g."""
+    m1 = scale * torch.randint(0, 2, (batch, dim), device=device).float()
+    m2 = scale - m1
+    for start in range(0, batch, group):
+        kept = start + torch.randperm(group, device=device)[:int(group * keep)]
+        m1[kept] = m2[kept] = 1.0
+    return torch.cat([m1, m2])
+
+
+class V2Trainer(Trainer):
+    """One optimizer step of UniMatch V2 / FixMatch V2 / supervised on the DINOv2 + DPT (the transcription
+    of tests/helpers/torch_dinov2_dpt.py, attention by `SdpaAttention`), written the way UniMatch-V2's
+    loop runs it: the EMA teacher's no-grad pass on u_w, CutMix of the strong views with the reversed
+    group's, the student on x and on [S1; S2] with the Complementary Dropout masks, CE losses,
+    AdamW (backbone lr, head lr x lr_multi), EMA by `torch._foreach_lerp_`. bf16 is autocast alone
+    (a ViT has no channels_last layout to choose)."""
+
+    def __init__(self, config, num_classes: int, device, bf16: bool):  # Trainer's step and to_device, not its model
+        if config.method.name != "supervised" and config.method.second_view not in ("cutmix", "none"):
+            raise ValueError(f"the PyTorch V2 step has no second_view={config.method.second_view!r}")
+        m = build_model(config.model, num_classes)  # the csl_jax fields (encoder or TINY_DPT)
+        model = torch_dinov2_dpt.DPT(num_classes, m.embed_dim, m.depth, m.num_heads, m.taps, m.features,
+                                     m.out_channels, m.ffn, m.pos_grid)
+        for module in model.modules():
+            if isinstance(module, torch_dinov2_dpt.Attention):
+                module.__class__ = SdpaAttention
+        self.model = model.to(device).train()
+        self.memory_format = torch.contiguous_format
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        self.opts, self.config = config.method, config
+        self.teacher = None
+        if self.opts.name != "supervised":
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        backbone = [p for n, p in self.model.named_parameters() if n.startswith("backbone.")]
+        head = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.")]
+        o = config.optim
+        groups = [{"params": backbone, "lr": o.lr}, {"params": head, "lr": o.lr * o.lr_multi}]
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+        self.step_count = 0
+
+    def loss(self, batch) -> torch.Tensor:
+        """L_x (supervised), or (L_x + mean over the strong views of L_sk) / 2 (spec §5)."""
+        lab, o, model, group = batch["labeled"], self.opts, self.model, self.config.loss.group_size
+        with self.autocast():
+            logits_x = model(lab["image"])
+        loss_x = F.cross_entropy(logits_x.float(), lab["label"].long(), ignore_index=IGNORE)
+        if o.name == "supervised":
+            return loss_x
+        unl = batch["unlabeled"]
+        with torch.no_grad(), self.autocast():
+            own, _ = targets(self.teacher(unl["weak"]), unl["ignore"], o)
+        partner = tuple(reversed_groups(t, group) for t in own)
+        boxes = ["cutmix_box"] + (["cutmix_box2"] if o.second_view == "cutmix" else [])
+        views = [cutmix(unl[box], reversed_groups(unl[view], group), unl[view])
+                 for box, view in zip(boxes, ("strong", "strong2"))]
+        tgts = [cutmix(unl[box], partner, own) for box in boxes]
+        scale = None
+        if o.comp_drop and len(views) == 2:
+            scale = comp_drop_masks(unl["weak"].shape[0], model.backbone.cls_token.shape[-1], group,
+                                    o.comp_drop_keep, o.comp_drop_scale, lab["image"].device)
+        with self.autocast():
+            strong_logits = model(torch.cat(views), feature_scale=scale).chunk(len(views))
+        unlabeled = sum(weighted_ce(z, t) for z, t in zip(strong_logits, tgts)) / len(views)
+        return (loss_x + unlabeled) / 2
+
+    def update_teacher(self, decay: float) -> None:
+        """EMA of the parameters (the DPT has no buffers) in one `torch._foreach_lerp_`."""
+        torch._foreach_lerp_(list(self.teacher.parameters()), list(self.model.parameters()), 1 - decay)
 
 
 def _sync(device) -> None:
@@ -262,11 +362,14 @@ def _sync(device) -> None:
 def bench_one(config, num_classes: int, device, warmup: int, iters: int) -> dict:
     """Times `config`'s step in PyTorch on `device`; returns one result dict (keys as train_step's)."""
     bf16 = config.model.dtype == "bfloat16"
-    views = unlabeled_views(build_method(config, num_classes))
+    dpt = config.model.get("name") == "dpt"
+    method = build_method(config, num_classes)
+    views = unlabeled_views(method)
     labeled, unlabeled = config.batch.labeled, config.batch.unlabeled
     torch.manual_seed(config.seed)
-    trainer = Trainer(config, num_classes, device, bf16)
-    batch = trainer.to_device(synthetic_batch(views, labeled, unlabeled, config.data.crop_size, num_classes), device)
+    trainer = (V2Trainer if dpt else Trainer)(config, num_classes, device, bf16)
+    batch = trainer.to_device(synthetic_batch(views, labeled, unlabeled, config.data.crop_size, num_classes,
+                                              streams=batch_streams(method, config)), device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -289,10 +392,9 @@ def bench_one(config, num_classes: int, device, warmup: int, iters: int) -> dict
     step_s = (time.perf_counter() - start) / iters
     images = labeled + (unlabeled if views is not None else 0)
     return {
-        "method": config.method.name, "depth": config.model.depth, "output_stride": config.model.output_stride,
-        "crop": config.data.crop_size, "dtype": config.model.dtype, "labeled": labeled,
-        "unlabeled": unlabeled if views is not None else 0,
-        "recipe": "bf16 autocast + channels_last" if bf16 else "float32 NCHW",
+        "method": config.method.name, **model_keys(config), "crop": config.data.crop_size, "dtype": config.model.dtype,
+        "labeled": labeled, "unlabeled": unlabeled if views is not None else 0,
+        "recipe": ("bf16 autocast" + ("" if dpt else " + channels_last")) if bf16 else "float32 NCHW",
         "ms_per_step": 1e3 * step_s, "ms_per_step_synced": 1e3 * statistics.median(times),
         "ms_per_step_min": 1e3 * min(times), "images_per_s": images / step_s,
         "first_step_s": first_s,
@@ -304,11 +406,13 @@ def bench_one(config, num_classes: int, device, warmup: int, iters: int) -> dict
 def main(argv=None) -> dict:
     """Runs the grid; returns the report written to --out."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", nargs="+", choices=["supervised", "unimatch", "csl"],
-                        help="default: csl (--tiny: all three)")
+    parser.add_argument("--method", nargs="+", choices=["supervised", "unimatch", "csl", *sorted(V2_METHODS)],
+                        help="default: csl (--tiny: supervised unimatch csl)")
     parser.add_argument("--depth", type=int, nargs="+", default=[101], choices=[50, 101])
     parser.add_argument("--output-stride", type=int, nargs="+", default=[16], choices=[8, 16])
-    parser.add_argument("--crop", type=int, nargs="+", help="default: 513 (--tiny: 33)")
+    parser.add_argument("--encoder", nargs="+", default=["small"], choices=["small", "base", "large", "giant"],
+                        help="DINOv2 size of the V2 methods (--tiny: train_step.TINY_DPT)")
+    parser.add_argument("--crop", type=int, nargs="+", help="default: 513 (--tiny: 33); DPT 518 (--tiny: 28)")
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--labeled", type=int, default=8)
     parser.add_argument("--unlabeled", type=int, default=8)
@@ -319,12 +423,13 @@ def main(argv=None) -> dict:
                         help="CPU smoke test: tiny model, R50 OS8, batch 2+2, one thread, 1+2 iterations")
     parser.add_argument("--out", default="torch_reference.json")
     args = parser.parse_args(argv)
+    args.remat = False  # a JAX option; train_step.configurations reads it
     if args.tiny:
-        args.method, args.crop = args.method or ["supervised", "unimatch", "csl"], args.crop or [33]
+        args.method = args.method or ["supervised", "unimatch", "csl"]
         args.depth, args.output_stride, args.labeled, args.unlabeled = [50], [8], 2, 2
         args.warmup, args.iters = 1, 2
         torch.set_num_threads(1)  # shared CI cores: more threads only thrash at this size
-    args.method, args.crop = args.method or ["csl"], args.crop or [513]
+    args.method = args.method or ["csl"]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     # The fast recipe UniMatch itself uses: cuDNN picks its algorithms per shape (first steps).
     # float32 keeps PyTorch's defaults (TF32 convolutions on Ampere and later, exact fp32 matmuls).
@@ -334,9 +439,7 @@ def main(argv=None) -> dict:
                 "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results = []
-    for method, depth, stride, crop, dtype in itertools.product(
-            args.method, args.depth, args.output_stride, args.crop, args.dtype):
-        config = make_config(method, depth, stride, crop, dtype, args.labeled, args.unlabeled, args.tiny)
+    for config, _ in configurations(args):  # train_step's grid: the same configs, default crops per model
         results.append(bench_one(config, args.num_classes, device, args.warmup, args.iters))
         print(json.dumps(results[-1]), flush=True)
     report = {"device": f"{device.type}: {name}", "torch": torch.__version__, "tiny": args.tiny,
@@ -344,11 +447,11 @@ def main(argv=None) -> dict:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"device: {report['device']} (torch {torch.__version__}); results in {args.out}")
-    print(f"{'method':>10} {'model':>5} {'OS':>3} {'crop':>5} {'recipe':>29} {'batch':>6} {'ms/step':>9} "
+    print(f"{'method':>11} {'model':>5} {'OS':>3} {'crop':>5} {'recipe':>29} {'batch':>6} {'ms/step':>9} "
           f"{'img/s':>8} {'peak GiB':>8}")
     for r in results:
         peak = "n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
-        print(f"{r['method']:>10} {'R' + str(r['depth']):>5} {r['output_stride']:>3} {r['crop']:>5} "
+        print(f"{r['method']:>11} {model_label(r):>5} {r['output_stride'] or '-':>3} {r['crop']:>5} "
               f"{r['recipe']:>29} {str(r['labeled']) + '+' + str(r['unlabeled']):>6} {r['ms_per_step']:>9.1f} "
               f"{r['images_per_s']:>8.1f} {peak:>8}")
     return report

@@ -1,8 +1,12 @@
-r"""Speed of the real train steps (supervised, UniMatch, CSL): step time, compile time, memory, MFU.
+r"""Speed of the real train steps (supervised, UniMatch, CSL, UniMatch V2): step time, compile time, memory, MFU.
 
     python -m benchmarks.train_step --method csl unimatch --depth 101 --output-stride 16 \
         --crop 513 --dtype bfloat16 --out train_step.json [--torch] [--peak-tflops 798]
-    python -m benchmarks.train_step --tiny    # CPU smoke test (tiny model, crop 33, 2 + 2)
+    python -m benchmarks.train_step --method unimatch_v2 --encoder small base --crop 518 \
+        --labeled 16 --unlabeled 16 --dtype bfloat16 [--remat]      # UniMatch V2 on DINOv2 + DPT
+    python -m benchmarks.train_step --tiny    # CPU smoke test (tiny model, crop 33 / 28 (DPT), 2 + 2)
+    python -m benchmarks.train_step --cost-model-only --method unimatch_v2 --encoder small base large \
+        --labeled 16 --unlabeled 16          # the cost model alone: no device, no compilation
 
 `--compilation-cache DIR` turns on the persistent XLA cache (a first process measures the cold
 compile and fills it, a second with `--compile-only` measures the warm one); `--profile-dir DIR`
@@ -11,24 +15,58 @@ traces a few extra steps of each configuration with jax.profiler (see benchmarks
 Each configuration builds the method from the Pascal config of that method (configs/*_pascal.py,
 so the method options are the real ones), overrides model and batch, and times
 `csl_jax.train.make_train_step` on synthetic batches of the right shapes (no data pipeline, so
-the step time is pure device time). After --warmup steps, --iters steps are timed twice: each
-ended by block_until_ready (`ms_per_step_synced`, their median, and `ms_per_step_min`: these
-include the host's launch latency before the device starts), then queued back to back and waited
-for once, as the training loop runs them (`ms_per_step`, the throughput figure every other field
-uses). Reported per configuration:
+the step time is pure device time). UniMatch V2's methods (`unimatch_v2`, `fixmatch_v2`, and
+`supervised_v2`: the supervised baseline on the DPT) take `configs.common.get_v2_recipe('pascal')`
+with `--encoder` (small | base | large | giant; `--tiny`: `common.TINY_DPT`) instead of `--depth` and
+`--output-stride`, and `--crop` a multiple of 14; their batch has no mix stream. After --warmup
+steps, --iters steps are timed twice: each ended by block_until_ready (`ms_per_step_synced`, their
+median, and `ms_per_step_min`: these include the host's launch latency before the device starts),
+then queued back to back and waited for once, as the training loop runs them (`ms_per_step`, the
+throughput figure every other field uses). Reported per configuration:
 
 - ms/step and images/s (labeled + unlabeled images of one step);
 - lower and compile seconds, timed separately;
 - peak device memory (`memory_stats()['peak_bytes_in_use']`, monotonic over the process; 'n/a'
   where the backend has none, e.g. CPU) and XLA's own estimate of the step's memory
   (`memory_analysis()`: arguments + outputs + temporaries - aliased);
-- TFLOP per step from XLA's cost analysis (summed over devices) next to the cost model of
-  /work/shared/docs/performance.md (table 1 forward FLOPs x the pass count of table 2), and their
-  ratio; 'n/a' where the table has no entry (other crops, the tiny model);
+- TFLOP per step from XLA's cost analysis (summed over devices) next to the cost model, and their
+  ratio: for DeepLabV3+ /work/shared/docs/performance.md (table 1 forward FLOPs x the pass count of
+  table 2; 'n/a' where the table has no entry: other crops, the tiny model), for the DPT the
+  analytic count below (any crop, the tiny model too);
 - MFU = XLA FLOPs / step time / peak, with the peak from --peak-tflops or measured with a large
   bf16 matmul on the device; and mfu_reference, the same with the cost model's FLOPs. XLA counts
   only the kernel taps that land inside the input, the cost model (PyTorch's FlopCounterMode)
   counts every tap, so XLA's figure is lower where dilated taps read padding (ASPP at OS8).
+
+Cost model of the DINOv2 + DPT (`dpt_forward_flops`), FLOPs = 2 per multiply-add, one H x W image,
+patch p = 14, token grid h = H/p, w = W/p, n = hw patches, N = n + 1 tokens, width D, L blocks, FFN
+hidden F (4D; giant's SwiGLU 4096):
+
+- patch embedding: 2 n (3 p^2) D;
+- per block: qkv and proj 2 N (3D^2 + D^2) = 8 N D^2; attention scores q k^T and values a v
+  2 N^2 D each = 4 N^2 D; FFN: MLP 2 N (2 D F) = 16 N D^2, SwiGLU 2 N (D 2F + F D) = 6 N D F.
+  LayerNorms, softmax, GELU, LayerScale, residual and bias adds are elementwise: not counted (XLA
+  counts them: 2% of ViT-S's forward at 518, ~4% of the tiny model's); nor is the final norm;
+- DPT head, convs at their resolutions (maps of 4h x 4w, 2h x 2w, h x w and ceil(h/2) x ceil(w/2)):
+  projects 1x1 D -> c_k; ConvTranspose k = s = 4, 2 (one tap per output pixel: 2 (s^2 hw) c_k^2);
+  the 3x3/2 conv; layer{k}_rn 3x3 c_k -> f; per fusion block its RCUs (two 3x3 f -> f each) at
+  the input level and out_conv 1x1 f -> f at the output level; output_conv 3x3 f -> f and 1x1
+  f -> C at 8h x 8w. A k x k conv costs 2 Cin Cout x (taps summed over the output positions):
+  every tap (k per output and axis, PyTorch's convention) in the reported model FLOPs, the taps
+  that read inside the input with `in_bounds=True` (XLA's convention: `tests/test_benchmarks.py`
+  checks it equals XLA's count of every dot and convolution of a tiny forward, exactly);
+- not model FLOPs, reported apart as `resize`: csl_jax's bilinear resizes (align_corners) are
+  dense interpolation matmuls, 2 c (H_o H_i W_i + W_o W_i H_o) each (the four fusion resizes and the
+  output's 8h -> H on C classes: 7% of ViT-S's model FLOPs at 518), which XLA counts as dots; PyTorch
+  interpolates with 4 taps per output. XLA's count of the ViT-S forward at 518 is 1.09x the model FLOPs;
+- left out: the position table's bicubic resize (per call, not per image; the identity at the stored
+  37 x 37 grid, i.e. at crop 518), the Complementary Dropout scaling, losses and optimizer.
+
+Per step (`forward_passes`): a backward pass counts twice its forward, so UniMatch V2 costs
+B_u (the EMA teacher on u_w, no grad) + 3 (B_l + 2 B_u) (the student on x and on [S1; S2]) image
+forwards; FixMatch V2 B_u + 3 (B_l + B_u); supervised 3 B_l. Not modelled: the patch embedding's
+missing input gradient and the resizes' backward (constant matrices: only the input gradient,
+1x their forward, not 2x), and `lock_backbone`.
 
 With --torch, benchmarks/torch_reference.py runs the same configurations first, in a subprocess
 (before JAX claims the accelerator's memory), and the table shows JAX's speed-up over it. Prints
@@ -54,9 +92,17 @@ from configs import (ccvc_pascal, common, cpcl_pascal, csl_pascal, css_pascal, s
                      unimatch_pascal)
 from csl_jax import optim, parallel, train
 from csl_jax.methods import build_method
+from csl_jax.models import build_model
+from csl_jax.models.dpt import DPT
 
 METHOD_CONFIGS = {"supervised": supervised_pascal, "unimatch": unimatch_pascal, "csl": csl_pascal,
                   "ccvc": ccvc_pascal, "u2pl": u2pl_pascal, "css": css_pascal, "cpcl": cpcl_pascal}
+#: UniMatch V2's methods on the DPT: benchmark name -> (`common.get_v2_recipe` method, variant)
+V2_METHODS = {"unimatch_v2": ("unimatch_v2", ""), "fixmatch_v2": ("unimatch_v2", "fixmatch_v2"),
+              "supervised_v2": ("supervised", "")}
+#: default --crop per model, (full size, --tiny)
+DEFAULT_CROP = {"deeplabv3plus": (513, 33), "dpt": (518, 28)}
+ENCODER_LABELS = {"small": "ViT-S", "base": "ViT-B", "large": "ViT-L", "giant": "ViT-g"}
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
 # performance.md table 1: GFLOP of one forward pass per image, 21 classes, keyed (depth, OS) -> crop.
@@ -78,6 +124,9 @@ PEAK_MATMUL = {"accelerator": (8192, jnp.bfloat16), "cpu": (512, jnp.float32)}
 def forward_passes(method_opts, labeled: int, unlabeled: int, head_share: float) -> float:
     """Image forward passes F per step (performance.md §2; a backward pass counts 2F).
 
+    UniMatch V2 and FixMatch V2 (DPT): the EMA teacher's no-grad pass on u_w B_u, the student's
+    train passes on x and on the strong views 3 (B_l + 2 B_u) (one strong view: 3 (B_l + B_u)).
+
     Supervised: 3 B_l. Semi-supervised: no-grad pseudo-label passes (EMA teacher on [u_w; u'_w]:
     2 B_u, else the mix batch: B_u) + main pass 3 (B_l + B_u) (x (1 + head share) with FP, whose
     head runs twice) + strong pass 3 B_u per strong view. CCVC: two networks, each with a labeled
@@ -92,6 +141,8 @@ def forward_passes(method_opts, labeled: int, unlabeled: int, head_share: float)
     """
     if method_opts.name == "supervised":
         return 3.0 * labeled
+    if method_opts.name in V2_METHODS:
+        return unlabeled + 3.0 * (labeled + unlabeled * (1 if method_opts.second_view == "none" else 2))
     if method_opts.name == "u2pl":
         return unlabeled + 4.0 * (labeled + unlabeled)
     if method_opts.name == "css":
@@ -106,17 +157,89 @@ def forward_passes(method_opts, labeled: int, unlabeled: int, head_share: float)
     return no_grad + main + strong
 
 
-def reference_tflops(config) -> float | None:
-    """TFLOP per step of `config` from the performance.md tables, None where they have no entry."""
+def conv_taps(n: int, k: int, stride: int, in_bounds: bool) -> tuple[int, int]:
+    """(kernel taps summed over the output positions, output size) along one axis of n inputs of a
+    k x k conv with PyTorch's padding (k - 1) / 2: k per output, or with `in_bounds` only the taps
+    that read inside the input (XLA's count)."""
+    pad = (k - 1) // 2
+    out = (n + 2 * pad - k) // stride + 1
+    if not in_bounds:
+        return out * k, out
+    return sum(1 for o in range(out) for i in range(k) if 0 <= o * stride - pad + i < n), out
+
+
+def conv_flops(size: tuple[int, int], k: int, stride: int, cin: int, cout: int,
+               in_bounds: bool) -> tuple[int, tuple[int, int]]:
+    """(FLOPs, output (h, w)) of a k x k conv of one (h, w, cin) map to cout channels (bias not counted)."""
+    (taps_h, out_h), (taps_w, out_w) = (conv_taps(n, k, stride, in_bounds) for n in size)
+    return 2 * taps_h * taps_w * cin * cout, (out_h, out_w)
+
+
+def resize_flops(size_in: tuple[int, int], size_out: tuple[int, int], channels: int) -> int:
+    """FLOPs of csl_jax's bilinear resize of one (h, w, channels) map: rows then columns by dense
+    interpolation matrices (`layers.resize_align_corners`); 0 when the size does not change."""
+    if tuple(size_in) == tuple(size_out):
+        return 0
+    (h_in, w_in), (h_out, w_out) = size_in, size_out
+    return 2 * channels * (h_out * h_in * w_in + w_out * w_in * h_out)
+
+
+def dpt_forward_flops(model: DPT, height: int, width: int, in_bounds: bool = False) -> dict[str, int]:
+    """FLOPs of one DINOv2 + DPT forward of one height x width image (module docstring), by part.
+
+    Returns {'patch_embed', 'linear' (qkv, proj, FFN of every block), 'attention' (q k^T and a v),
+    'head' (the DPT's convs), 'resize' (csl_jax's interpolation matmuls, not model FLOPs)}.
+    `in_bounds`: count only the conv taps that read inside the input, as XLA does.
+    """
+    p, d = model.patch_size, model.embed_dim
+    h, w = height // p, width // p
+    n = h * w
+    tokens = n + 1
+    hidden = 4 * d if model.ffn == "mlp" else (int(4 * d * 2 / 3) + 7) // 8 * 8
+    ffn = 2 * tokens * d * 2 * hidden if model.ffn == "mlp" else 2 * tokens * 3 * d * hidden
+    c, f = model.out_channels, model.features
+    head = 2 * n * d * sum(c) + 2 * 16 * n * c[0] ** 2 + 2 * 4 * n * c[1] ** 2  # projects, ConvTransposes 4, 2
+    down, l4 = conv_flops((h, w), 3, 2, c[3], c[3], in_bounds)
+    sizes = [(4 * h, 4 * w), (2 * h, 2 * w), (h, w), l4]  # l1..l4
+    head += down + sum(conv_flops(s, 3, 1, ck, f, in_bounds)[0] for s, ck in zip(sizes, c))
+
+    def rcu(size):
+        return 2 * conv_flops(size, 3, 1, f, f, in_bounds)[0]
+
+    resize = 0
+    # refinenet4: RCU2 on l4 -> l3's size; refinenet3..1: RCU1 (skip) and RCU2 -> l2, l1, 8h x 8w
+    fusions = [(l4, sizes[2], 1), (sizes[2], sizes[1], 2), (sizes[1], sizes[0], 2), (sizes[0], (8 * h, 8 * w), 2)]
+    for size_in, size_out, units in fusions:
+        head += units * rcu(size_in) + 2 * size_out[0] * size_out[1] * f * f  # RCUs, out_conv 1x1
+        resize += resize_flops(size_in, size_out, f)
+    head += conv_flops((8 * h, 8 * w), 3, 1, f, f, in_bounds)[0] + 2 * 64 * n * f * model.num_classes
+    resize += resize_flops((8 * h, 8 * w), (height, width), model.num_classes)
+    return {"patch_embed": 2 * n * 3 * p * p * d, "linear": model.depth * (8 * tokens * d * d + ffn),
+            "attention": model.depth * 4 * tokens * tokens * d, "head": head, "resize": resize}
+
+
+def forward_gflops(config, num_classes: int = 21) -> float | None:
+    """Cost-model GFLOP of one image's forward: the DPT's model FLOPs (`dpt_forward_flops`, every tap,
+    resizes left out) at any crop; DeepLabV3+ from performance.md table 1 (21 classes), None off it."""
+    crop = config.data.crop_size
+    if config.model.get("name") == "dpt":
+        parts = dpt_forward_flops(build_model(config.model, num_classes), crop, crop)
+        return sum(v for k, v in parts.items() if k != "resize") / 1e9
     model = config.model
     if model.blocks is not None or model.width != 64 or model.head_width != 256:
         return None
-    key = (model.depth, model.output_stride)
-    crop = config.data.crop_size
-    if key not in FORWARD_GFLOPS or crop not in FORWARD_GFLOPS[key]:
+    return FORWARD_GFLOPS.get((model.depth, model.output_stride), {}).get(crop)
+
+
+def reference_tflops(config, num_classes: int = 21) -> float | None:
+    """TFLOP per step of `config` from the cost model, None where it has no entry (`forward_gflops`)."""
+    gflops = forward_gflops(config, num_classes)
+    if gflops is None:
         return None
-    gflops = FORWARD_GFLOPS[key][crop]
-    head_share = HEAD_SHARE_R101[model.output_stride] * FORWARD_GFLOPS[(101, model.output_stride)][crop] / gflops
+    if config.model.get("name") == "dpt":
+        return forward_passes(config.method, config.batch.labeled, config.batch.unlabeled, 0.0) * gflops / 1e3
+    stride = config.model.output_stride
+    head_share = HEAD_SHARE_R101[stride] * FORWARD_GFLOPS[(101, stride)][config.data.crop_size] / gflops
     passes = forward_passes(config.method, config.batch.labeled, config.batch.unlabeled, head_share)
     return passes * gflops / 1e3
 
@@ -151,18 +274,66 @@ def make_config(method: str, depth: int, output_stride: int, crop: int, dtype: s
     return c
 
 
+def make_v2_config(method: str, encoder: str, crop: int, dtype: str, labeled: int, unlabeled: int,
+                   tiny: bool = False, remat: bool = False):
+    """UniMatch V2's Pascal recipe of `method` (a V2_METHODS name: `common.get_v2_recipe`, AdamW, the
+    method's options) with the DPT of `encoder` (`common.TINY_DPT` if `tiny`), random weights, crop, batch."""
+    recipe_method, variant = V2_METHODS[method]
+    c = common.get_v2_recipe("pascal", ",".join(filter(None, ["1464", encoder, variant])), recipe_method)
+    c.model.update(init_from="none", dtype=dtype, remat=remat)  # timing only: random weights
+    if tiny:
+        c.model.update(common.TINY_DPT)
+    c.data.crop_size = crop
+    c.batch.labeled = labeled
+    c.batch.unlabeled = unlabeled
+    c.loss.group_size = min(c.loss.group_size, labeled, unlabeled)  # the reference's 4 (Pascal), or the batch
+    return c
+
+
+def configurations(args):
+    """(config, profile name) of every configuration of the grid, in order: per method, DeepLabV3+
+    depth x output stride x crop x dtype, or DPT encoder x crop x dtype (default crops DEFAULT_CROP)."""
+    for method in args.method:
+        model = "dpt" if method in V2_METHODS else "deeplabv3plus"
+        crops = args.crop or [DEFAULT_CROP[model][args.tiny]]
+        if model == "dpt":
+            for encoder, crop, dtype in itertools.product(args.encoder, crops, args.dtype):
+                yield (make_v2_config(method, encoder, crop, dtype, args.labeled, args.unlabeled, args.tiny,
+                                      args.remat), f"{method}_{dtype}_{encoder}_{crop}")
+            continue
+        for depth, stride, crop, dtype in itertools.product(args.depth, args.output_stride, crops, args.dtype):
+            yield (make_config(method, depth, stride, crop, dtype, args.labeled, args.unlabeled, args.tiny,
+                               args.remat), f"{method}_{dtype}_os{stride}_{crop}")
+
+
+def model_keys(config) -> dict:
+    """The model fields of a result: depth and output_stride (DeepLabV3+), or the DPT's encoder (both None)."""
+    if config.model.get("name") == "dpt":
+        return {"encoder": config.model.encoder, "depth": None, "output_stride": None}
+    return {"depth": config.model.depth, "output_stride": config.model.output_stride}
+
+
 def unlabeled_views(method) -> tuple[str, ...] | None:
     """The views of a method's 'unlabeled' stream, or None when it has none (supervised)."""
     spec = method.streams().get("unlabeled")
     return None if spec is None else spec.views
 
 
+def batch_streams(method, config) -> tuple[str, ...]:
+    """The unlabeled streams of the synthetic batch: those the DPT's methods read (no mix stream); the
+    DeepLabV3+ methods keep the 'unlabeled' and 'mix' of every earlier report (CCVC, U2PL, CSS read no mix)."""
+    if config.model.get("name") == "dpt":
+        return tuple(s for s in method.streams() if s != "labeled")
+    return ("unlabeled", "mix")
+
+
 def synthetic_batch(views: tuple[str, ...] | None, labeled: int, unlabeled: int, crop: int, num_classes: int,
-                    seed: int = 0, labeled_views: tuple[str, ...] = ()) -> dict:
+                    seed: int = 0, labeled_views: tuple[str, ...] = (),
+                    streams: tuple[str, ...] = ("unlabeled", "mix")) -> dict:
     """Random host batch with the pipeline's keys, shapes and dtypes (csl_jax/data/pipeline.py).
 
     labeled: image (B_l, crop, crop, 3) float32, label (B_l, crop, crop) int32 (255 on a border).
-    Unless `views` is None (supervised), 'unlabeled' and 'mix' with B_u images each: weak and
+    Unless `views` is None (supervised), each of `streams` with B_u images: weak and
     `views` (`unlabeled_views(method)`; float32 images), ignore int32 (255 on a border), label
     int32 (all 255), cutmix_box / cutmix_box2 / block_mask (B_u, crop, crop) bool; CSS's
     'css_strong' adds css_strong float32, warp_index int32 (-1 on a border), css_flip (B_u,) bool and
@@ -186,7 +357,7 @@ def synthetic_batch(views: tuple[str, ...] | None, labeled: int, unlabeled: int,
         batch["labeled"]["css_image"] = images(labeled)
     if views is None:
         return batch
-    for stream in ("unlabeled", "mix"):
+    for stream in streams:
         ignore = np.zeros((unlabeled, crop, crop), np.int32)
         ignore[:, -border:] = 255
         arrays = {"weak": images(unlabeled), "ignore": ignore,
@@ -280,7 +451,8 @@ def bench_one(config, devices, num_classes: int, warmup: int, iters: int, peak_t
     state = parallel.replicate(train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                                 opt_state=tx.init(params), state=method_state), mesh)
     batch = parallel.to_global(synthetic_batch(views, labeled, unlabeled, crop, num_classes,
-                                               labeled_views=method.streams()["labeled"].views), mesh)
+                                               labeled_views=method.streams()["labeled"].views,
+                                               streams=batch_streams(method, config)), mesh)
     step = train.make_train_step(method, tx, mesh, config.seed, steps_per_epoch=1,
                                  offsets=train.stream_offsets(method, config.batch))
 
@@ -292,9 +464,9 @@ def bench_one(config, devices, num_classes: int, warmup: int, iters: int, peak_t
     compile_s = time.perf_counter() - start
     images = labeled + (unlabeled if views is not None else 0)
     result = {
-        "method": config.method.name, "depth": config.model.depth, "output_stride": config.model.output_stride,
-        "crop": crop, "dtype": config.model.dtype, "remat": config.model.remat, "labeled": labeled,
-        "unlabeled": unlabeled if views is not None else 0, "devices": len(devices),
+        "method": config.method.name, **model_keys(config), "crop": crop, "dtype": config.model.dtype,
+        "remat": config.model.remat, "labeled": labeled, "unlabeled": unlabeled if views is not None else 0,
+        "devices": len(devices),
         "lower_s": lower_s, "compile_s": compile_s, "compile_only": compile_only,
     }
     if compile_only:
@@ -320,12 +492,13 @@ def bench_one(config, devices, num_classes: int, warmup: int, iters: int, peak_t
 
     flops = xla_flops(compiled)
     xla_tflops = None if flops is None else flops * len(devices) / 1e12
-    ref = reference_tflops(config)
+    ref = reference_tflops(config, num_classes)
     return dict(
         result, ms_per_step=1e3 * step_s, ms_per_step_synced=1e3 * statistics.median(times),
         ms_per_step_min=1e3 * min(times), images_per_s=images / step_s,
         peak_memory_gib=peak_memory_gib(devices[0]), xla_memory_gib=xla_memory_gib(compiled),
-        xla_tflops_per_step=xla_tflops, reference_tflops_per_step=ref,
+        xla_tflops_per_step=xla_tflops, forward_gflops=forward_gflops(config, num_classes),
+        reference_tflops_per_step=ref,
         xla_vs_reference=None if xla_tflops is None or ref is None else xla_tflops / ref,
         achieved_tflops=None if xla_tflops is None else xla_tflops / step_s / len(devices),
         mfu=None if xla_tflops is None else xla_tflops / step_s / (peak_tflops * len(devices)),
@@ -344,7 +517,11 @@ def run_torch(args) -> dict | None:
     """
     out = args.out + ".torch.json"
     cmd = [sys.executable, "-m", "benchmarks.torch_reference", "--out", out, "--method", *args.method,
-           "--crop", *map(str, args.crop), "--num-classes", str(args.num_classes)]
+           "--num-classes", str(args.num_classes)]
+    if args.crop:
+        cmd += ["--crop", *map(str, args.crop)]
+    if any(m in V2_METHODS for m in args.method):
+        cmd += ["--encoder", *args.encoder]
     if args.tiny:
         cmd.append("--tiny")
     else:
@@ -363,14 +540,14 @@ def run_torch(args) -> dict | None:
         return json.load(f)
 
 
-TORCH_KEYS = ("method", "depth", "output_stride", "crop", "dtype", "labeled", "unlabeled")
+TORCH_KEYS = ("method", "encoder", "depth", "output_stride", "crop", "dtype", "labeled", "unlabeled")
 
 
 def attach_torch(results: list[dict], torch_results: list[dict]) -> None:
     """Adds torch_ms_per_step and speedup_vs_torch (same configuration; and vs torch float32)."""
     def find(r, dtype):
         return next((t for t in torch_results
-                     if all(t[k] == (dtype if k == "dtype" else r[k]) for k in TORCH_KEYS)), None)
+                     if all(t.get(k) == (dtype if k == "dtype" else r.get(k)) for k in TORCH_KEYS)), None)
 
     for r in (r for r in results if not r["compile_only"]):
         same, fp32 = find(r, r["dtype"]), find(r, "float32")
@@ -386,12 +563,18 @@ def _fmt(value, spec):
     return "n/a" if value is None else format(value, spec)
 
 
+def model_label(result: dict) -> str:
+    """'R101' (DeepLabV3+ depth) or 'ViT-S' (the DPT's encoder) for a result row."""
+    encoder = result.get("encoder")
+    return ENCODER_LABELS[encoder] if encoder else f"R{result['depth']}"
+
+
 def print_table(report: dict) -> None:
     """The results as a fixed-width table (the last thing the benchmark prints)."""
     peak = report["peak_tflops"]
     print(f"device: {report['device']} x{report['devices']} (jax {report['jax']}); peak "
           f"{_fmt(peak, '.1f')} TFLOP/s ({report['peak_source']}); results in {report['out']}")
-    header = (f"{'method':>10} {'model':>5} {'OS':>3} {'crop':>5} {'dtype':>9} {'batch':>6} {'ms/step':>9} "
+    header = (f"{'method':>11} {'model':>5} {'OS':>3} {'crop':>5} {'dtype':>9} {'batch':>6} {'ms/step':>9} "
               f"{'img/s':>8} {'compile s':>9} {'peak GiB':>8} {'XLA GiB':>8} {'TFLOP':>8} {'/table':>7} "
               f"{'MFU %':>6} {'ref %':>6}")
     has_torch = any("speedup_vs_torch" in r for r in report["results"])
@@ -400,7 +583,7 @@ def print_table(report: dict) -> None:
     print(header)
     for r in report["results"]:
         g = r.get
-        line = (f"{r['method']:>10} {'R' + str(r['depth']):>5} {r['output_stride']:>3} {r['crop']:>5} "
+        line = (f"{r['method']:>11} {model_label(r):>5} {r['output_stride'] or '-':>3} {r['crop']:>5} "
                 f"{r['dtype']:>9} {str(r['labeled']) + '+' + str(r['unlabeled']):>6} "
                 f"{_fmt(g('ms_per_step'), '.1f'):>9} {_fmt(g('images_per_s'), '.1f'):>8} "
                 f"{r['lower_s'] + r['compile_s']:>9.1f} "
@@ -413,6 +596,41 @@ def print_table(report: dict) -> None:
         print(line)
 
 
+def cost_model_report(args) -> dict:
+    """--cost-model-only: the cost model of every configuration of the grid, written to --out and printed
+    as a table last; needs no device. Each row: forward GFLOP per image (the DPT's by part, `resize`
+    apart from the model FLOPs), image forward passes per step, TFLOP per step."""
+    rows = []
+    for config, _ in configurations(args):
+        gflops, tflops = forward_gflops(config, args.num_classes), reference_tflops(config, args.num_classes)
+        row = {"method": config.method.name, **model_keys(config), "crop": config.data.crop_size,
+               "labeled": config.batch.labeled,
+               "unlabeled": 0 if config.method.name == "supervised" else config.batch.unlabeled,
+               "forward_gflops": gflops, "passes": None if tflops is None else tflops * 1e3 / gflops,
+               "reference_tflops_per_step": tflops}
+        if config.model.get("name") == "dpt":
+            parts = dpt_forward_flops(build_model(config.model, args.num_classes), config.data.crop_size,
+                                      config.data.crop_size)
+            row["forward_gflops_by_part"] = {k: v / 1e9 for k, v in parts.items()}
+        rows.append(row)
+    report = {"cost_model_only": True, "tiny": args.tiny, "num_classes": args.num_classes, "out": args.out,
+              "results": rows}
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"cost model, {args.num_classes} classes: GFLOP of one image's forward (2 per multiply-add; the DPT's "
+          f"model FLOPs count every kernel tap, csl_jax's resize matmuls apart), TFLOP per step; in {args.out}")
+    parts = ("patch_embed", "linear", "attention", "head", "resize")
+    print(f"{'method':>11} {'model':>5} {'OS':>3} {'crop':>5} {'batch':>6} "
+          + " ".join(f"{p:>11}" for p in parts) + f" {'forward':>9} {'passes':>6} {'TFLOP/step':>10}")
+    for r in rows:
+        by_part, batch = r.get("forward_gflops_by_part", {}), f"{r['labeled']}+{r['unlabeled']}"
+        print(f"{r['method']:>11} {model_label(r):>5} {r['output_stride'] or '-':>3} {r['crop']:>5} {batch:>6} "
+              + " ".join(f"{_fmt(by_part.get(p), '.2f'):>11}" for p in parts)
+              + f" {_fmt(r['forward_gflops'], '.2f'):>9} {_fmt(r['passes'], '.0f'):>6} "
+              f"{_fmt(r['reference_tflops_per_step'], '.2f'):>10}")
+    return report
+
+
 def enable_compilation_cache(directory: str) -> None:
     """Persistent XLA compilation cache in `directory`, caching every program (no size/time floor)."""
     jax.config.update("jax_compilation_cache_dir", directory)
@@ -423,11 +641,15 @@ def enable_compilation_cache(directory: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line flags (see the module docstring); --tiny overrides the grid."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", nargs="+", choices=sorted(METHOD_CONFIGS),
-                        help="default: csl (--tiny: all three)")
+    parser.add_argument("--method", nargs="+", choices=sorted(METHOD_CONFIGS) + sorted(V2_METHODS),
+                        help="default: csl (--tiny: supervised unimatch csl); unimatch_v2, fixmatch_v2 and "
+                             "supervised_v2 train the DINOv2 + DPT")
     parser.add_argument("--depth", type=int, nargs="+", default=[101], choices=[50, 101])
     parser.add_argument("--output-stride", type=int, nargs="+", default=[16], choices=[8, 16])
-    parser.add_argument("--crop", type=int, nargs="+", help="default: 513 (--tiny: 33)")
+    parser.add_argument("--encoder", nargs="+", default=["small"], choices=list(ENCODER_LABELS),
+                        help="DINOv2 size of the V2 methods' DPT (--tiny: common.TINY_DPT)")
+    parser.add_argument("--crop", type=int, nargs="+",
+                        help="default: 513 (--tiny: 33); 518 (--tiny: 28) for the DPT, which needs multiples of 14")
     parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"],
                         help="default: bfloat16 (--tiny: float32)")
     parser.add_argument("--labeled", type=int, default=8, help="global labeled batch")
@@ -451,6 +673,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke test: tiny model, R50 OS8 float32, batch 2+2, one device, 1+2 iterations")
+    parser.add_argument("--cost-model-only", action="store_true",
+                        help="print the cost model of the grid (forward GFLOP per image, TFLOP per step) and stop: "
+                             "no device, no compilation")
     parser.add_argument("--out", default="train_step.json", help="JSON results file")
     args = parser.parse_args(argv)
     for name in ("labeled", "unlabeled", "warmup", "iters"):
@@ -458,19 +683,21 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     if args.tiny:
         args.method = args.method or ["supervised", "unimatch", "csl"]
-        args.crop = args.crop or [33]
         args.depth, args.output_stride, args.labeled, args.unlabeled = [50], [8], 2, 2
         args.dtype = args.dtype or ["float32"]
         args.num_devices, args.warmup, args.iters = 1, 1, 2
     args.dtype = args.dtype or ["bfloat16"]
     args.method = args.method or ["csl"]
-    args.crop = args.crop or [513]
+    if any(m in V2_METHODS for m in args.method) and any(c % 14 for c in args.crop or ()):
+        parser.error(f"the DPT of {sorted(V2_METHODS)} takes crops that are multiples of 14, got --crop {args.crop}")
     return args
 
 
 def main(argv=None) -> dict:
     """Runs the benchmark grid; returns the report written to --out."""
     args = parse_args(argv)
+    if args.cost_model_only:
+        return cost_model_report(args)
     if args.compilation_cache:
         enable_compilation_cache(args.compilation_cache)
     torch_report = run_torch(args) if args.torch else None  # before JAX allocates device memory
@@ -485,11 +712,8 @@ def main(argv=None) -> dict:
         peak = measure_peak_tflops(size, dtype)
         source = f"measured: {size}^3 {jnp.dtype(dtype).name} matmul"
     results = []
-    for method, depth, stride, crop, dtype in itertools.product(
-            args.method, args.depth, args.output_stride, args.crop, args.dtype):
-        config = make_config(method, depth, stride, crop, dtype, args.labeled, args.unlabeled, args.tiny,
-                             args.remat)
-        profile_dir = args.profile_dir and os.path.join(args.profile_dir, f"{method}_{dtype}_os{stride}_{crop}")
+    for config, name in configurations(args):
+        profile_dir = args.profile_dir and os.path.join(args.profile_dir, name)
         result = bench_one(config, devices, args.num_classes, args.warmup, args.iters, peak, args.compile_only,
                            profile_dir, args.profile_steps)
         print(json.dumps(result), flush=True)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import train_step
+from configs import common
 from csl_jax import pseudo_labels
 from csl_jax.models import build_model
 
@@ -195,3 +196,143 @@ def test_pipeline_benchmark_reports_the_data_prep_rate(tmp_path, monkeypatch, ca
     assert table[0] == "data_prep (coco --from-instances, 640x480 JPEG) | workers | images | images/s"
     assert table[1] == f"data_prep | 0 | 9 | {rows[0]['images_per_s']:.1f}"
     assert table[2].startswith("data_prep | 2 | 9 |")
+
+
+# ---------------------------------------------------------------------------------------------
+# UniMatch V2 (DINOv2 + DPT): the cost model and the --tiny step
+# ---------------------------------------------------------------------------------------------
+def _xla_dot_and_conv_flops(fn, *args):
+    """XLA's cost-analysis FLOPs of every dot_general and conv_general_dilated of `fn`'s jaxpr, each
+    compiled alone (nested jaxprs included): the matmul/conv part of XLA's count of the whole `fn`."""
+    from jax.extend import core
+
+    def equations(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield eqn
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (list, tuple)) else [value]:
+                    if isinstance(sub, (core.Jaxpr, core.ClosedJaxpr)):
+                        yield from equations(getattr(sub, "jaxpr", sub))
+
+    total = 0.0
+    for eqn in equations(jax.make_jaxpr(fn)(*args).jaxpr):
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            operands = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+            single = jax.jit(lambda *a, eqn=eqn: eqn.primitive.bind(*a, **eqn.params))
+            total += train_step.xla_flops(single.lower(*operands).compile())
+    return total
+
+
+def test_dpt_cost_model_equals_xla_count_of_a_tiny_forward():
+    from csl_jax.models.dpt import DPT, dpt_fields
+
+    # crop 70: a 5 x 5 token grid (odd: the 3x3/2 conv's ceil and border taps), the stored position grid
+    # (identity: no bicubic resize), maps of 20, 10, 5 and 3 px; no matmul contracts a size-1 axis (XLA
+    # rewrites those as multiplies, 1 FLOP per output)
+    model = DPT(num_classes=NUM_CLASSES, attention="einsum", **dpt_fields("small", **dict(common.TINY_DPT,
+                                                                                           pos_grid=5)))
+    x = jnp.zeros((1, 70, 70, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+
+    def forward(v, images):
+        return model.apply(v, images)[0]
+
+    exact = train_step.dpt_forward_flops(model, 70, 70, in_bounds=True)
+    assert _xla_dot_and_conv_flops(forward, variables, x) == sum(exact.values())  # exactly
+    # the whole forward: the same plus the elementwise ops (LayerNorm, softmax, GELU, bias and residual
+    # adds: 1 FLOP per element each), which the cost model leaves out
+    whole = train_step.xla_flops(jax.jit(forward).lower(variables, x).compile())
+    assert 1.0 < whole / sum(exact.values()) < 1.1
+    every_tap = train_step.dpt_forward_flops(model, 70, 70)
+    assert every_tap["head"] > exact["head"]  # the 3x3 convs' border taps read padding
+    assert {k: v for k, v in every_tap.items() if k != "head"} == {k: v for k, v in exact.items() if k != "head"}
+
+
+def test_cost_model_only_dinov2_sizes_at_518(tmp_path, monkeypatch, capsys):
+    def no_device(*args, **kwargs):
+        raise AssertionError("--cost-model-only must not touch a device")
+
+    monkeypatch.setattr(train_step.jax, "devices", no_device)
+    report = train_step.main(["--cost-model-only", "--method", "unimatch_v2", "--encoder", "small", "base", "large",
+                              "--labeled", "16", "--unlabeled", "16", "--out", str(tmp_path / "cost.json")])
+    assert json.loads((tmp_path / "cost.json").read_text()) == report
+    rows = {r["encoder"]: r for r in report["results"]}
+    tokens, patches = 37 * 37 + 1, 37 * 37
+    for encoder, (dim, depth) in {"small": (384, 12), "base": (768, 12), "large": (1024, 24)}.items():
+        r, part = rows[encoder], rows[encoder]["forward_gflops_by_part"]
+        assert part["patch_embed"] == pytest.approx(2 * patches * 3 * 14 ** 2 * dim / 1e9)
+        assert part["linear"] == pytest.approx(depth * 24 * tokens * dim ** 2 / 1e9)  # qkv + proj 8ND^2, MLP 16ND^2
+        assert part["attention"] == pytest.approx(depth * 4 * tokens ** 2 * dim / 1e9)
+        assert r["forward_gflops"] == pytest.approx(sum(v for k, v in part.items() if k != "resize"))
+        assert r["passes"] == 16 + 3 * (16 + 32)  # teacher on u_w; student on x and [S1; S2], forward + backward
+        assert r["reference_tflops_per_step"] == pytest.approx(160 * r["forward_gflops"] / 1e3)
+    assert rows["small"]["forward_gflops"] < rows["base"]["forward_gflops"] < rows["large"]["forward_gflops"]
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    assert [line.split()[:2] for line in lines[-3:]] == [["unimatch_v2", f"ViT-{s}"] for s in "SBL"]  # table last
+
+
+@pytest.fixture(scope="module")
+def v2_report(tmp_path_factory):
+    """The --tiny unimatch_v2 run: (report, the JSON file's contents, what it printed)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("bench_v2") / "train_step.json"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        report = train_step.main(["--tiny", "--method", "unimatch_v2", "--out", str(out)])
+    return report, json.loads(out.read_text()), printed.getvalue()
+
+
+def test_tiny_unimatch_v2_report_and_table(v2_report):
+    report, written, printed = v2_report
+    assert written == report and report["tiny"] and report["device"].startswith("cpu")
+    (r,) = report["results"]
+    assert set(r) == {"method", "encoder", "depth", "output_stride", "crop", "dtype", "remat", "labeled", "unlabeled",
+                      "devices", "lower_s", "compile_s", "compile_only", "ms_per_step", "ms_per_step_synced",
+                      "ms_per_step_min", "images_per_s", "peak_memory_gib", "xla_memory_gib", "xla_tflops_per_step",
+                      "forward_gflops", "reference_tflops_per_step", "xla_vs_reference", "achieved_tflops", "mfu",
+                      "mfu_reference", "final_loss"}
+    assert (r["method"], r["encoder"], r["depth"], r["output_stride"]) == ("unimatch_v2", "small", None, None)
+    assert (r["crop"], r["dtype"], r["labeled"], r["unlabeled"]) == (28, "float32", 2, 2)
+    assert math.isfinite(r["final_loss"]) and 0 < r["xla_memory_gib"] < 1
+    config = train_step.make_v2_config("unimatch_v2", "small", 28, "float32", 2, 2, tiny=True)
+    per_image = train_step.dpt_forward_flops(build_model(config.model, NUM_CLASSES), 28, 28)
+    assert r["forward_gflops"] == pytest.approx(sum(v for k, v in per_image.items() if k != "resize") / 1e9)
+    assert r["reference_tflops_per_step"] == pytest.approx((2 + 3 * (2 + 4)) * r["forward_gflops"] / 1e3)
+    assert r["xla_vs_reference"] == pytest.approx(r["xla_tflops_per_step"] / r["reference_tflops_per_step"])
+    lines = printed.rstrip().splitlines()
+    assert lines[-2].split()[:3] == ["method", "model", "OS"]  # the table comes last
+    assert lines[-1].split()[:5] == ["unimatch_v2", "ViT-S", "-", "28", "float32"]
+
+
+def test_tiny_unimatch_v2_xla_flops_match_a_hand_count(v2_report):
+    (r,) = v2_report[0]["results"]
+    config = train_step.make_v2_config("unimatch_v2", "small", 28, "float32", 2, 2, tiny=True)
+    f = train_step.dpt_forward_flops(build_model(config.model, NUM_CLASSES), 28, 28, in_bounds=True)
+    forward = sum(f.values())
+    # backward: 2x the forward, except the patch embedding (no input gradient) and the resizes (constant
+    # matrices: only the input gradient), 1x each
+    backward = 2 * forward - f["patch_embed"] - f["resize"]
+    # the teacher on u_w (2 images), the student on x (2) and [S1; S2] (4), forward and backward
+    hand = 2 * forward + 6 * (forward + backward)
+    ratio = r["xla_tflops_per_step"] * 1e12 / hand
+    assert 1.0 < ratio < 1.25, ratio  # XLA adds the elementwise ops, losses, AdamW and the EMA
+
+
+def test_torch_unimatch_v2_step_tiny_and_its_masks(tmp_path):
+    torch = pytest.importorskip("torch")
+    from benchmarks import torch_reference
+
+    report = torch_reference.main(["--tiny", "--method", "unimatch_v2", "--dtype", "float32",
+                                   "--out", str(tmp_path / "t.json")])
+    (r,) = report["results"]
+    assert (r["method"], r["encoder"], r["crop"], r["labeled"], r["unlabeled"]) == ("unimatch_v2", "small", 28, 2, 2)
+    assert math.isfinite(r["final_loss"]) and r["final_loss"] > 0
+
+    # Complementary Dropout (spec §3): m1 + m2 = 2, values 0 / 2, and 1 in both views for floor(g / 2) images a group
+    m1, m2 = torch_reference.comp_drop_masks(8, 6, 4, 0.5, 2.0, "cpu").chunk(2)
+    assert torch.equal(m1 + m2, torch.full((8, 6), 2.0))
+    untouched = (m1 == 1).all(1)
+    assert untouched.reshape(2, 4).sum(1).tolist() == [2, 2] and set(m1[~untouched].unique().tolist()) <= {0.0, 2.0}
+    assert torch_reference.reversed_groups(torch.arange(8), 4).tolist() == [3, 2, 1, 0, 7, 6, 5, 4]

@@ -82,8 +82,7 @@ def tiny_method_config(setup, root=None, *, total_steps, **method):
 CONTRACT_CROP = 32
 #: the tiny DINOv2 + DPT of the method tests (patch 14, so crops are multiples of 14): D 16, 4 blocks,
 #: a stored 2 x 2 position grid (interpolated at every crop but 28 x 28)
-TINY_DPT = dict(name="dpt", encoder="small", embed_dim=16, depth=4, num_heads=2, taps=(0, 1, 2, 3), pos_grid=2,
-                features=8, out_channels=(4, 4, 8, 8), dtype="float32", remat=False, attention="einsum",
+TINY_DPT = dict(name="dpt", encoder="small", **common.TINY_DPT, dtype="float32", remat=False, attention="einsum",
                 init_from="none", init_kind="auto")
 DPT_CROP = 28
 
