@@ -52,6 +52,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # > 0: streams with epoch_of='fixed' (supervised) repeat the labeled list to this many samples per
     # epoch when it is shorter (UniMatch V2's supervised baseline: 3000 Pascal/Cityscapes, 6000 ADE20K)
     c.data.epoch_samples = 0
+    # strong views: keep the colour-jittered padding of the padded crop (UniMatch V2's reference) instead
+    # of resetting it to black (csl_jax's default; the loss ignores those pixels either way)
+    c.data.keep_jittered_padding = False
     c.data.cutmix_prob = 0.5
     c.data.tmp_prob = 0.5
     c.data.cover_ratio = 0.7
@@ -287,8 +290,8 @@ def get_v2_recipe(dataset: str, arg: str, method: str) -> ml_collections.ConfigD
     """UniMatch V2's recipe on `dataset` for `method` ('unimatch_v2' or 'supervised'), `arg` as
     `parse_v2_argument`: DINOv2 + DPT from the DINOv2 weights (`model.init_from='imagenet'`), AdamW
     (lr 5e-6, head x40, weight decay 0.01 on every parameter), poly with the lr set after each step,
-    the dataset's protocol; the EMA teacher picks the best checkpoint. The TMP ablation's block scales
-    with the crop (32 px at 321)."""
+    the dataset's protocol; the EMA teacher picks the best checkpoint. The strong views keep their
+    jittered padding as the reference's; the TMP ablation's block scales with the crop (32 px at 321)."""
     split, encoder, variant = parse_v2_argument(arg, {"pascal": "1464", "cityscapes": "1_16", "ade20k": "1_64",
                                                       "coco": "1_512"}[dataset])
     r = V2_RECIPES[dataset]
@@ -296,7 +299,8 @@ def get_v2_recipe(dataset: str, arg: str, method: str) -> ml_collections.ConfigD
     # the DPT's own fields (csl_jax/models/dpt.py): DeepLabV3+'s (depth, width, ...) do not apply
     c.model = ml_collections.ConfigDict(dict(name="dpt", encoder=encoder, dtype="float32", remat=False,
                                              attention="auto", init_from="imagenet", init_kind="auto"))
-    c.data.update(name=dataset, split=split, crop_size=r["crop_size"], block_size_reference_crop=321)
+    c.data.update(name=dataset, split=split, crop_size=r["crop_size"], block_size_reference_crop=321,
+                  keep_jittered_padding=True)
     c.loss.labeled = r["labeled_loss"]
     c.loss.group_size = r["group_size"]
     c.optim.update(name="adamw", lr=5e-6, lr_multi=40.0, weight_decay=0.01, weight_decay_on="all",

@@ -221,6 +221,7 @@ def test_v2_recipes(dataset):
     for config in (SEMI[dataset].get_config(), SUPERVISED[dataset].get_config()):
         config_checks.check(config)
         assert (config.model.name, config.model.encoder, config.model.init_from) == ("dpt", "small", "imagenet")
+        assert config.data.keep_jittered_padding
         assert (config.data.crop_size, config.loss.group_size, config.optim.epochs, config.loss.labeled,
                 config.eval.protocol) == (crop, group, epochs, loss, protocol)
         o = config.optim
@@ -402,3 +403,27 @@ def test_mode_eval_of_an_official_checkpoint_gives_the_transcriptions_miou(data_
     assert results["predict"] == "teacher" and results["protocol"]["name"] == "whole_resize"
     assert results["num_images"] == len(data.eval_dataset(c.data))
     np.testing.assert_allclose(results["miou"], expected, atol=2e-4)
+
+
+def test_strong_views_keep_their_jittered_padding_on_request():
+    """UniMatch V2's reference jitters the zero-padded crop (§4): with keep_jittered_padding the padding
+    is what the colour transforms made of black; by default it is reset to black (0 before normalising)."""
+    from csl_jax.data import transforms, views
+
+    rng = np.random.default_rng(0)
+    weak = rng.integers(0, 256, (20, 20, 3), np.uint8)
+    weak[14:] = 0
+    valid = np.ones((20, 20), bool)
+    valid[14:] = False
+    for name in ("strong", "strong2"):
+        draws = {}
+        for keep in (False, True):
+            options = {"cutmix_prob": 0.5, "keep_jittered_padding": keep}
+            view = views.VIEWS[name]
+            draws[keep] = view.fn(weak, valid, np.random.default_rng(1), 20, options)[name]
+        image = transforms.strong_photometric(weak, np.random.default_rng(1))  # the same draws, first
+        np.testing.assert_array_equal(draws[True], transforms.normalize(image))
+        np.testing.assert_array_equal(draws[False][:14], draws[True][:14])
+        assert np.abs(draws[True][14:] - draws[False][14:]).max() > 0.1  # this draw's jitter coloured the padding
+        np.testing.assert_array_equal(draws[False][14:], np.broadcast_to(transforms.normalize(np.zeros(3, np.uint8)),
+                                                                         (6, 20, 3)))

@@ -52,7 +52,7 @@ _FIXED_STREAM_IDS = {"labeled": 0, "unlabeled": 1, "mix": 2}
 _STREAM_NAMES = {i: n for n, i in _FIXED_STREAM_IDS.items()}  # id -> name, every stream id of this process
 _DEFAULTS = {"num_workers": 0, "num_threads": 2, "prefetch": 2}
 #: `config.data` fields added after the first release -> the value that reproduces older runs.
-LATER_FIELDS = {"epoch_samples": 0}
+LATER_FIELDS = {"epoch_samples": 0, "keep_jittered_padding": False}
 
 
 def _choice(field: str, value: str, valid) -> None:

@@ -45,9 +45,12 @@ def normalize_valid(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 def _strong_view(suffix: str, weak: np.ndarray, valid: np.ndarray, rng: np.random.Generator, crop: int,
                  options) -> dict:
+    """The strong colour view of the padded crop; its padding reset to black, or kept as the colour
+    transforms left it with `keep_jittered_padding` (UniMatch V2's reference jitters the padded crop)."""
     image = transforms.strong_photometric(weak, rng)
     box = transforms.cutmix_box(rng, crop, options["cutmix_prob"])
-    return {f"strong{suffix}": normalize_valid(image, valid), f"cutmix_box{suffix}": box}
+    view = transforms.normalize(image) if options["keep_jittered_padding"] else normalize_valid(image, valid)
+    return {f"strong{suffix}": view, f"cutmix_box{suffix}": box}
 
 
 def strong(weak: np.ndarray, valid: np.ndarray, rng: np.random.Generator, crop: int, options) -> dict:
@@ -85,6 +88,6 @@ def tmp(weak: np.ndarray, valid: np.ndarray, rng: np.random.Generator, crop: int
     return {"tmp": normalize_valid(image, valid), "block_mask": mask}
 
 
-register_view("strong", 1, strong, {"cutmix_prob": 0.5})
-register_view("strong2", 2, strong2, {"cutmix_prob": 0.5})
+register_view("strong", 1, strong, {"cutmix_prob": 0.5, "keep_jittered_padding": False})
+register_view("strong2", 2, strong2, {"cutmix_prob": 0.5, "keep_jittered_padding": False})
 register_view("tmp", 3, tmp, {"tmp_prob": 0.5, "cover_ratio": 0.7, "block_size": 32, "block_size_reference_crop": 0})
