@@ -276,3 +276,24 @@ class Method:
                 logits, labels, group_size=cfg.group_size, thresh=cfg.ohem_thresh, min_kept=cfg.ohem_min_kept
             )
         raise ValueError(f"config.loss.labeled must be 'ce' or 'ohem', got {cfg.labeled!r}")
+
+
+def teacher_or_student(train_state, name: str) -> PyTree:
+    """The variables of the EMA teacher (`state['teacher']`) for name 'teacher', else the student's."""
+    if name == "teacher":
+        return train_state.state["teacher"]
+    return {"params": train_state.params, "batch_stats": train_state.state["batch_stats"]}
+
+
+class TeacherStudentMethod(Method):
+    """A method whose state holds an EMA teacher {'params', 'batch_stats'} at `state['teacher']`: predict
+    functions 'teacher' (it picks the best checkpoint) and 'student', the same network."""
+
+    best_predict = "teacher"
+
+    def predict_fns(self):
+        return {"teacher": self._predict, "student": self._predict}
+
+    def eval_variables(self, train_state, name):
+        self._check_predict_name(name)
+        return teacher_or_student(train_state, name)

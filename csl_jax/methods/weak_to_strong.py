@@ -38,7 +38,7 @@ import ml_collections
 
 from csl_jax.data import StreamSpec
 from csl_jax.config_checks import is_number
-from csl_jax.methods.base import (BOOLEAN, Method, StepContext, above, check_ranges, within,
+from csl_jax.methods.base import (BOOLEAN, Method, StepContext, above, check_ranges, teacher_or_student, within,
                                   with_later_fields as _fill_later_fields)
 from csl_jax.methods.parts import losses, passes, pseudo_labels, teacher, views
 from csl_jax.parallel import AXIS
@@ -249,9 +249,7 @@ class WeakToStrong(Method):
     def eval_variables(self, train_state, name):
         """The EMA teacher's variables for 'teacher', else the student's."""
         self._check_predict_name(name)
-        if name == "teacher":
-            return train_state.state["teacher"]
-        return {"params": train_state.params, "batch_stats": train_state.state["batch_stats"]}
+        return teacher_or_student(train_state, name)
 
     # -- loss ------------------------------------------------------------------------------------
     def _targets(self, logits, ignore):

@@ -35,8 +35,8 @@ import ml_collections
 from csl_jax.config_checks import is_number
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
-from csl_jax.methods.base import (BOOLEAN, Method, StepContext, above, at_least, check_fields, check_network,
-                                  check_ranges, init_network, whole_at_least, within)
+from csl_jax.methods.base import (BOOLEAN, StepContext, TeacherStudentMethod, above, at_least, check_fields,
+                                  check_network, check_ranges, init_network, whole_at_least, within)
 from csl_jax.methods.css import data as css_data
 from csl_jax.methods.css import losses as css_losses
 from csl_jax.methods.css import targets as css_targets
@@ -99,12 +99,11 @@ def option_ranges(opts: ml_collections.ConfigDict) -> dict:
             "warmup_epochs": at_least(0), "quantize_confidence": BOOLEAN, "labeled_rescale": BOOLEAN}
 
 
-class CSS(Method):
+class CSS(TeacherStudentMethod):
     """CSS (module docstring). State: {'batch_stats', 'teacher': {'params', 'batch_stats'},
-    'prototypes': (C, rep_dim) float32, zeros at init}."""
+    'prototypes': (C, rep_dim) float32, zeros at init}. Predict functions 'teacher' and 'student'."""
 
     epoch_stream = "labeled"
-    best_predict = "teacher"
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
         check_options(config.method)
@@ -134,16 +133,6 @@ class CSS(Method):
         """Teacher params <- EMA with d = min(1 - 1/(step + 1), ema_momentum); its statistics untouched."""
         new = teacher.ema_update(state["teacher"]["params"], params, step, self.opts.ema_momentum)
         return dict(state, teacher=dict(state["teacher"], params=new))
-
-    # -- evaluation ------------------------------------------------------------------------------
-    def predict_fns(self):
-        return {"teacher": self._predict, "student": self._predict}
-
-    def eval_variables(self, train_state, name):
-        self._check_predict_name(name)
-        if name == "teacher":
-            return train_state.state["teacher"]
-        return {"params": train_state.params, "batch_stats": train_state.state["batch_stats"]}
 
     # -- loss ------------------------------------------------------------------------------------
     def rampdown_epoch(self, ctx: StepContext) -> jax.Array:

@@ -29,8 +29,8 @@ import ml_collections
 from csl_jax import optim
 from csl_jax.constants import IGNORE_INDEX
 from csl_jax.data import StreamSpec
-from csl_jax.methods.base import (BOOLEAN, Method, StepContext, above, check_fields, check_network, check_ranges,
-                                  with_later_fields, within)
+from csl_jax.methods.base import (BOOLEAN, StepContext, TeacherStudentMethod, above, check_fields, check_network,
+                                  check_ranges, with_later_fields, within)
 from csl_jax.methods.parts import entropy_split, losses, passes, pseudo_labels, teacher, views
 from csl_jax.methods.unimatch_v2 import comp_drop
 from csl_jax.parallel import AXIS
@@ -90,7 +90,7 @@ def check_options(opts: ml_collections.ConfigDict) -> None:
     check_ranges(opts, option_ranges())
 
 
-class UniMatchV2(Method):
+class UniMatchV2(TeacherStudentMethod):
     """UniMatch V2 / FixMatch-with-EMA step (module docstring), options from `config.method`.
 
     Streams: 'labeled' (epochs of |U| samples) and 'unlabeled' with the views of `second_view`; no
@@ -100,7 +100,6 @@ class UniMatchV2(Method):
     """
 
     epoch_stream = "unlabeled"
-    best_predict = "teacher"
     has_diagnostics = True
     later_fields = LATER_FIELDS
 
@@ -131,15 +130,6 @@ class UniMatchV2(Method):
         """EMA of the teacher, d = min(1 - 1/(t+1), ema_momentum) (spec §6)."""
         student = {"params": params, "batch_stats": state["batch_stats"]}
         return dict(state, teacher=teacher.ema_update(state["teacher"], student, step, self.opts.ema_momentum))
-
-    def predict_fns(self):
-        return {"teacher": self._predict, "student": self._predict}
-
-    def eval_variables(self, train_state, name):
-        self._check_predict_name(name)
-        if name == "teacher":
-            return train_state.state["teacher"]
-        return {"params": train_state.params, "batch_stats": train_state.state["batch_stats"]}
 
     # -- loss ------------------------------------------------------------------------------------
     def _student(self, params, images, feature_scale=None):
