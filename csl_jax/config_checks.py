@@ -104,9 +104,10 @@ def _check_optimizer(config: ml_collections.ConfigDict) -> None:
 
 def _check_split(config: ml_collections.ConfigDict) -> None:
     """`data.split` is a shipped split of the dataset's family (data_prep/splits); the synthetic and
-    custom datasets define theirs when prepared and are checked when read."""
+    custom datasets define theirs when prepared and are checked when read, and with `data.labeled_list`
+    (the user's own split of prepared data) the split is only a name."""
     name, split = _get(config, "data.name"), _get(config, "data.split")
-    if split is _MISSING or name not in splits.FAMILIES:
+    if split is _MISSING or name not in splits.FAMILIES or config.data.get("labeled_list"):
         return
     family = config.data.get("family") or name
     valid = splits.shipped_splits(family)

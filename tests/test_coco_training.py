@@ -111,12 +111,16 @@ def test_twenty_steps_on_a_tiny_coco_through_main(tiny_coco, tmp_path, config):
 def test_a_labeled_list_of_the_users_replaces_the_split(tiny_coco, tmp_path):
     import ml_collections
 
+    from csl_jax import config_checks
     from csl_jax.data import sources
 
     data, labeled = tiny_coco
     pool = [f"{n:012d}" for n in range(1, 17)]
-    cfg = ml_collections.ConfigDict({"name": "coco", "root": str(data), "split": "1_512",
+    cfg = ml_collections.ConfigDict({"name": "coco", "root": str(data), "split": "mine",
                                      "labeled_list": str(labeled), "unlabeled_list": ""})
+    config_checks._check_split(ml_collections.ConfigDict({"data": cfg}))  # the split is only a name here
+    with pytest.raises(ValueError, match="config.data.split='mine': must be a coco split"):
+        config_checks._check_split(ml_collections.ConfigDict({"data": dict(cfg.to_dict(), labeled_list="")}))
     chosen = pool[::4]
     assert sources.split_ids(cfg) == (chosen, [i for i in pool if i not in chosen])  # the rest, record order
     subset = tmp_path / "unlabeled.txt"
