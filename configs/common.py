@@ -10,6 +10,7 @@ the one that picks the best checkpoint.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -268,8 +269,18 @@ V2_RECIPES = {
                    epoch_samples=6000),
     "coco": dict(crop_size=518, batch=16, group_size=4, epochs=20, labeled_loss="ce", protocol="whole_resize",
                  epoch_samples=30000),
+    # csl_jax's own (no published V2 CamVid recipe): Pascal's at V1 CamVid's crop and epochs on one GPU
+    # (crop 322 = 23 patches, global batch 8 in one loss group; the supervised epoch = one semi epoch's steps
+    # at 1/8: 40 x 16 samples)
+    "camvid": dict(crop_size=322, batch=8, group_size=8, epochs=240, labeled_loss="ce", protocol="whole_resize",
+                   epoch_samples=640),
 }
 V2_ENCODERS = ("small", "base", "large", "giant")
+#: the DPT fields (csl_jax.models.dpt ENCODER_FIELDS, HEAD_FIELDS) a run may set off its encoder's values from
+#: the command line, by type (unset: the encoder's), e.g. a tiny model from random weights:
+#: --config.model.embed_dim=32 --config.model.depth=4 --config.model.taps="(0,1,2,3)"
+DPT_NARROWING = {"embed_dim": int, "depth": int, "num_heads": int, "ffn": str, "pos_grid": int, "patch_size": int,
+                 "features": int, "taps": tuple, "out_channels": tuple}
 #: config-argument variants: CSL's selector, U2PL's entropy partition, FixMatch with the EMA teacher
 V2_VARIANTS = ("csl", "u2pl_entropy", "fixmatch_v2")
 
@@ -293,12 +304,13 @@ def get_v2_recipe(dataset: str, arg: str, method: str) -> ml_collections.ConfigD
     the dataset's protocol; the EMA teacher picks the best checkpoint. The strong views keep their
     jittered padding as the reference's; the TMP ablation's block scales with the crop (32 px at 321)."""
     split, encoder, variant = parse_v2_argument(arg, {"pascal": "1464", "cityscapes": "1_16", "ade20k": "1_64",
-                                                      "coco": "1_512"}[dataset])
+                                                      "coco": "1_512", "camvid": "1_8"}[dataset])
     r = V2_RECIPES[dataset]
     c = get_base_config()
     # the DPT's own fields (csl_jax/models/dpt.py): DeepLabV3+'s (depth, width, ...) do not apply
     c.model = ml_collections.ConfigDict(dict(name="dpt", encoder=encoder, dtype="float32", remat=False,
-                                             attention="auto", init_from="imagenet", init_kind="auto"))
+                                             attention="auto", init_from="imagenet", init_kind="auto",
+                                             **{f: config_dict.placeholder(t) for f, t in DPT_NARROWING.items()}))
     c.data.update(name=dataset, split=split, crop_size=r["crop_size"], block_size_reference_crop=321,
                   keep_jittered_padding=True)
     c.loss.labeled = r["labeled_loss"]

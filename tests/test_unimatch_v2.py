@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import (common, supervised_v2_ade20k, supervised_v2_cityscapes, supervised_v2_coco,
-                     supervised_v2_pascal, unimatch_v2_ade20k, unimatch_v2_cityscapes, unimatch_v2_coco,
-                     unimatch_v2_pascal)
+from configs import (common, supervised_v2_ade20k, supervised_v2_camvid, supervised_v2_cityscapes,
+                     supervised_v2_coco, supervised_v2_pascal, unimatch_v2_ade20k, unimatch_v2_camvid,
+                     unimatch_v2_cityscapes, unimatch_v2_coco, unimatch_v2_pascal)
 from csl_jax import config_checks, optim, parallel
 from csl_jax.methods import StepContext, build_method, unimatch_v2
 from csl_jax.methods.parts import pseudo_labels
@@ -208,11 +208,13 @@ def test_locked_backbone_is_frozen_and_gets_no_gradient():
 V2_TABLE = {"pascal": (518, 16, 4, 60, "ce", "whole_resize", 3000),
             "cityscapes": (798, 8, 2, 180, "ohem", "sliding_shifted", 3000),
             "ade20k": (518, 8, 2, 60, "ce", "whole_resize", 6000),
-            "coco": (518, 16, 4, 20, "ce", "whole_resize", 30000)}
+            "coco": (518, 16, 4, 20, "ce", "whole_resize", 30000),
+            # csl_jax's own: Pascal's recipe at V1 CamVid's crop (321 -> 322, 23 patches) and 240 epochs, one GPU
+            "camvid": (322, 8, 8, 240, "ce", "whole_resize", 640)}
 SEMI = {"pascal": unimatch_v2_pascal, "cityscapes": unimatch_v2_cityscapes, "ade20k": unimatch_v2_ade20k,
-        "coco": unimatch_v2_coco}
+        "coco": unimatch_v2_coco, "camvid": unimatch_v2_camvid}
 SUPERVISED = {"pascal": supervised_v2_pascal, "cityscapes": supervised_v2_cityscapes, "ade20k": supervised_v2_ade20k,
-              "coco": supervised_v2_coco}
+              "coco": supervised_v2_coco, "camvid": supervised_v2_camvid}
 
 
 @pytest.mark.parametrize("dataset", list(V2_TABLE))
@@ -240,6 +242,36 @@ def test_v2_recipes(dataset):
         2 * batch, samples, "supervised", "large")
     with pytest.raises(ValueError, match="SPLIT\\[,ENCODER\\]\\[,VARIANT\\]"):
         SEMI[dataset].get_config("1_8,huge,extra")
+
+
+def test_v2_configs_narrow_the_dpt_from_the_command_line():
+    """`common.DPT_NARROWING`: every DPT field can be set by `--config.model.X=...` (typed placeholders, unset =
+    the encoder's value), and the model built from them is that DPT."""
+    from csl_jax.models import dpt
+    from csl_jax.models import registry
+    from csl_jax.models.registry import build_model
+
+    assert set(common.DPT_NARROWING) == set(dpt.ENCODER_FIELDS + dpt.HEAD_FIELDS)
+    assert all(registry.LATER_FIELDS[f] is None for f in common.DPT_NARROWING)  # V2 runs saved before resume
+    config = unimatch_v2_camvid.get_config()
+    assert all(config.model[f] is None for f in common.DPT_NARROWING)
+    assert build_model(config.model, 11).embed_dim == 384  # ViT-S: nothing narrowed
+    import json
+
+    from tests.test_cli import run_main
+
+    code, out, err = run_main(["--config=configs/unimatch_v2_camvid.py:1_8", "--mode=config",
+                               "--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
+                               "--config.model.taps=(0,1,1,1)", "--config.model.out_channels=(4,8,8,8)",
+                               "--config.model.ffn=swiglu", "--config.model.features=16"])
+    assert code == 0, err
+    narrowed = ml_collections.ConfigDict(json.loads(out)["model"])
+    model = build_model(narrowed, 11)
+    assert (model.embed_dim, model.depth, model.num_heads, model.taps, model.out_channels, model.ffn,
+            model.features) == (32, 2, 2, (0, 1, 1, 1), (4, 8, 8, 8), "swiglu", 16)
+    assert dpt.narrowed_fields(narrowed) == dict(embed_dim=32, depth=2, num_heads=2, ffn="swiglu")
+    other = unimatch_v2_camvid.get_config()  # a fresh config: no placeholder is shared between configs
+    assert other.model.embed_dim is None
 
 
 def test_v2_options_are_checked():
