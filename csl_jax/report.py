@@ -16,7 +16,8 @@ workdirs below it. Per workdir the report reads:
     .lock                present while a training run holds the workdir
 
 Runs are grouped by (config.data.name, config.data.split, method label), the label being
-config.method.variant when the config has one and config.method.name otherwise; seeds
+config.method.variant when the config has one (prefixed with config.method.name unless it starts
+with it: UniMatch V2's 'csl' is 'unimatch_v2_csl') and config.method.name otherwise; seeds
 (config.seed) are the replicates. Runs of one group whose configs differ in a setting outside
 NOT_RECIPE (seed, data reading, logging, checkpointing, evaluation batch and plots) are not merged:
 the group is split by the values of the differing settings, each part labelled
@@ -128,7 +129,12 @@ class Run:
 
     @property
     def method(self) -> str:
-        return self.config.get("method.variant") or self.config["method.name"]
+        """config.method.variant, which names its method (e.g. 'csl_released', 'u2pl_intended'); a variant
+        that does not ('csl' of unimatch_v2) is prefixed with the method: 'unimatch_v2_csl'; else the name."""
+        name, variant = self.config["method.name"], self.config.get("method.variant")
+        if not variant:
+            return name
+        return variant if variant.startswith(name) else f"{name}_{variant}"
 
     @property
     def seed(self) -> int:

@@ -258,11 +258,13 @@ def test_variant_names_the_row_and_datasets_splits_are_separate(tmp_path, capsys
     make_workdir(tmp_path / "a", "csl", 0, {"teacher": 0.3}, **{"method.variant": "csl_released"})
     make_workdir(tmp_path / "b", "supervised", 0, {"model": 0.2})
     make_workdir(tmp_path / "c", "supervised", 0, {"model": 0.25}, **{"data.split": "1_8"})
+    # a variant that does not name its method (UniMatch V2's 'csl') is not CSL's row
+    make_workdir(tmp_path / "d", "csl", 0, {"teacher": 0.4}, **{"method.name": "unimatch_v2", "method.variant": "csl"})
     code, out, err = run_report(capsys, tmp_path)
     assert code == 0 and err == ""
     rows = [line.split(" | ")[:3] for line in out.splitlines() if line.startswith("| synthetic")]
     assert rows == [["| synthetic", "1_4", "csl_released"], ["| synthetic", "1_4", "supervised"],
-                    ["| synthetic", "1_8", "supervised"]]
+                    ["| synthetic", "1_4", "unimatch_v2_csl"], ["| synthetic", "1_8", "supervised"]]
 
 
 def test_evaluation_labels_name_split_and_a_non_default_protocol(tmp_path, capsys):
