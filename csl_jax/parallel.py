@@ -26,6 +26,18 @@ def shard_map(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
     return experimental_shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
+def varying_axes(x: Any) -> frozenset:
+    """The mapped axes `x` varies over inside shard_map with `check_vma` on (empty outside, or off).
+
+    The aval's `vma` (jax < 0.10) or `mat.varying` (jax 0.10); custom_vjp backwards use it to give a
+    replicated primal the psummed cotangent autodiff gives it.
+    """
+    aval = jax.typeof(x)
+    if hasattr(aval, "vma"):
+        return frozenset(aval.vma)
+    return frozenset(getattr(getattr(aval, "mat", None), "varying", frozenset()))
+
+
 def check_divisible(global_batch: int, key: str, mesh: Mesh, multiple_of: int = 1) -> int:
     """Returns the per-device batch of `global_batch`, or raises naming the config `key`.
 

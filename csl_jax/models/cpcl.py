@@ -30,7 +30,7 @@ import ml_collections
 
 from csl_jax.models.converters import register_converter, unchanged
 from csl_jax.models.deeplabv3plus import DeepLabV3Plus
-from csl_jax.models.layers import BatchNorm, conv, resize_align_corners
+from csl_jax.models.layers import BatchNorm, conv, resize_align_corners, resize_logits
 from csl_jax.models.registry import build_deeplabv3plus, register_model
 
 BRANCHES = ("branch1", "branch2")
@@ -123,7 +123,7 @@ class CPCLBranch(DeepLabV3Plus):
         logits = nn.Conv(self.num_classes, (1, 1), use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
                          kernel_init=head_init, bias_init=torch_bias_init(self.head_width),
                          name="classifier")(features)
-        return resize_align_corners(logits.astype(jnp.float32), x.shape[1:3]), {}
+        return resize_logits(logits, x.shape[1:3]), {}  # float32 (layers.resize_logits)
 
 
 class CPCLNet(nn.Module):

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from csl_jax.models.layers import BatchNorm, Dropout2d, conv, resize_align_corners
+from csl_jax.models.layers import BatchNorm, Dropout2d, conv, resize_align_corners, resize_logits
 from csl_jax.models.resnet import ResNet
 from csl_jax.models.xception import MIDDLE_BLOCKS, Xception65
 
@@ -164,7 +164,7 @@ class DeepLabV3Plus(nn.Module):
         """1x1 classifier (with bias), then align-corners resize: (N, h, w, F) -> (N, *size, C) float32."""
         logits = conv(self.num_classes, 1, use_bias=True, name="classifier", dtype=self.dtype,
                       param_dtype=self.param_dtype)(features)
-        return resize_align_corners(logits.astype(jnp.float32), size)
+        return resize_logits(logits, size)  # float32; bfloat16 matmuls where exact (layers.resize_logits)
 
     def perturb(self, c1: jax.Array, c4: jax.Array, train: bool,
                 sample_ids: Optional[jax.Array]) -> Tuple[jax.Array, jax.Array]:
