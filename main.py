@@ -153,19 +153,23 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str, save: bool) 
     there when `save`."""
     import jax
 
-    if mode == "train":
-        from csl_jax import run_info, train
+    from csl_jax.models import layers, registry
 
-        results = train.train_and_evaluate(config, workdir)
-        if jax.process_index() == 0:
-            print(run_info.summary(results, workdir))
-        return
-    from csl_jax.evaluation import modes
+    # read while the steps are traced; a run saved before the kernels existed keeps the plain formulations
+    with layers.kernels(config.model.get("kernels", registry.LATER_FIELDS["kernels"])):
+        if mode == "train":
+            from csl_jax import run_info, train
 
-    if mode == "eval":
-        modes.evaluate_checkpoint(config, workdir, FLAGS.checkpoint, FLAGS.evaluation, FLAGS.split, save)
-    else:
-        modes.predict(config, workdir, FLAGS.checkpoint, FLAGS.input, predict_output(workdir), FLAGS.evaluation)
+            results = train.train_and_evaluate(config, workdir)
+            if jax.process_index() == 0:
+                print(run_info.summary(results, workdir))
+            return
+        from csl_jax.evaluation import modes
+
+        if mode == "eval":
+            modes.evaluate_checkpoint(config, workdir, FLAGS.checkpoint, FLAGS.evaluation, FLAGS.split, save)
+        else:
+            modes.predict(config, workdir, FLAGS.checkpoint, FLAGS.input, predict_output(workdir), FLAGS.evaluation)
 
 
 def checked(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

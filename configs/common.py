@@ -34,6 +34,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.head_width = 256
     c.model.reduce_width = 48
     c.model.dtype = "float32"  # compute dtype of convolutions: float32 | bfloat16
+    # train-time kernels (docs/models.md): 'fast' | 'reference' (the plain JAX formulations, for A/B checks)
+    c.model.kernels = "fast"
     c.model.remat = False
     # Initial weights (csl_jax/models/pretrained.py, docs/models.md): 'none' = random init; a name
     # from the pretrained registry ('imagenet' = the ImageNet backbone of model.depth and model.stem,
@@ -309,7 +311,7 @@ def get_v2_recipe(dataset: str, arg: str, method: str) -> ml_collections.ConfigD
     c = get_base_config()
     # the DPT's own fields (csl_jax/models/dpt.py): DeepLabV3+'s (depth, width, ...) do not apply
     c.model = ml_collections.ConfigDict(dict(name="dpt", encoder=encoder, dtype="float32", remat=False,
-                                             attention="auto", init_from="imagenet", init_kind="auto",
+                                             attention="auto", init_from="imagenet", init_kind="auto", kernels="fast",
                                              **{f: config_dict.placeholder(t) for f, t in DPT_NARROWING.items()}))
     c.data.update(name=dataset, split=split, crop_size=r["crop_size"], block_size_reference_crop=321,
                   keep_jittered_padding=True)

@@ -121,11 +121,16 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
     and so are the images the main evaluation protocol feeds it ('whole' needs eval.pad_to_multiple)."""
     from csl_jax.models.deeplabv3plus import BACKBONES
     from csl_jax.models.dinov2 import PATCH_SIZE
+    from csl_jax.models.layers import KERNELS
     from csl_jax.models.registry import DTYPES
 
     dtype = _get(config, "model.dtype")
     if dtype is not _MISSING and dtype not in DTYPES:
         raise ValueError(f"config.model.dtype={dtype!r}: must be one of {sorted(DTYPES)}")
+    kernels = _get(config, "model.kernels")
+    if kernels not in (_MISSING,) + KERNELS:
+        raise ValueError(f"config.model.kernels={kernels!r}: must be one of {list(KERNELS)} (docs/models.md "
+                         "'Train-time kernels')")
     backbone = _get(config, "model.backbone")
     if backbone is not _MISSING and backbone not in BACKBONES:
         raise ValueError(f"config.model.backbone={backbone!r}: must be one of {list(BACKBONES)}")

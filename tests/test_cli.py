@@ -203,6 +203,7 @@ def test_a_second_training_run_into_a_workdir_is_refused(tmp_path):
     ("data.crop_size", 0, "config.data.crop_size=0: must be an int > 0"),
     ("model.dtype", "float16", "config.model.dtype='float16': must be one of ['bfloat16', 'float32']"),
     ("model.aspp_rates", ("a",), "config.model.aspp_rates=('a',): must be a tuple of positive ints"),
+    ("model.kernels", "fused", "config.model.kernels='fused': must be one of ['fast', 'reference']"),
     ("eval.protocol", "tiles", "config.eval.protocol='tiles': must be one of ['center_crop', 'sliding', "),
     ("eval.evaluations", ":sliding", "config.eval.evaluations=':sliding': entry ':sliding' names no predict "
                                      "function; expected PREDICT[@SPLIT][:PROTOCOL]"),

@@ -82,3 +82,28 @@ def test_a_network_trains_the_same_with_either_kernels():
         for key, stat in stats.items():
             np.testing.assert_allclose(stat, exact[2][key], rtol=1e-5, atol=1e-6,
                                        err_msg=f"{kernels} {key}")
+
+
+def test_main_runs_inside_the_configs_kernels(tmp_path):
+    """`config.model.kernels` reaches the trace and is saved: main.py's 2-step demo losses with 'fast' and
+    'reference' differ, by rounding only; a run saved before the field existed counts as 'reference'
+    (registry.LATER_FIELDS: the formulations it ran)."""
+    import json
+
+    from csl_jax.models import registry
+    from tests.test_cli import run_main
+
+    assert registry.LATER_FIELDS["kernels"] == "reference"
+    losses = {}
+    for kernels in layers.KERNELS:
+        workdir = tmp_path / kernels
+        code, _, err = run_main(["--config=configs/demo.py", f"--workdir={workdir}",
+                                 f"--config.model.kernels={kernels}", f"--config.data.root={tmp_path / 'data'}",
+                                 "--config.optim.total_steps=2",
+                                 "--config.eval.every_steps=0", "--config.log_every_steps=1"], timeout=600)
+        assert code == 0, err
+        assert json.loads((workdir / "config.json").read_text())["model"]["kernels"] == kernels
+        records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        losses[kernels] = [r["loss"] for r in records if "loss" in r]
+    assert len(losses["fast"]) == 2 and losses["fast"] != losses["reference"]
+    np.testing.assert_allclose(losses["fast"], losses["reference"], rtol=1e-5)

@@ -101,8 +101,10 @@ def test_resume_of_a_run_saved_before_a_field_existed_reads_its_later_default():
     now.method.labeled_repeat = "tile"
     assert workdir_lib.resume_differences(saved, now) == []  # method.variant: a label, absent before
     now.optim.lr_after_step, now.method.class_pairing = True, "reference"
+    del saved.model["kernels"]  # a run from before the train-time kernels ran the plain formulations
     assert workdir_lib.resume_differences(saved, now) == [
         "config.method.class_pairing: saved (absent: 'intended'), now 'reference'",
+        "config.model.kernels: saved (absent: 'reference'), now 'fast'",
         "config.optim.lr_after_step: saved (absent: False), now True"]
 
 

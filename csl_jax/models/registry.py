@@ -24,10 +24,12 @@ from csl_jax.models.deeplabv3plus import BACKBONES, DeepLabV3Plus
 DEFAULT_MODEL = "deeplabv3plus"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 #: `config.model` fields added after runs were saved, with the value that rebuilds such a run's model
-#: (a config.json without them resumes and evaluates as before: csl_jax.workdir.later_defaults); the DPT's
-#: narrowing fields (configs/common.py DPT_NARROWING) unset: the encoder's values.
-LATER_FIELDS = {"backbone": "resnet", **{f: None for f in ("embed_dim", "depth", "num_heads", "ffn", "pos_grid",
-                                                            "patch_size", "features", "taps", "out_channels")}}
+#: (a config.json without them resumes and evaluates as before: csl_jax.workdir.later_defaults); runs saved
+#: before the train-time kernels ran the plain JAX formulations ('reference'); the DPT's narrowing fields
+#: (configs/common.py DPT_NARROWING) unset: the encoder's values.
+LATER_FIELDS = {"backbone": "resnet", "kernels": "reference",
+                **{f: None for f in ("embed_dim", "depth", "num_heads", "ffn", "pos_grid", "patch_size", "features",
+                                     "taps", "out_channels")}}
 
 Builder = Callable[[ml_collections.ConfigDict, int, Optional[str]], nn.Module]
 
