@@ -78,10 +78,11 @@ def test_bf16_resize_jaxpr_has_only_bf16_dots():
 
 def test_deeplab_bf16_forward_has_no_float32_dot():
     """The final logit resize of a bfloat16 DeepLabV3+ (tiny ResNet, crop 33: 9 -> 33) runs bf16 dots."""
+    from configs.common import TINY_MODEL
     from csl_jax.models.deeplabv3plus import DeepLabV3Plus
 
-    model = DeepLabV3Plus(num_classes=5, depth=50, output_stride=8, blocks=(1, 1, 1, 1), width=8,
-                          head_width=16, reduce_width=8, aspp_rates=(12, 24, 36), dtype=jnp.bfloat16)
+    model = DeepLabV3Plus(num_classes=5, depth=50, output_stride=8, aspp_rates=(12, 24, 36), dtype=jnp.bfloat16,
+                          **TINY_MODEL)
     x = jnp.zeros((2, 33, 33, 3), jnp.float32)
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
     jaxpr = jax.make_jaxpr(lambda v, im: model.apply(v, im, train=False))(variables, x)
