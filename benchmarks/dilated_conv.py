@@ -1,6 +1,6 @@
 r"""Dilated 3x3 convolution speed in XLA (performance.md §6): a sweep over dilations, and the ASPP.
 
-    python -m benchmarks.dilated_conv --out dilated_conv.json      # GPU default, about a minute
+    python -m benchmarks.dilated_conv --out dilated_conv.json      # GPU default, about two minutes
     python -m benchmarks.dilated_conv --channels 256 --sizes 41 --dilations 1 2 12 --dtype float32
     python -m benchmarks.dilated_conv --tiny    # CPU smoke test (C 8, maps 9 and 13, 1 + 2 iterations)
 
@@ -34,7 +34,16 @@ compile time (lower + compile) is measured separately.
    over a one-device axis is this local BN) at its OS8 rates 12/24/36 on the OS8 crop-513 R101
    map (B, 65, 65, 2048), and at its OS16 rates 6/12/18 on the OS16 map (33 x 33), each against
    the same module and variables at rates (1, 1, 1), i.e. dense 3x3 convs of the same shapes.
-3. verdict: the number of slow sweep rows and the worst time_ratio with its row.
+3. verdict, per impl: the number of slow sweep rows and the worst time_ratio with its row.
+
+4. impl (before/after, issue 27): every sweep row and every ASPP row is timed twice, 'xla' = plain
+   `lax.conv_general_dilated` autodiff (nn.Conv; its weight gradient is a conv with window_strides
+   = d, XLA-GPU's slow path) and 'gemm_wgrad' = the model's conv (csl_jax.models.dilated: same
+   forward and input gradient, weight gradient as k*k in-bounds GEMMs). At d = 1 both are the
+   same nn.Conv. Ratios (time_ratio, slow, verdict) compare rows of one impl; `speedup` = ms of the
+   'xla' row / ms of this row (same shape and dilation; 1 for 'xla'). The 'xla' ASPP swaps
+   layers.conv's DilatedConv for nn.Conv while it is traced (`plain_xla_convs`); the dense ASPP
+   (rates 1/1/1, nn.Conv either way) is timed once and shared.
 
 Prints one JSON line per measurement while running, writes the JSON report to --out, and prints
 the tables last.
@@ -42,6 +51,7 @@ the tables last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import statistics
@@ -54,7 +64,7 @@ import numpy as np
 
 from benchmarks.model_forward import random_variables
 from benchmarks.train_step import xla_flops
-from csl_jax.models import ASPP
+from csl_jax.models import ASPP, layers
 from csl_jax.models.layers import conv
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -62,6 +72,7 @@ SLOW_TIME_RATIO = 1.5
 KERNEL_SIZE = 3
 ASPP_RATES = {8: (12, 24, 36), 16: (6, 12, 18)}
 DENSE_RATES = (1, 1, 1)
+IMPLS = ("xla", "gemm_wgrad")  # before / after: plain lax autodiff, the model's GEMM weight gradient
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,9 +105,26 @@ def nominal_fwd_flops(batch: int, height: int, width: int, channels_in: int, cha
 # ---------------------------------------------------------------------------------------------
 # What is timed
 # ---------------------------------------------------------------------------------------------
-def make_conv(channels: int, dilation: int, dtype) -> nn.Conv:
-    """The model's 3x3 conv (layers.conv): C -> C, padding = dilation, no bias."""
-    return conv(channels, KERNEL_SIZE, dilation=dilation, name="conv", dtype=dtype)
+def make_conv(channels: int, dilation: int, dtype, impl: str = "gemm_wgrad") -> nn.Conv:
+    """The 3x3 conv C -> C, padding = dilation, no bias: the model's (layers.conv) for 'gemm_wgrad',
+    with plain nn.Conv (lax autodiff) for 'xla'. Same parameter either way."""
+    with plain_xla_convs(impl == "xla"):
+        return conv(channels, KERNEL_SIZE, dilation=dilation, name="conv", dtype=dtype)
+
+
+@contextlib.contextmanager
+def plain_xla_convs(enabled: bool = True):
+    """While active (and `enabled`), layers.conv builds nn.Conv for dilated convs too (impl 'xla'); the
+    BatchNorms stay as they are (`layers.kernels('reference')` would switch them too)."""
+    if not enabled:
+        yield
+        return
+    saved = layers.DilatedConv
+    layers.DilatedConv = nn.Conv
+    try:
+        yield
+    finally:
+        layers.DilatedConv = saved
 
 
 def conv_params(channels: int, seed: int = 0) -> dict:
@@ -155,10 +183,10 @@ def _gflops(flops):
 # ---------------------------------------------------------------------------------------------
 # Measurements
 # ---------------------------------------------------------------------------------------------
-def bench_conv(channels: int, size: int, dilation: int, args) -> dict:
-    """One sweep row (without the d = 1 ratios)."""
+def bench_conv(channels: int, size: int, dilation: int, args, impl: str = "gemm_wgrad") -> dict:
+    """One sweep row of `impl` (without the d = 1 ratios and the speedup)."""
     dtype = DTYPES[args.dtype]
-    module = make_conv(channels, dilation, dtype)
+    module = make_conv(channels, dilation, dtype, impl)
     params = conv_params(channels)
     x = random_input((args.batch, size, size, channels), dtype)
     compiled, compile_s = compile_timed(conv_grad_fn(module), (params, x))
@@ -167,8 +195,8 @@ def bench_conv(channels: int, size: int, dilation: int, args) -> dict:
     fwd, fwd_compile_s = compile_timed(lambda p, x: module.apply({"params": p}, x), (fwd_params, x))
     inbounds_fwd = inbounds_fwd_flops(args.batch, size, size, channels, channels, dilation)
     return {
-        "channels": channels, "size": size, "dilation": dilation, "batch": args.batch, "dtype": args.dtype,
-        "ms": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times),
+        "channels": channels, "size": size, "dilation": dilation, "impl": impl, "batch": args.batch,
+        "dtype": args.dtype, "ms": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times),
         "compile_s": compile_s, "fwd_compile_s": fwd_compile_s,
         "nominal_gflops": 3 * nominal_fwd_flops(args.batch, size, size, channels, channels) / 1e9,
         "inbounds_gflops": 3 * inbounds_fwd / 1e9, "inbounds_fwd_gflops": inbounds_fwd / 1e9,
@@ -178,47 +206,63 @@ def bench_conv(channels: int, size: int, dilation: int, args) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """time_ratio, time_per_inbounds_flop_ratio and slow against the d = 1 row of the same shape."""
+    """time_ratio, time_per_inbounds_flop_ratio and slow against the d = 1 row of the same shape and
+    impl; speedup = ms of the 'xla' row of the same shape and dilation / ms."""
     for r in rows:
-        base = next(b for b in rows if b["dilation"] == 1
+        base = next(b for b in rows if b["dilation"] == 1 and b["impl"] == r["impl"]
                     and (b["channels"], b["size"]) == (r["channels"], r["size"]))
+        xla = next(b for b in rows if b["impl"] == "xla"
+                   and (b["channels"], b["size"], b["dilation"]) == (r["channels"], r["size"], r["dilation"]))
+        r["speedup"] = xla["ms"] / r["ms"]
         r["time_ratio"] = r["ms"] / base["ms"]
         r["time_per_inbounds_flop_ratio"] = ((r["ms"] / r["inbounds_gflops"])
                                              / (base["ms"] / base["inbounds_gflops"]))
         r["slow"] = r["time_ratio"] > SLOW_TIME_RATIO
 
 
-def bench_aspp_module(rates, size: int, args) -> dict:
-    """ms, compile s and XLA GFLOP of the model's ASPP at `rates` (forward + backward, train mode)."""
+def bench_aspp_module(rates, size: int, args, impl: str = "gemm_wgrad") -> dict:
+    """ms, compile s and XLA GFLOP of the model's ASPP at `rates` (forward + backward, train mode)
+    with `impl`'s dilated convs."""
     dtype = DTYPES[args.dtype]
     module = ASPP(tuple(rates), args.aspp_features, dtype=dtype, bn_axis_name=None)
     shape = (args.aspp_batch, size, size, args.aspp_in)
     variables = random_variables(module, shape)
     x = random_input(shape, dtype)
     call = (variables["params"], variables["batch_stats"], x)
-    compiled, compile_s = compile_timed(aspp_grad_fn(module), call)
+    with plain_xla_convs(impl == "xla"):  # the convs are built while the ASPP is traced
+        compiled, compile_s = compile_timed(aspp_grad_fn(module), call)
     times = run_timed(compiled, call, args.warmup, args.iters)
     return {"ms": 1e3 * statistics.median(times), "compile_s": compile_s,
             "xla_gflops": _gflops(xla_flops(compiled))}
 
 
-def bench_aspp(name: str, rates, size: int, args) -> dict:
-    """The ASPP at `rates` against the same ASPP at DENSE_RATES on a (B, size, size, Cin) map."""
-    dilated = bench_aspp_module(rates, size, args)
+def bench_aspp(name: str, rates, size: int, args) -> list[dict]:
+    """The ASPP at `rates`, one row per impl, against the same ASPP at DENSE_RATES (timed once) on a
+    (B, size, size, Cin) map."""
     dense = bench_aspp_module(DENSE_RATES, size, args)
-    return {"name": name, "rates": list(rates), "size": size, "in_channels": args.aspp_in,
-            "features": args.aspp_features, "batch": args.aspp_batch, "dtype": args.dtype,
-            "ms": dilated["ms"], "ms_dense": dense["ms"], "time_ratio": dilated["ms"] / dense["ms"],
-            "compile_s": dilated["compile_s"], "compile_s_dense": dense["compile_s"],
-            "xla_gflops": dilated["xla_gflops"], "xla_gflops_dense": dense["xla_gflops"]}
+    rows = []
+    for impl in IMPLS:
+        dil = bench_aspp_module(rates, size, args, impl)
+        rows.append({"name": name, "rates": list(rates), "impl": impl, "size": size, "in_channels": args.aspp_in,
+                     "features": args.aspp_features, "batch": args.aspp_batch, "dtype": args.dtype,
+                     "ms": dil["ms"], "ms_dense": dense["ms"], "time_ratio": dil["ms"] / dense["ms"],
+                     "compile_s": dil["compile_s"], "compile_s_dense": dense["compile_s"],
+                     "xla_gflops": dil["xla_gflops"], "xla_gflops_dense": dense["xla_gflops"]})
+    for r in rows:
+        r["speedup"] = rows[0]["ms"] / r["ms"]
+    return rows
 
 
 def verdict(rows: list[dict]) -> dict:
-    """The number of slow rows and the row with the worst time_ratio."""
-    worst = max(rows, key=lambda r: r["time_ratio"])
-    return {"criterion": f"time_ratio > {SLOW_TIME_RATIO}", "slow_rows": sum(r["slow"] for r in rows),
-            "rows": len(rows), "worst_time_ratio": worst["time_ratio"],
-            "worst_row": {k: worst[k] for k in ("channels", "size", "dilation")}}
+    """Per impl: the number of slow rows and the row with the worst time_ratio."""
+    out = {}
+    for impl in IMPLS:
+        mine = [r for r in rows if r["impl"] == impl]
+        worst = max(mine, key=lambda r: r["time_ratio"])
+        out[impl] = {"criterion": f"time_ratio > {SLOW_TIME_RATIO}", "slow_rows": sum(r["slow"] for r in mine),
+                     "rows": len(mine), "worst_time_ratio": worst["time_ratio"],
+                     "worst_row": {k: worst[k] for k in ("channels", "size", "dilation")}}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,42 +274,49 @@ def _fmt(value, spec):
 
 def print_table(report: dict) -> None:
     """The results as fixed-width tables (the last thing the benchmark prints)."""
-    v = report["verdict"]
-    w = v["worst_row"]
     print(f"device: {report['device']} (jax {report['jax']}); {report['dtype']}, fwd+bwd; "
           f"total {report['total_s']:.1f} s; results in {report['out']}")
-    print(f"verdict: {v['slow_rows']}/{v['rows']} rows slow ({v['criterion']}); worst x{v['worst_time_ratio']:.2f} "
-          f"at C {w['channels']}, {w['size']}^2, d {w['dilation']}")
-    print(f"{'C':>5} {'size':>5} {'d':>3} {'pad':>3} {'ms':>9} {'x d=1':>6} {'/FLOP':>7} {'GFLOP':>9} "
-          f"{'in-bnd':>9} {'XLA':>9} {'XLA fwd':>9} {'compile s':>9} {'slow':>4}")
+    for impl, v in report["verdict"].items():
+        w = v["worst_row"]
+        print(f"verdict {impl}: {v['slow_rows']}/{v['rows']} rows slow ({v['criterion']}); worst "
+              f"x{v['worst_time_ratio']:.2f} at C {w['channels']}, {w['size']}^2, d {w['dilation']}")
+    print(f"{'C':>5} {'size':>5} {'d':>3} {'impl':>10} {'pad':>3} {'ms':>9} {'speedup':>7} {'x d=1':>6} {'/FLOP':>7} "
+          f"{'GFLOP':>9} {'in-bnd':>9} {'XLA':>9} {'XLA fwd':>9} {'compile s':>9} {'slow':>4}")
     for r in report["sweep"]:
-        print(f"{r['channels']:>5} {r['size']:>5} {r['dilation']:>3} {'yes' if r['all_taps_in_padding'] else '':>3} "
-              f"{r['ms']:>9.3f} {r['time_ratio']:>6.2f} {r['time_per_inbounds_flop_ratio']:>7.2f} "
+        print(f"{r['channels']:>5} {r['size']:>5} {r['dilation']:>3} {r['impl']:>10} "
+              f"{'yes' if r['all_taps_in_padding'] else '':>3} {r['ms']:>9.3f} {r['speedup']:>7.2f} "
+              f"{r['time_ratio']:>6.2f} {r['time_per_inbounds_flop_ratio']:>7.2f} "
               f"{r['nominal_gflops']:>9.4g} {r['inbounds_gflops']:>9.4g} {_fmt(r['xla_gflops'], '.4g'):>9} "
               f"{_fmt(r['xla_fwd_gflops'], '.4g'):>9} {r['compile_s']:>9.2f} {'SLOW' if r['slow'] else '':>4}")
-    print(f"{'ASPP':>5} {'rates':>9} {'map':>13} {'feat':>5} {'ms':>9} {'ms dense':>9} {'x dense':>7} "
-          f"{'XLA GFLOP':>10} {'dense':>9} {'compile s':>9}")
+    print(f"{'ASPP':>5} {'rates':>9} {'impl':>10} {'map':>13} {'feat':>5} {'ms':>9} {'speedup':>7} {'ms dense':>9} "
+          f"{'x dense':>7} {'XLA GFLOP':>10} {'dense':>9} {'compile s':>9}")
     for a in report["aspp"]:
         shape = f"{a['batch']}x{a['size']}^2x{a['in_channels']}"
-        print(f"{a['name']:>5} {'/'.join(map(str, a['rates'])):>9} {shape:>13} {a['features']:>5} {a['ms']:>9.3f} "
-              f"{a['ms_dense']:>9.3f} {a['time_ratio']:>7.2f} {_fmt(a['xla_gflops'], '.4g'):>10} "
-              f"{_fmt(a['xla_gflops_dense'], '.4g'):>9} {a['compile_s'] + a['compile_s_dense']:>9.2f}")
+        print(f"{a['name']:>5} {'/'.join(map(str, a['rates'])):>9} {a['impl']:>10} {shape:>13} {a['features']:>5} "
+              f"{a['ms']:>9.3f} {a['speedup']:>7.2f} {a['ms_dense']:>9.3f} {a['time_ratio']:>7.2f} "
+              f"{_fmt(a['xla_gflops'], '.4g'):>10} {_fmt(a['xla_gflops_dense'], '.4g'):>9} "
+              f"{a['compile_s'] + a['compile_s_dense']:>9.2f}")
 
 
 def markdown(report: dict) -> str:
     """The ASPP comparison and the sweep as Markdown tables (for benchmarks/suite.py)."""
-    v, w = report["verdict"], report["verdict"]["worst_row"]
-    lines = [f"Dilated 3x3 convolutions, {report['dtype']}, forward + backward ({report['device']}):", "",
-             "| ASPP | rates | map | ms | ms dense (rates 1/1/1) | dilated / dense |", "|---|---|---|---|---|---|"]
-    lines += [f"| {a['name']} | {'/'.join(map(str, a['rates']))} | {a['batch']}x{a['size']}²x{a['in_channels']} "
-              f"| {a['ms']:.2f} | {a['ms_dense']:.2f} | {a['time_ratio']:.2f} |" for a in report["aspp"]]
-    lines += ["", f"Sweep: {v['slow_rows']} of {v['rows']} rows slow ({v['criterion']}); worst "
-              f"x{v['worst_time_ratio']:.2f} at C {w['channels']}, {w['size']}², d {w['dilation']}.", "",
-              "| C | map | d | ms | time / d=1 | time per in-bounds FLOP / d=1 | all off-centre taps in padding |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['channels']} | {r['size']}² | {r['dilation']} | {r['ms']:.3f} | {r['time_ratio']:.2f} "
-              f"| {r['time_per_inbounds_flop_ratio']:.2f} | {'yes' if r['all_taps_in_padding'] else ''} |"
-              for r in report["sweep"]]
+    lines = [f"Dilated 3x3 convolutions, {report['dtype']}, forward + backward ({report['device']}); impl 'xla' = "
+             "lax autodiff (before), 'gemm_wgrad' = the model's GEMM weight gradient (after):", "",
+             "| ASPP | rates | impl | map | ms | speed-up vs xla | ms dense (rates 1/1/1) | dilated / dense |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {a['name']} | {'/'.join(map(str, a['rates']))} | {a['impl']} "
+              f"| {a['batch']}x{a['size']}²x{a['in_channels']} | {a['ms']:.2f} | {a['speedup']:.2f} "
+              f"| {a['ms_dense']:.2f} | {a['time_ratio']:.2f} |" for a in report["aspp"]]
+    lines.append("")
+    for impl, v in report["verdict"].items():
+        w = v["worst_row"]
+        lines.append(f"Sweep, {impl}: {v['slow_rows']} of {v['rows']} rows slow ({v['criterion']}); worst "
+                     f"x{v['worst_time_ratio']:.2f} at C {w['channels']}, {w['size']}², d {w['dilation']}.")
+    lines += ["", "| C | map | d | impl | ms | speed-up vs xla | time / d=1 | time per in-bounds FLOP / d=1 "
+              "| all off-centre taps in padding |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['channels']} | {r['size']}² | {r['dilation']} | {r['impl']} | {r['ms']:.3f} | {r['speedup']:.2f} "
+              f"| {r['time_ratio']:.2f} | {r['time_per_inbounds_flop_ratio']:.2f} "
+              f"| {'yes' if r['all_taps_in_padding'] else ''} |" for r in report["sweep"]]
     return "\n".join(lines)
 
 
@@ -319,12 +370,12 @@ def main(argv=None) -> dict:
     device = jax.devices()[0]
     aspp = []  # first: the model's own question
     for name, stride, size in (("OS8", 8, args.aspp_size), ("OS16", 16, args.aspp_os16_size)):
-        result = bench_aspp(name, ASPP_RATES[stride], size, args)
-        print(json.dumps(result), flush=True)
-        aspp.append(result)
+        for result in bench_aspp(name, ASPP_RATES[stride], size, args):
+            print(json.dumps(result), flush=True)
+            aspp.append(result)
     sweep = []
-    for channels, size, dilation in itertools.product(args.channels, args.sizes, args.dilations):
-        row = bench_conv(channels, size, dilation, args)
+    for channels, size, dilation, impl in itertools.product(args.channels, args.sizes, args.dilations, IMPLS):
+        row = bench_conv(channels, size, dilation, args, impl)
         print(json.dumps(row), flush=True)
         sweep.append(row)
     add_ratios(sweep)

@@ -6,7 +6,7 @@ r"""The GPU benchmark suite: one prepared command, run in order of value within 
 Parts, in order of value (each is one or more benchmark processes):
 
 1. `train_step_513`: the CSL and UniMatch train steps, R101 OS16 crop 513, 8 + 8, bf16, with the
-   PyTorch reference (bf16 autocast + channels_last, and float32) in the same run: ms/step,
+   PyTorch reference (bf16 autocast + channels_last, and float32 = its TF32 default) in the same run: ms/step,
    images/s, `mfu_reference` against the bf16 peak measured in the same process, both speed-ups;
    then, in a process of its own compiled from the persistent cache, a jax.profiler trace of 3 CSL
    steps and its summary (benchmarks/profile_summary.py).
@@ -53,7 +53,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # issue 16's targets (R101 OS16, 8 + 8, bf16, one GPU)
 TARGET_MFU = 0.35
 TARGET_VS_TORCH_BF16 = 1.5
-TARGET_VS_TORCH_FP32 = 5.0
+TARGET_VS_TORCH_TF32 = 2.5  # issue 27: PyTorch's float32 default runs its convs in TF32
 TARGET_COMPILE_S = 60.0
 TARGET_DATA_WAIT = 0.05
 PROFILE_STEPS = 3
@@ -310,7 +310,7 @@ def render_part1(suite: Suite, part: Part) -> str:
     text = [f"{report['device']} (jax {report['jax']}); bf16 peak {fmt(report['peak_tflops'])} TFLOP/s "
             f"({report['peak_source']}); PyTorch {report.get('torch_device', 'n/a')}", "",
             table(["step", "ms/step", "ms/step synced", "img/s", "TFLOP (XLA)", "TFLOP (model)", "MFU ref %",
-                   "torch bf16 ms", "torch fp32 ms", "vs torch bf16", "vs torch fp32", "compile s", "peak GiB"],
+                   "torch bf16 ms", "torch TF32 ms", "vs torch bf16", "vs torch TF32", "compile s", "peak GiB"],
                   rows)]
     profiled = part.report("profile") or {}
     for name, summary in sorted(profiled.get("profiles", {}).items()):
@@ -416,8 +416,8 @@ def targets(suite: Suite) -> list[dict]:
               lambda v: v >= TARGET_MFU, "fraction"),
         check(f"CSL 513 vs PyTorch bf16 + channels_last >= {TARGET_VS_TORCH_BF16}x", csl.get("speedup_vs_torch"),
               lambda v: v >= TARGET_VS_TORCH_BF16, "x"),
-        check(f"CSL 513 vs PyTorch float32 >= {TARGET_VS_TORCH_FP32}x", csl.get("speedup_vs_torch_float32"),
-              lambda v: v >= TARGET_VS_TORCH_FP32, "x"),
+        check(f"CSL 513 vs PyTorch TF32 (its float32 default) >= {TARGET_VS_TORCH_TF32}x",
+              csl.get("speedup_vs_torch_float32"), lambda v: v >= TARGET_VS_TORCH_TF32, "x"),
         check(f"cold compile (lower + compile) < {TARGET_COMPILE_S:.0f} s", max(compiles) if compiles else None,
               lambda v: v < TARGET_COMPILE_S, "s"),
         check(f"data wait < {100 * TARGET_DATA_WAIT:.0f} %", max(waits) if waits else None,

@@ -1,7 +1,7 @@
-r"""The same train steps in PyTorch (eager), the baseline of benchmarks/train_step.py.
+r"""The same train steps in PyTorch (eager, and optionally torch.compile), the baseline of benchmarks/train_step.py.
 
     python -m benchmarks.torch_reference --method csl unimatch --depth 101 --output-stride 16 \
-        --crop 513 --dtype float32 bfloat16 --out torch_reference.json
+        --crop 513 --dtype float32 bfloat16 --out torch_reference.json [--compile] [--strict-fp32]
     python -m benchmarks.torch_reference --method unimatch_v2 --encoder small --crop 518 \
         --labeled 16 --unlabeled 16 --dtype float32 bfloat16      # UniMatch V2 on DINOv2 + DPT
     python -m benchmarks.torch_reference --tiny    # CPU smoke test
@@ -13,15 +13,28 @@ steps written the way the reference code runs them, with the options of the csl_
 student's eval-mode mix pass and its clean u_w logits), CutMix / TMP strong views, the main pass
 [x; u_w] with FP and one strong pass, weighted CE, SGD with momentum and a 10x head group, EMA
 update. Running-statistics bookkeeping is PyTorch's default (every train-mode pass updates BN);
-that changes no cost. `--dtype bfloat16` means bf16 autocast with channels_last model and inputs
-(the fast PyTorch recipe), float32 means plain float32 NCHW.
+that changes no cost.
+
+Written to do the work JAX does, no more: the CSL selector's 2-way split is the closed-form 2x2
+symmetric eigen-decomposition that csl_jax computes (`spectral_split`; no `torch.linalg.eigh`, which
+synchronises a CUDA device with the host, no data-dependent shapes), and the EMA teacher update is
+one batched `torch._foreach_lerp_` over the floating parameters and buffers (not a Python loop of
+per-tensor `lerp_` launches).
+
+Rows (`variant`) per configuration: `bf16` = bf16 autocast with channels_last model and inputs (the
+fast PyTorch recipe); `tf32` = float32 NCHW with PyTorch's defaults, i.e. cuDNN convolutions in
+TF32 (`cudnn.allow_tf32=True`; what "PyTorch float32" means in the reference's recipe); with
+--strict-fp32 also `fp32` = float32 with TF32 off (true fp32 convolutions). --compile (or --modes eager
+compile) adds `*_compile` rows: `Trainer.loss` (every network pass, the pseudo-labels and the losses)
+under `torch.compile(mode=--compile-mode, backend=--compile-backend)`; backward, optimizer and EMA
+stay eager, and the compile time lands in `first_step_s`.
 
 UniMatch V2's methods (`unimatch_v2`, `fixmatch_v2`, `supervised_v2`; `V2Trainer`) run the DINOv2 +
 DPT of the test transcription tests/helpers/torch_dinov2_dpt.py (written from the spec) with its
 attention through `F.scaled_dot_product_attention`, on train_step's V2 configs (AdamW, the
 method's options); bf16 is autocast alone there.
 
-cuDNN autotuning is on (`cudnn.benchmark`, as UniMatch sets it); float32 keeps PyTorch's TF32 defaults.
+cuDNN autotuning is on (`cudnn.benchmark`, as UniMatch sets it).
 After --warmup steps, --iters steps are timed each ended by torch.cuda.synchronize()
 (`ms_per_step_synced`, median; `ms_per_step_min`), then --iters steps back to back with one
 synchronize at the end (`ms_per_step`, the figure compared). Writes JSON and prints a table last.
@@ -116,8 +129,52 @@ class DeepLabV3Plus(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Pseudo-labels and losses (float32)
 # ---------------------------------------------------------------------------------------------
+def _power_of_two_scale(max_v):
+    """rho = 2^-floor(log2 max_v), clipped to [2^-126, 2^126]; 1 where max_v = 0 (as csl_jax: from the
+    float32 exponent bits, exact, no denormals)."""
+    exponent = (max_v.view(torch.int32) >> 23) - 127
+    rho = (((-exponent).clamp(-126, 126) + 127) << 23).view(torch.float32)  # 2^k from its exponent bits
+    return torch.where(max_v > 0, rho, torch.ones_like(max_v))
+
+
+def spectral_split(p, v, valid):
+    """Closed-form 2-way spectral split of each image (csl_jax.methods.parts.pseudo_labels._spectral_assignment,
+    batched): the 2x2 moment matrix of the features in the frame of the image's mean feature, its leading
+    eigenvalue and eigenvector by formula, scores |x . u_k| / sqrt(lambda_k). No `torch.linalg.eigh` (which
+    synchronises a CUDA device with the host), no data-dependent shapes: pure elementwise ops and sums.
+
+    p, v: (B, N) float32 features; valid: (B, N) bool. Returns (B, N) bool: True = second cluster.
+    """
+    zero = torch.zeros_like(p)
+    rho = _power_of_two_scale(torch.where(valid, v, zero).amax(1, keepdim=True))       # (B, 1)
+    count = valid.sum(1, keepdim=True).clamp_min(1).float()
+    p = torch.where(valid, p, zero)
+    v_s = torch.where(valid, v * rho, zero)  # suffix _s: scaled units (times rho for v, rho^2 for v^2)
+    p_mean, v_mean_s = p.sum(1, keepdim=True) / count, v_s.sum(1, keepdim=True) / count
+    a = p_mean * p + v_mean_s * v_s / (rho * rho)
+    b_s = torch.where(valid, p_mean * (v_s - v_mean_s) - v_mean_s * (p - p_mean), zero)
+    s_aa, m_ab_s, m_bb_s = ((u * w).sum(1, keepdim=True) for u, w in ((a, a), (a, b_s), (b_s, b_s)))
+    s_ab, s_bb = m_ab_s / rho, m_bb_s / (rho * rho)
+    h = (s_aa - s_bb) / 2
+    lam1 = (s_aa + s_bb) / 2 + torch.sqrt(h * h + s_ab * s_ab)
+    lam2_s = torch.where(lam1 > 0, (s_aa * m_bb_s - m_ab_s * m_ab_s).clamp_min(0.0) / lam1, torch.zeros_like(lam1))
+    first = s_aa >= s_bb  # leading eigenvector u1 = (e1, e2) / n, u2 = (-e2, e1) / n; e2_s = rho e2
+    e1 = torch.where(first, lam1 - s_bb, s_ab)
+    e2_s = torch.where(first, m_ab_s, rho * (lam1 - s_aa))
+    n = torch.sqrt(e1 * e1 + (e2_s / rho) ** 2)
+    degenerate = n == 0  # M proportional to I: u1 = (1, 0) in the original frame
+    e1 = torch.where(degenerate, p_mean, e1)
+    e2_s = torch.where(degenerate, -v_mean_s, e2_s)
+    n = torch.where(degenerate, torch.sqrt(p_mean * p_mean + (v_mean_s / rho) ** 2), n)
+    denom0, denom1 = n * torch.sqrt(lam1), n * torch.sqrt(lam2_s)
+    s0 = (a * e1 + b_s * e2_s / (rho * rho)).abs() / torch.where(denom0 > 0, denom0, torch.ones_like(denom0))
+    s1 = (b_s * e1 - a * e2_s).abs() / torch.where(denom1 > 0, denom1, torch.full_like(denom1, float("inf")))
+    return valid & (s1 > s0)
+
+
 def csl_weights(probs, valid, alpha: float, eps: float):
-    """CSL soft weights: per-image 2-way spectral split of (conf, residual variance), Gaussian weights.
+    """CSL soft weights: per-image 2-way spectral split of (conf, residual variance) in closed form
+    (`spectral_split`, the computation of csl_jax), Gaussian weights around the more confident cluster.
 
     probs (B, C, H, W) float32, valid (B, H, W) bool -> (weights float32, reliable bool), (B, H, W).
     """
@@ -126,20 +183,17 @@ def csl_weights(probs, valid, alpha: float, eps: float):
     rest = probs.scatter(1, arg[:, None], 0.0)
     var = ((rest - ((1 - conf) / (c - 1))[:, None]) ** 2).sum(1) / (c - 1)
     x = torch.stack([conf, var], -1).reshape(b, -1, 2)                  # (B, N, 2)
-    m = valid.reshape(b, -1, 1).float()
-    moments = torch.einsum("bni,bnj->bij", x * m, x)                    # (B, 2, 2)
-    lam, vec = torch.linalg.eigh(moments)                                # ascending
-    scores = (x @ vec).abs() / lam.clamp_min(1e-30).sqrt()[:, None, :]  # (B, N, 2): [small, large]
-    second = scores[..., 0] > scores[..., 1]                            # closer to the minor axis
-    member = torch.stack([~second, second], 1) & (m[..., 0] > 0)[:, None]  # (B, 2, N)
+    m = valid.reshape(b, -1)
+    second = spectral_split(x[..., 0], x[..., 1], m)
+    member = torch.stack([~second, second], 1) & m[:, None]             # (B, 2, N)
     count = member.sum(-1, keepdim=True).float()                        # (B, 2, 1)
     mf = member.float()
     mean = torch.einsum("bkn,bni->bki", mf, x) / count.clamp_min(1)
     sq = torch.einsum("bkn,bkni->bki", mf, (x[:, None] - mean[:, :, None]) ** 2)
     variance = sq / (count - 1).clamp_min(1)
-    pick = (mean[:, 1, 0] > mean[:, 0, 0]).long()
-    mu = mean[torch.arange(b), pick][:, None, None]
-    sigma2 = variance[torch.arange(b), pick][:, None, None]
+    pick = (mean[:, 1, 0] > mean[:, 0, 0]).long().view(b, 1, 1).expand(b, 1, 2)  # the reliable cluster
+    mu = mean.gather(1, pick)[:, None]                                  # (B, 1, 1, 2), on the device
+    sigma2 = variance.gather(1, pick)[:, None]
     z_c = (conf - mu[..., 0]) / (sigma2[..., 0] + eps).sqrt()
     z_v = (mu[..., 1] - var) / (sigma2[..., 1] + eps).sqrt()
     soft = torch.exp(-z_c ** 2 / alpha) * torch.exp(-z_v ** 2 / alpha)
@@ -152,7 +206,7 @@ def targets(logits, ignore, opts):
     probs = logits.float().softmax(1)
     valid = ignore != IGNORE
     if opts.selector == "csl":
-        with torch.autocast(probs.device.type, enabled=False):  # float32, as the reference (no bf16 eigh)
+        with torch.autocast(probs.device.type, enabled=False):  # float32, as the reference and csl_jax
             weight, reliable = csl_weights(probs, valid, opts.alpha, opts.eps)
     else:
         reliable = valid & (probs.max(1)[0] >= opts.tau)
@@ -259,12 +313,21 @@ class Trainer:
         self.step_count += 1
         return loss
 
+    def ema_pairs(self) -> tuple[list, list]:
+        """(teacher tensors, student tensors): every floating parameter and buffer, in matching order
+        (the tensors are updated in place, so the lists stay valid; built once)."""
+        if getattr(self, "_ema_pairs", None) is None:
+            pairs = [(t, s) for t, s in zip(itertools.chain(self.teacher.parameters(), self.teacher.buffers()),
+                                            itertools.chain(self.model.parameters(), self.model.buffers()))
+                     if t.is_floating_point()]
+            self._ema_pairs = [t for t, _ in pairs], [s for _, s in pairs]
+        return self._ema_pairs
+
     def update_teacher(self, decay: float) -> None:
-        """EMA of every floating parameter and buffer: t <- decay t + (1 - decay) s."""
-        for t, s in zip(itertools.chain(self.teacher.parameters(), self.teacher.buffers()),
-                        itertools.chain(self.model.parameters(), self.model.buffers())):
-            if t.is_floating_point():
-                t.lerp_(s, 1 - decay)
+        """EMA of every floating parameter and buffer, t <- decay t + (1 - decay) s, in one batched
+        `torch._foreach_lerp_` (multi-tensor kernels on CUDA, not one launch per tensor)."""
+        teacher, student = self.ema_pairs()
+        torch._foreach_lerp_(teacher, student, 1 - decay)
 
 
 class SdpaAttention(torch_dinov2_dpt.Attention):
@@ -359,8 +422,36 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_one(config, num_classes: int, device, warmup: int, iters: int) -> dict:
-    """Times `config`'s step in PyTorch on `device`; returns one result dict (keys as train_step's)."""
+def variant_name(dtype: str, tf32: bool, compiled: bool) -> str:
+    """'bf16' (autocast + channels_last), 'tf32' (float32 with PyTorch's default TF32 convolutions) or
+    'fp32' (float32, TF32 off), with '_compile' for the torch.compile rows."""
+    base = "bf16" if dtype == "bfloat16" else ("tf32" if tf32 else "fp32")
+    return base + ("_compile" if compiled else "")
+
+
+@contextlib.contextmanager
+def tf32_setting(allow: bool):
+    """cuDNN convolutions in TF32 (`allow`, PyTorch's default) or in true float32; cuBLAS matmuls keep
+    PyTorch's default (exact float32) either way. Restored on exit."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow
+    torch.backends.cuda.matmul.allow_tf32 = saved[1] and allow
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def bench_one(config, num_classes: int, device, warmup: int, iters: int, tf32: bool = True,
+              compile_mode: str | None = None, compile_backend: str = "inductor") -> dict:
+    """Times `config`'s step in PyTorch on `device`; returns one result dict (keys as train_step's).
+
+    `tf32`: cuDNN's TF32 convolutions (PyTorch's default; what float32 means in the reference's
+    recipe); False runs float32 convolutions in true float32. `compile_mode`: wrap the step's
+    forward part (every network pass, the pseudo-labels and the losses: `Trainer.loss`) in
+    `torch.compile(mode=compile_mode, backend=compile_backend)`; its compile time lands in
+    `first_step_s`. The backward, the optimizer and the EMA stay eager.
+    """
     bf16 = config.model.dtype == "bfloat16"
     dpt = config.model.get("name") == "dpt"
     method = build_method(config, num_classes)
@@ -368,39 +459,57 @@ def bench_one(config, num_classes: int, device, warmup: int, iters: int) -> dict
     labeled, unlabeled = config.batch.labeled, config.batch.unlabeled
     torch.manual_seed(config.seed)
     trainer = (V2Trainer if dpt else Trainer)(config, num_classes, device, bf16)
+    if compile_mode is not None:
+        torch._dynamo.reset()  # a fresh cache per configuration (no recompile-limit fallback to eager)
+        trainer.loss = torch.compile(trainer.loss, mode=compile_mode, backend=compile_backend)
     batch = trainer.to_device(synthetic_batch(views, labeled, unlabeled, config.data.crop_size, num_classes,
                                               streams=batch_streams(method, config)), device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    trainer.step(batch)
-    _sync(device)
-    first_s = time.perf_counter() - start
-    for _ in range(warmup):
-        trainer.step(batch)
-    _sync(device)
-    times = []  # each step waited for
-    for _ in range(iters):
+    with tf32_setting(tf32):
         start = time.perf_counter()
-        loss = trainer.step(batch)
+        trainer.step(batch)
         _sync(device)
-        times.append(time.perf_counter() - start)
-    start = time.perf_counter()  # queued back to back, synchronised once (as train_step.py times JAX)
-    for _ in range(iters):
-        loss = trainer.step(batch)
-    _sync(device)
-    step_s = (time.perf_counter() - start) / iters
+        first_s = time.perf_counter() - start
+        for _ in range(warmup):
+            trainer.step(batch)
+        _sync(device)
+        times = []  # each step waited for
+        for _ in range(iters):
+            start = time.perf_counter()
+            loss = trainer.step(batch)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        start = time.perf_counter()  # queued back to back, synchronised once (as train_step.py times JAX)
+        for _ in range(iters):
+            loss = trainer.step(batch)
+        _sync(device)
+        step_s = (time.perf_counter() - start) / iters
     images = labeled + (unlabeled if views is not None else 0)
+    compiled = compile_mode is not None
+    if bf16:
+        recipe = "bf16 autocast" + ("" if dpt else " + channels_last")
+    else:
+        recipe = "float32 NCHW, " + ("TF32 convs (default)" if tf32 else "TF32 off")
     return {
         "method": config.method.name, **model_keys(config), "crop": config.data.crop_size, "dtype": config.model.dtype,
         "labeled": labeled, "unlabeled": unlabeled if views is not None else 0,
-        "recipe": ("bf16 autocast" + ("" if dpt else " + channels_last")) if bf16 else "float32 NCHW",
+        "variant": variant_name(config.model.dtype, tf32, compiled), "tf32": tf32, "compiled": compiled,
+        "compile_mode": compile_mode, "compile_backend": compile_backend if compiled else None,
+        "recipe": recipe + (" + torch.compile" if compiled else ""),
         "ms_per_step": 1e3 * step_s, "ms_per_step_synced": 1e3 * statistics.median(times),
         "ms_per_step_min": 1e3 * min(times), "images_per_s": images / step_s,
         "first_step_s": first_s,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
         "final_loss": float(loss.detach()),
     }
+
+
+def variants(dtype: str, modes, strict_fp32: bool):
+    """(tf32, compile) of each row of one configuration: eager and/or compiled; float32 as TF32 (PyTorch's
+    default), plus true float32 with `strict_fp32`."""
+    tf32s = [True] if dtype == "bfloat16" else [True] + ([False] if strict_fp32 else [])
+    return [(tf32, mode == "compile") for mode in modes for tf32 in tf32s]
 
 
 def main(argv=None) -> dict:
@@ -419,11 +528,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-classes", type=int, default=21)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compile"],
+                        help="eager and/or torch.compile of each configuration (`compile` rows: see bench_one)")
+    parser.add_argument("--compile", action="store_true", help="shorthand for --modes eager compile")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode: default | reduce-overhead | max-autotune | ...")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend ('eager' traces with dynamo only: the CPU tests' plumbing check)")
+    parser.add_argument("--strict-fp32", action="store_true",
+                        help="float32 also with TF32 off (true fp32), next to PyTorch's default TF32 convolutions")
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke test: tiny model, R50 OS8, batch 2+2, one thread, 1+2 iterations")
     parser.add_argument("--out", default="torch_reference.json")
     args = parser.parse_args(argv)
     args.remat = False  # a JAX option; train_step.configurations reads it
+    if args.compile and "compile" not in args.modes:
+        args.modes = [*args.modes, "compile"]
     if args.tiny:
         args.method = args.method or ["supervised", "unimatch", "csl"]
         args.depth, args.output_stride, args.labeled, args.unlabeled = [50], [8], 2, 2
@@ -432,28 +552,35 @@ def main(argv=None) -> dict:
     args.method = args.method or ["csl"]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     # The fast recipe UniMatch itself uses: cuDNN picks its algorithms per shape (first steps).
-    # float32 keeps PyTorch's defaults (TF32 convolutions on Ampere and later, exact fp32 matmuls).
+    # float32 keeps PyTorch's defaults (TF32 convolutions on Ampere and later, exact fp32 matmuls): the
+    # 'tf32' rows; --strict-fp32 adds 'fp32' rows with TF32 off.
     torch.backends.cudnn.benchmark = True
     settings = {"cudnn.benchmark": torch.backends.cudnn.benchmark,
                 "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
-                "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+                "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                "modes": args.modes, "compile_mode": args.compile_mode if "compile" in args.modes else None,
+                "compile_backend": args.compile_backend if "compile" in args.modes else None,
+                "strict_fp32": args.strict_fp32, "csl_split": "closed form 2x2 (no eigh, no host sync)",
+                "ema": "torch._foreach_lerp_"}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results = []
     for config, _ in configurations(args):  # train_step's grid: the same configs, default crops per model
-        results.append(bench_one(config, args.num_classes, device, args.warmup, args.iters))
-        print(json.dumps(results[-1]), flush=True)
+        for tf32, compiled in variants(config.model.dtype, args.modes, args.strict_fp32):
+            results.append(bench_one(config, args.num_classes, device, args.warmup, args.iters, tf32,
+                                     args.compile_mode if compiled else None, args.compile_backend))
+            print(json.dumps(results[-1]), flush=True)
     report = {"device": f"{device.type}: {name}", "torch": torch.__version__, "tiny": args.tiny,
               "settings": settings, "results": results}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"device: {report['device']} (torch {torch.__version__}); results in {args.out}")
-    print(f"{'method':>11} {'model':>5} {'OS':>3} {'crop':>5} {'recipe':>29} {'batch':>6} {'ms/step':>9} "
-          f"{'img/s':>8} {'peak GiB':>8}")
+    print(f"{'method':>11} {'model':>5} {'OS':>3} {'crop':>5} {'recipe':>45} {'batch':>6} {'ms/step':>9} "
+          f"{'synced':>9} {'img/s':>8} {'1st step s':>10} {'peak GiB':>8}")
     for r in results:
         peak = "n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
         print(f"{r['method']:>11} {model_label(r):>5} {r['output_stride'] or '-':>3} {r['crop']:>5} "
-              f"{r['recipe']:>29} {str(r['labeled']) + '+' + str(r['unlabeled']):>6} {r['ms_per_step']:>9.1f} "
-              f"{r['images_per_s']:>8.1f} {peak:>8}")
+              f"{r['recipe']:>45} {str(r['labeled']) + '+' + str(r['unlabeled']):>6} {r['ms_per_step']:>9.1f} "
+              f"{r['ms_per_step_synced']:>9.1f} {r['images_per_s']:>8.1f} {r['first_step_s']:>10.1f} {peak:>8}")
     return report
 
 

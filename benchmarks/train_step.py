@@ -8,9 +8,21 @@ r"""Speed of the real train steps (supervised, UniMatch, CSL, UniMatch V2): step
     python -m benchmarks.train_step --cost-model-only --method unimatch_v2 --encoder small base large \
         --labeled 16 --unlabeled 16          # the cost model alone: no device, no compilation
 
+`--kernels fast reference` times every configuration twice: with the train-time kernels (fused
+BatchNorm, GEMM weight gradients of the dilated convs, bf16 logit resize: docs/models.md "Train-time
+kernels"; the default) and with the plain JAX formulations they replace (the before/after of issue 27).
+
 `--compilation-cache DIR` turns on the persistent XLA cache (a first process measures the cold
 compile and fills it, a second with `--compile-only` measures the warm one); `--profile-dir DIR`
-traces a few extra steps of each configuration with jax.profiler (see benchmarks/profile_summary.py).
+traces a few extra steps of each configuration with jax.profiler (see benchmarks/profile_summary.py)
+with command buffers (CUDA graphs) kept on while profiling (it adds
+`--xla_enable_command_buffers_during_profiling=true` to XLA_FLAGS: XLA's default switches to op-by-op
+launches under a profiler); `--hlo-dump DIR` dumps the HLO text of every compiled program there (see
+benchmarks/hlo_stats.py); `--xla-flags=...` adds any XLA flags. XLA reads XLA_FLAGS once, when JAX
+initialises its backend: `main` sets them first and refuses (exit with a message) in a process whose
+backend already runs. The report records `xla_flags` (in effect), `xla_flags_added` and
+`command_buffers_during_profiling`. `--compare LABEL=REPORT ...` tabulates earlier reports (one per
+flag variant: compile s, ms/step back to back and synced, dispatch ms) without running anything.
 
 Each configuration builds the method from the Pascal config of that method (configs/*_pascal.py,
 so the method options are the real ones), overrides model and batch, and times
@@ -22,7 +34,9 @@ with `--encoder` (small | base | large | giant; `--tiny`: `common.TINY_DPT`) ins
 steps, --iters steps are timed twice: each ended by block_until_ready (`ms_per_step_synced`, their
 median, and `ms_per_step_min`: these include the host's launch latency before the device starts),
 then queued back to back and waited for once, as the training loop runs them (`ms_per_step`, the
-throughput figure every other field uses). Reported per configuration:
+throughput figure every other field uses); then `dispatch_ms`: the time until `compiled(state, batch)`
+returns when called right after a `block_until_ready` (no profiler; median of DISPATCH_SAMPLES = 5,
+`dispatch_ms_min`), the host's cost of launching one step. Reported per configuration:
 
 - ms/step and images/s (labeled + unlabeled images of one step);
 - lower and compile seconds, timed separately;
@@ -33,8 +47,10 @@ throughput figure every other field uses). Reported per configuration:
   ratio: for DeepLabV3+ /work/shared/docs/performance.md (table 1 forward FLOPs x the pass count of
   table 2; 'n/a' where the table has no entry: other crops, the tiny model), for the DPT the
   analytic count below (any crop, the tiny model too);
-- MFU = XLA FLOPs / step time / peak, with the peak from --peak-tflops or measured with a large
-  bf16 matmul on the device; and mfu_reference, the same with the cost model's FLOPs. XLA counts
+- MFU = XLA FLOPs / step time / peak, with the peak from --peak-tflops (`peak_source` 'flag') or
+  measured with a large bf16 matmul on the device in this process before the steps (`peak_source`
+  'measured-in-process', `peak_method`; `peak_tflops_end` is the same matmul after the steps, a
+  check of the clock, not used); and mfu_reference, the same with the cost model's FLOPs. XLA counts
   only the kernel taps that land inside the input, the cost model (PyTorch's FlopCounterMode)
   counts every tap, so XLA's figure is lower where dilated taps read padding (ASPP at OS8).
 
@@ -69,7 +85,10 @@ missing input gradient and the resizes' backward (constant matrices: only the in
 1x their forward, not 2x), and `lock_backbone`.
 
 With --torch, benchmarks/torch_reference.py runs the same configurations first, in a subprocess
-(before JAX claims the accelerator's memory), and the table shows JAX's speed-up over it. Prints
+(before JAX claims the accelerator's memory; --torch-compile, --torch-strict-fp32 and --torch-args
+pass on), its rows land in the same report (`torch_results`), and the table shows JAX's speed-up over
+each torch variant (`attach_torch`: bf16, TF32 = PyTorch's default float32, fp32 = TF32 off, and
+their torch.compile rows). Prints
 one line per configuration while running, writes the JSON report, and prints the table last.
 """
 from __future__ import annotations
@@ -78,6 +97,7 @@ import argparse
 import itertools
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -92,7 +112,7 @@ from configs import (ccvc_pascal, common, cpcl_pascal, csl_pascal, css_pascal, s
                      unimatch_pascal)
 from csl_jax import optim, parallel, train
 from csl_jax.methods import build_method
-from csl_jax.models import build_model
+from csl_jax.models import build_model, layers
 from csl_jax.models.dpt import DPT
 
 METHOD_CONFIGS = {"supervised": supervised_pascal, "unimatch": unimatch_pascal, "csl": csl_pascal,
@@ -116,6 +136,10 @@ FORWARD_GFLOPS = {
 # for R50, so its share there is scaled by the R101/R50 FLOP ratio.
 HEAD_SHARE_R101 = {16: 0.38, 8: 0.31}
 PEAK_MATMUL = {"accelerator": (8192, jnp.bfloat16), "cpu": (512, jnp.float32)}
+#: calls timed for `dispatch_ms` (each right after a sync, no profiler): the median
+DISPATCH_SAMPLES = 5
+#: XLA's default turns command buffers (CUDA graphs) off under a profiler; --profile-dir turns them on
+PROFILING_FLAG = "--xla_enable_command_buffers_during_profiling"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,6 +509,13 @@ def bench_one(config, devices, num_classes: int, warmup: int, iters: int, peak_t
         state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - start) / iters
+    dispatch = []  # the call alone, right after a sync: the host's cost of launching one step
+    for _ in range(DISPATCH_SAMPLES):
+        jax.block_until_ready(state)
+        start = time.perf_counter()
+        out = compiled(state, batch)
+        dispatch.append(time.perf_counter() - start)
+        state, metrics = jax.block_until_ready(out)
     if profile_dir:
         with jax.profiler.trace(profile_dir):
             for _ in range(profile_steps):
@@ -495,7 +526,8 @@ def bench_one(config, devices, num_classes: int, warmup: int, iters: int, peak_t
     ref = reference_tflops(config, num_classes)
     return dict(
         result, ms_per_step=1e3 * step_s, ms_per_step_synced=1e3 * statistics.median(times),
-        ms_per_step_min=1e3 * min(times), images_per_s=images / step_s,
+        ms_per_step_min=1e3 * min(times), dispatch_ms=1e3 * statistics.median(dispatch),
+        dispatch_ms_min=1e3 * min(dispatch), images_per_s=images / step_s,
         peak_memory_gib=peak_memory_gib(devices[0]), xla_memory_gib=xla_memory_gib(compiled),
         xla_tflops_per_step=xla_tflops, forward_gflops=forward_gflops(config, num_classes),
         reference_tflops_per_step=ref,
@@ -510,11 +542,8 @@ def bench_one(config, devices, num_classes: int, warmup: int, iters: int, peak_t
 # ---------------------------------------------------------------------------------------------
 # PyTorch comparison
 # ---------------------------------------------------------------------------------------------
-def run_torch(args) -> dict | None:
-    """Runs benchmarks/torch_reference.py on the same grid in a subprocess; its report.
-
-    A failure of the PyTorch side is reported and returns None: the JAX measurements still run.
-    """
+def torch_command(args) -> list[str]:
+    """The command line of benchmarks/torch_reference.py for the grid of `args` (run by `run_torch`)."""
     out = args.out + ".torch.json"
     cmd = [sys.executable, "-m", "benchmarks.torch_reference", "--out", out, "--method", *args.method,
            "--num-classes", str(args.num_classes)]
@@ -525,10 +554,24 @@ def run_torch(args) -> dict | None:
     if args.tiny:
         cmd.append("--tiny")
     else:
-        dtypes = sorted(set(args.dtype) | {"float32"})  # the float32 baseline is always wanted
+        dtypes = sorted(set(args.dtype) | {"float32"})  # the float32 (TF32) baseline is always wanted
         cmd += ["--depth", *map(str, args.depth), "--output-stride", *map(str, args.output_stride),
                 "--dtype", *dtypes, "--labeled", str(args.labeled), "--unlabeled", str(args.unlabeled),
                 "--warmup", str(args.warmup), "--iters", str(args.iters)]
+    if args.torch_compile:
+        cmd += ["--compile", "--compile-mode", args.torch_compile_mode]
+    if args.torch_strict_fp32:
+        cmd.append("--strict-fp32")
+    return cmd + shlex.split(args.torch_args)
+
+
+def run_torch(args) -> dict | None:
+    """Runs benchmarks/torch_reference.py on the same grid in a subprocess (`torch_command`); its report.
+
+    A failure of the PyTorch side is reported and returns None: the JAX measurements still run.
+    """
+    cmd = torch_command(args)
+    out = cmd[cmd.index("--out") + 1]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     code = subprocess.run(cmd, env=env, cwd=root).returncode
@@ -540,20 +583,38 @@ def run_torch(args) -> dict | None:
         return json.load(f)
 
 
-TORCH_KEYS = ("method", "encoder", "depth", "output_stride", "crop", "dtype", "labeled", "unlabeled")
+TORCH_KEYS = ("method", "encoder", "depth", "output_stride", "crop", "labeled", "unlabeled")
+#: torch_reference's row variants, in table order, and their table headers
+TORCH_VARIANTS = {"bf16": "vs bf16", "tf32": "vs TF32", "fp32": "vs fp32", "bf16_compile": "vs bf16c",
+                  "tf32_compile": "vs TF32c", "fp32_compile": "vs fp32c"}
+
+
+def torch_variant(row: dict) -> str:
+    """A torch_reference row's variant; rows from before the field: bf16, or float32 = PyTorch's TF32 default."""
+    return row.get("variant") or ("bf16" if row["dtype"] == "bfloat16" else "tf32")
 
 
 def attach_torch(results: list[dict], torch_results: list[dict]) -> None:
-    """Adds torch_ms_per_step and speedup_vs_torch (same configuration; and vs torch float32)."""
-    def find(r, dtype):
-        return next((t for t in torch_results
-                     if all(t.get(k) == (dtype if k == "dtype" else r.get(k)) for k in TORCH_KEYS)), None)
+    """Adds the PyTorch comparison to each timed result (same model, crop and batch):
 
+    torch_ms_per_step and speedup_vs_torch (the same dtype's eager row: bf16 autocast + channels_last,
+    or float32 = TF32); speedup_vs_torch_float32 (against eager float32, i.e. PyTorch's default TF32
+    convolutions); and per torch variant (bf16, tf32, fp32 = TF32 off, *_compile = torch.compile):
+    torch_ms_by_variant, speedup_vs_torch_by_variant (back to back vs back to back) and
+    speedup_synced_vs_torch_by_variant (synchronised vs synchronised).
+    """
     for r in (r for r in results if not r["compile_only"]):
-        same, fp32 = find(r, r["dtype"]), find(r, "float32")
+        rows = {torch_variant(t): t for t in torch_results if all(t.get(k) == r.get(k) for k in TORCH_KEYS)}
+        same, tf32 = rows.get("bf16" if r["dtype"] == "bfloat16" else "tf32"), rows.get("tf32")
         r["torch_ms_per_step"] = same and same["ms_per_step"]
         r["speedup_vs_torch"] = same and same["ms_per_step"] / r["ms_per_step"]
-        r["speedup_vs_torch_float32"] = fp32 and fp32["ms_per_step"] / r["ms_per_step"]
+        r["speedup_vs_torch_float32"] = tf32 and tf32["ms_per_step"] / r["ms_per_step"]
+        ordered = sorted(rows.items(), key=lambda item: list(TORCH_VARIANTS).index(item[0])
+                         if item[0] in TORCH_VARIANTS else len(TORCH_VARIANTS))
+        r["torch_ms_by_variant"] = {v: t["ms_per_step"] for v, t in ordered}
+        r["speedup_vs_torch_by_variant"] = {v: t["ms_per_step"] / r["ms_per_step"] for v, t in ordered}
+        r["speedup_synced_vs_torch_by_variant"] = {v: t["ms_per_step_synced"] / r["ms_per_step_synced"]
+                                                   for v, t in ordered}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,29 +631,33 @@ def model_label(result: dict) -> str:
 
 
 def print_table(report: dict) -> None:
-    """The results as a fixed-width table (the last thing the benchmark prints)."""
+    """The results as a fixed-width table (the last thing the benchmark prints): ms/step back to back
+    (the headline), synchronised, and the dispatch time; with --torch one speed-up column per torch
+    variant (vs bf16 = autocast + channels_last, vs TF32 = PyTorch's default float32, vs fp32 = TF32
+    off, a trailing c = torch.compile)."""
     peak = report["peak_tflops"]
     print(f"device: {report['device']} x{report['devices']} (jax {report['jax']}); peak "
           f"{_fmt(peak, '.1f')} TFLOP/s ({report['peak_source']}); results in {report['out']}")
-    header = (f"{'method':>11} {'model':>5} {'OS':>3} {'crop':>5} {'dtype':>9} {'batch':>6} {'ms/step':>9} "
-              f"{'img/s':>8} {'compile s':>9} {'peak GiB':>8} {'XLA GiB':>8} {'TFLOP':>8} {'/table':>7} "
-              f"{'MFU %':>6} {'ref %':>6}")
-    has_torch = any("speedup_vs_torch" in r for r in report["results"])
-    if has_torch:
-        header += f" {'vs torch':>8} {'vs fp32':>8}"
+    header = (f"{'method':>11} {'model':>5} {'OS':>3} {'crop':>5} {'dtype':>9} {'kernels':>9} {'batch':>6} "
+              f"{'ms/step':>9} {'synced':>8} {'disp ms':>7} {'img/s':>8} {'compile s':>9} {'peak GiB':>8} "
+              f"{'XLA GiB':>8} {'TFLOP':>8} {'/table':>7} {'MFU %':>6} {'ref %':>6}")
+    present = {v for r in report["results"] for v in r.get("speedup_vs_torch_by_variant", {})}
+    columns = [v for v in TORCH_VARIANTS if v in present] + sorted(present - set(TORCH_VARIANTS))
+    header += "".join(f" {TORCH_VARIANTS.get(v, v):>8}" for v in columns)
     print(header)
     for r in report["results"]:
         g = r.get
         line = (f"{r['method']:>11} {model_label(r):>5} {r['output_stride'] or '-':>3} {r['crop']:>5} "
-                f"{r['dtype']:>9} {str(r['labeled']) + '+' + str(r['unlabeled']):>6} "
-                f"{_fmt(g('ms_per_step'), '.1f'):>9} {_fmt(g('images_per_s'), '.1f'):>8} "
+                f"{r['dtype']:>9} {g('kernels', 'fast'):>9} {str(r['labeled']) + '+' + str(r['unlabeled']):>6} "
+                f"{_fmt(g('ms_per_step'), '.1f'):>9} {_fmt(g('ms_per_step_synced'), '.1f'):>8} "
+                f"{_fmt(g('dispatch_ms'), '.2f'):>7} {_fmt(g('images_per_s'), '.1f'):>8} "
                 f"{r['lower_s'] + r['compile_s']:>9.1f} "
                 f"{_fmt(g('peak_memory_gib'), '.2f'):>8} {_fmt(g('xla_memory_gib'), '.2f'):>8} "
                 f"{_fmt(g('xla_tflops_per_step'), '.3g'):>8} {_fmt(g('xla_vs_reference'), '.2f'):>7} "
                 f"{_fmt(g('mfu') and 100 * g('mfu'), '.1f'):>6} "
                 f"{_fmt(g('mfu_reference') and 100 * g('mfu_reference'), '.1f'):>6}")
-        if has_torch:
-            line += f" {_fmt(g('speedup_vs_torch'), '.2f'):>8} {_fmt(g('speedup_vs_torch_float32'), '.2f'):>8}"
+        speedups = g("speedup_vs_torch_by_variant") or {}
+        line += "".join(f" {_fmt(speedups.get(v), '.2f'):>8}" for v in columns)
         print(line)
 
 
@@ -631,6 +696,100 @@ def cost_model_report(args) -> dict:
     return report
 
 
+def flag_name(flag: str) -> str:
+    """'--xla_dump_to=/x' -> '--xla_dump_to'."""
+    return flag.split("=", 1)[0]
+
+
+def requested_xla_flags(args) -> list[str]:
+    """The XLA flags this run needs: --xla-flags, then with --profile-dir command buffers kept on while
+    profiling (XLA's default switches to op-by-op launches under a profiler), then with --hlo-dump the
+    HLO text dump (before and after optimisation, buffer assignment) into that directory."""
+    flags = shlex.split(args.xla_flags)
+    if args.profile_dir:
+        flags.append(PROFILING_FLAG + "=true")
+    if args.hlo_dump:
+        flags += [f"--xla_dump_to={args.hlo_dump}", "--xla_dump_hlo_as_text"]
+    return flags
+
+
+def merge_xla_flags(existing: str, wanted: list[str]) -> tuple[str, list[str]]:
+    """(XLA_FLAGS with `wanted` appended, the flags appended): a flag whose name `existing` already sets
+    is left out (what the caller exported wins), and so is a repeated one."""
+    present = {flag_name(f) for f in shlex.split(existing)}
+    added = []
+    for flag in wanted:
+        if flag_name(flag) not in present:
+            added.append(flag)
+            present.add(flag_name(flag))
+    return " ".join(filter(None, [existing.strip(), *added])), added
+
+
+def xla_flag_value(flags: str, name: str) -> str | None:
+    """The value of flag `name` ('--xla_...') in an XLA_FLAGS string (the last one wins); None if unset."""
+    values = [f.partition("=")[2] for f in shlex.split(flags) if flag_name(f) == name]
+    return values[-1] if values else None
+
+
+def configure_xla_flags(args) -> dict:
+    """Puts `requested_xla_flags(args)` into XLA_FLAGS, which XLA reads once, when JAX initialises its
+    backend: so this runs first in `main`, and exits with a message (no measurement with flags that
+    would silently not apply) when this process has initialised the backend already and a flag is missing.
+
+    Returns the report's record: the XLA_FLAGS in effect, the flags added, and whether command buffers
+    stay on while profiling ('true' / 'false' as set; None: XLA's default, false)."""
+    from jax._src import xla_bridge
+
+    merged, added = merge_xla_flags(os.environ.get("XLA_FLAGS", ""), requested_xla_flags(args))
+    if added:
+        if xla_bridge.backends_are_initialized():
+            raise SystemExit(f"benchmarks.train_step: XLA flags {' '.join(added)} must be in XLA_FLAGS before JAX "
+                             f"initialises its backend, and this process has initialised it already: run the "
+                             f"benchmark in a fresh process, or export XLA_FLAGS='{merged}' first")
+        os.environ["XLA_FLAGS"] = merged
+    return {"xla_flags": os.environ.get("XLA_FLAGS", ""), "xla_flags_added": added,
+            "command_buffers_during_profiling": xla_flag_value(os.environ.get("XLA_FLAGS", ""), PROFILING_FLAG)}
+
+
+def compare_reports(named: list[str]) -> dict:
+    """--compare LABEL=REPORT.json ...: one row per (label, timed result) with the flags it ran with,
+    compile_s (lower + compile), ms_per_step, ms_per_step_synced, dispatch_ms, peak memory; a report
+    that is missing or unreadable (the run failed or was stopped) gives one row with its status. Used
+    by `benchmarks/gpu_suite.sh runB` (one process per XLA flag variant)."""
+    rows = []
+    for item in named:
+        label, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"--compare takes LABEL=REPORT.json, got {item!r}")
+        try:
+            with open(path) as f:
+                report = json.load(f)
+        except (OSError, ValueError) as e:
+            rows.append({"label": label, "status": f"no report ({type(e).__name__})", "file": path})
+            continue
+        for r in report["results"]:
+            rows.append({"label": label, "status": "ok", "file": path, "xla_flags": report.get("xla_flags", ""),
+                         "xla_flags_added": report.get("xla_flags_added", []), "method": r["method"],
+                         "compile_s": r["lower_s"] + r["compile_s"], "ms_per_step": r.get("ms_per_step"),
+                         "ms_per_step_synced": r.get("ms_per_step_synced"), "dispatch_ms": r.get("dispatch_ms"),
+                         "peak_memory_gib": r.get("peak_memory_gib")})
+    return {"compare": True, "rows": rows}
+
+
+def format_comparison(comparison: dict) -> str:
+    """The --compare rows as a Markdown table."""
+    lines = ["| variant | method | compile s | ms/step | ms/step synced | dispatch ms | peak GiB | flags added |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in comparison["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['label']} | {r['status']} | | | | | | |")
+            continue
+        lines.append(f"| {r['label']} | {r['method']} | {r['compile_s']:.1f} | {_fmt(r['ms_per_step'], '.1f')} | "
+                     f"{_fmt(r['ms_per_step_synced'], '.1f')} | {_fmt(r['dispatch_ms'], '.2f')} | "
+                     f"{_fmt(r['peak_memory_gib'], '.2f')} | {' '.join(r['xla_flags_added']) or '-'} |")
+    return "\n".join(lines)
+
+
 def enable_compilation_cache(directory: str) -> None:
     """Persistent XLA compilation cache in `directory`, caching every program (no size/time floor)."""
     jax.config.update("jax_compilation_cache_dir", directory)
@@ -656,6 +815,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--unlabeled", type=int, default=8, help="global unlabeled batch (and mix batch)")
     parser.add_argument("--num-classes", type=int, default=21)
     parser.add_argument("--remat", action="store_true", help="config.model.remat: rematerialise each block")
+    parser.add_argument("--kernels", nargs="+", choices=layers.KERNELS, default=["fast"],
+                        help="csl_jax.models.layers.kernels: 'fast' (fused BatchNorm, GEMM weight gradients of the "
+                             "dilated convs, bf16 logit resize) and/or 'reference' (the plain JAX formulations)")
     parser.add_argument("--num-devices", type=int, default=0,
                         help="first N devices (default: all; the targets are for --num-devices 1)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -671,6 +833,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile-dir", default="",
                         help="trace --profile-steps extra steps of each configuration with jax.profiler there")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--hlo-dump", default="",
+                        help="dump the HLO of every compiled program as text there (XLA's --xla_dump_to; before and "
+                             "after optimisation, buffer assignment): see benchmarks/hlo_stats.py")
+    parser.add_argument("--xla-flags", default="",
+                        help="more XLA flags for this process, e.g. --xla-flags=--xla_gpu_autotune_level=1 (appended "
+                             "to XLA_FLAGS before JAX initialises; a flag XLA_FLAGS already sets keeps its value)")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="with --torch: also torch.compile rows (torch_reference --compile)")
+    parser.add_argument("--torch-compile-mode", default="default", help="with --torch-compile: torch.compile mode")
+    parser.add_argument("--torch-strict-fp32", action="store_true",
+                        help="with --torch: also float32 rows with TF32 off (torch_reference --strict-fp32)")
+    parser.add_argument("--torch-args", default="", help="more torch_reference arguments (one string)")
+    parser.add_argument("--compare", nargs="+", metavar="LABEL=REPORT",
+                        help="no run: tabulate compile s, ms/step (back to back, synced) and dispatch ms of earlier "
+                             "reports (one per XLA flag variant) into --out")
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke test: tiny model, R50 OS8 float32, batch 2+2, one device, 1+2 iterations")
     parser.add_argument("--cost-model-only", action="store_true",
@@ -696,34 +873,47 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     """Runs the benchmark grid; returns the report written to --out."""
     args = parse_args(argv)
+    if args.compare:
+        comparison = compare_reports(args.compare)
+        with open(args.out, "w") as f:
+            json.dump(comparison, f, indent=2)
+        print(format_comparison(comparison))
+        return comparison
     if args.cost_model_only:
         return cost_model_report(args)
+    flags = configure_xla_flags(args)  # first: XLA reads XLA_FLAGS once, when the backend starts
     if args.compilation_cache:
         enable_compilation_cache(args.compilation_cache)
     torch_report = run_torch(args) if args.torch else None  # before JAX allocates device memory
     devices = jax.devices()[:args.num_devices or None]
     device = devices[0]
+    size, dtype = PEAK_MATMUL["cpu" if device.platform == "cpu" else "accelerator"]
     if args.compile_only:
-        peak, source = None, "not measured (--compile-only)"
+        peak, source, method = None, "not measured (--compile-only)", None
     elif args.peak_tflops > 0:
-        peak, source = args.peak_tflops, "--peak-tflops"
-    else:
-        size, dtype = PEAK_MATMUL["cpu" if device.platform == "cpu" else "accelerator"]
-        peak = measure_peak_tflops(size, dtype)
-        source = f"measured: {size}^3 {jnp.dtype(dtype).name} matmul"
+        peak, source, method = args.peak_tflops, "flag", "--peak-tflops"
+    else:  # in this process, before the steps: the MFU's denominator on the same device and clock
+        peak, source = measure_peak_tflops(size, dtype), "measured-in-process"
+        method = f"{size}^3 {jnp.dtype(dtype).name} matmul, random operands, 1 s warm-up, median of 5 chains of 20"
     results = []
-    for config, name in configurations(args):
+    for (config, name), kernels in itertools.product(configurations(args), args.kernels):
+        name = name if kernels == "fast" else f"{name}_{kernels}"
         profile_dir = args.profile_dir and os.path.join(args.profile_dir, name)
-        result = bench_one(config, devices, args.num_classes, args.warmup, args.iters, peak, args.compile_only,
-                           profile_dir, args.profile_steps)
+        with layers.kernels(kernels):  # read while the step is traced (in bench_one)
+            result = bench_one(config, devices, args.num_classes, args.warmup, args.iters, peak, args.compile_only,
+                               profile_dir, args.profile_steps)
+        result["kernels"] = kernels
         print(json.dumps(result), flush=True)
         results.append(result)
+    # the same matmul after the steps (a clock that drifted shows as a different figure); not used for MFU
+    peak_end = measure_peak_tflops(size, dtype) if source == "measured-in-process" else None
     if torch_report is not None:
         attach_torch(results, torch_report["results"])
     report = {"device": f"{device.platform}: {device.device_kind}", "devices": len(devices),
               "jax": jax.__version__, "tiny": args.tiny, "peak_tflops": peak, "peak_source": source,
-              "compilation_cache": args.compilation_cache or None, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-              "out": args.out, "results": results}
+              "peak_method": method, "peak_tflops_end": peak_end,
+              "compilation_cache": args.compilation_cache or None, **flags, "hlo_dump": args.hlo_dump or None,
+              "dispatch_samples": DISPATCH_SAMPLES, "out": args.out, "results": results}
     if torch_report is not None:
         report.update(torch_device=torch_report["device"], torch=torch_report["torch"],
                       torch_settings=torch_report.get("settings"), torch_results=torch_report["results"])

@@ -1,5 +1,6 @@
 """benchmarks/dilated_conv.py: the --tiny run, its FLOP counts against brute-force references,
-its ratios, JSON and table, and the timed conv against a float64 NumPy dilated convolution.
+its ratios, JSON and table, and the timed conv (both impls: 'xla' lax autodiff and the model's
+'gemm_wgrad') against a float64 NumPy dilated convolution.
 
 What XLA counts (checked here on CPU): the forward FLOPs of a convolution are 2 x the MACs of
 the kernel taps that read inside the input, padding taps excluded; in bfloat16 the CPU backend
@@ -7,14 +8,17 @@ computes the conv in float32 and adds one convert FLOP per element of input, ker
 """
 import contextlib
 import io
+import itertools
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from benchmarks import dilated_conv
+from csl_jax.models import dilated
 from benchmarks.train_step import xla_flops
 
 TINY = dict(batch=1, channels=8, sizes=(9, 13), dilations=(1, 2, 12))
@@ -69,14 +73,16 @@ def test_tiny_grid_and_fields(run):
     assert report["device"].startswith("cpu") and report["tiny"] and report["jax"] == jax.__version__
     assert report["dtype"] == "bfloat16" and (report["warmup"], report["iters"]) == (1, 2)
     rows = report["sweep"]
-    assert [(r["channels"], r["size"], r["dilation"]) for r in rows] == [
-        (TINY["channels"], s, d) for s in TINY["sizes"] for d in TINY["dilations"]]
+    assert [(r["channels"], r["size"], r["dilation"], r["impl"]) for r in rows] == [
+        (TINY["channels"], s, d, impl) for s in TINY["sizes"] for d in TINY["dilations"] for impl in dilated_conv.IMPLS]
+    assert dilated_conv.IMPLS == ("xla", "gemm_wgrad")
     for r in rows:
         assert r["batch"] == TINY["batch"] and 0 < r["ms_min"] <= r["ms"]
         assert r["compile_s"] > 0 and r["fwd_compile_s"] > 0
         assert r["all_taps_in_padding"] == (r["dilation"] >= r["size"])
-    assert [(a["name"], a["rates"], a["size"]) for a in report["aspp"]] == [
-        ("OS8", [12, 24, 36], 9), ("OS16", [6, 12, 18], 5)]
+    assert [(a["name"], a["rates"], a["size"], a["impl"]) for a in report["aspp"]] == [
+        ("OS8", [12, 24, 36], 9, "xla"), ("OS8", [12, 24, 36], 9, "gemm_wgrad"),
+        ("OS16", [6, 12, 18], 5, "xla"), ("OS16", [6, 12, 18], 5, "gemm_wgrad")]
 
 
 def test_inbounds_count_matches_brute_force(run):
@@ -96,17 +102,20 @@ def test_inbounds_count_matches_brute_force(run):
 
 def test_xla_counts_inbounds_taps(run):
     report, _, _ = run
-    rows = {(r["size"], r["dilation"]): r for r in report["sweep"]}
-    for key in ((9, 1), (13, 1), (9, 12), (13, 12)):
+    # both impls: the GEMM weight gradient does the in-bounds FLOPs only, as XLA's conv count does
+    rows = {(r["size"], r["dilation"], r["impl"]): r for r in report["sweep"]}
+    for key in itertools.product((9, 13), (1, 2, 12), dilated_conv.IMPLS):
         r = rows[key]
         n, c, b = r["size"], r["channels"], r["batch"]
         inbounds = r["inbounds_fwd_gflops"] * 1e9
         converts = 2 * b * n * n * c + 9 * c * c  # input, output, kernel elements (bf16 on CPU)
         assert 0 <= r["xla_fwd_gflops"] * 1e9 - inbounds <= converts, key
         rest = r["xla_gflops"] * 1e9 - r["inbounds_gflops"] * 1e9
-        assert 0 <= rest <= ELEMENTWISE_PER_ELEMENT * converts, key
+        # (gemm_wgrad in bf16 on CPU: each tap's cropped x and dy windows are converted to f32 again)
+        slack = ELEMENTWISE_PER_ELEMENT * converts * (2 if key[2] == "gemm_wgrad" else 1)
+        assert 0 <= rest <= slack, key
         if key[1] == 12:  # far below the nominal count: XLA does not count the padding taps
-            assert r["xla_gflops"] + ELEMENTWISE_PER_ELEMENT * converts / 1e9 < 0.5 * r["nominal_gflops"]
+            assert r["xla_gflops"] + slack / 1e9 < 0.5 * r["nominal_gflops"]
     # float32: the forward count is exactly the in-bounds count.
     x = dilated_conv.random_input((2, 13, 13, 8), jnp.float32)
     params = dilated_conv.conv_params(8)
@@ -119,41 +128,61 @@ def test_xla_counts_inbounds_taps(run):
 def test_ratios_verdict_json_and_table(run):
     report, stdout, out = run
     rows = report["sweep"]
+    key = ("channels", "size", "dilation")
     for r in rows:
-        base = next(b for b in rows if b["dilation"] == 1 and (b["channels"], b["size"]) == (r["channels"], r["size"]))
+        base = next(b for b in rows if b["dilation"] == 1 and b["impl"] == r["impl"]
+                    and (b["channels"], b["size"]) == (r["channels"], r["size"]))
+        xla = next(b for b in rows if b["impl"] == "xla" and all(b[k] == r[k] for k in key))
         assert r["time_ratio"] == pytest.approx(r["ms"] / base["ms"], rel=1e-12)
         assert r["time_per_inbounds_flop_ratio"] == pytest.approx(
             (r["ms"] / r["inbounds_gflops"]) / (base["ms"] / base["inbounds_gflops"]), rel=1e-12)
         assert r["slow"] == (r["time_ratio"] > 1.5)
+        assert r["speedup"] == pytest.approx(xla["ms"] / r["ms"], rel=1e-12)
         if r["dilation"] == 1:
             assert r["time_ratio"] == 1.0 and r["time_per_inbounds_flop_ratio"] == 1.0
-    worst = max(rows, key=lambda r: r["time_ratio"])
-    v = report["verdict"]
-    assert v["slow_rows"] == sum(r["time_ratio"] > 1.5 for r in rows) and v["rows"] == len(rows)
-    assert v["worst_time_ratio"] == worst["time_ratio"]
-    assert v["worst_row"] == {k: worst[k] for k in ("channels", "size", "dilation")}
+        if r["impl"] == "xla":
+            assert r["speedup"] == 1.0
+    assert set(report["verdict"]) == set(dilated_conv.IMPLS)
+    for impl, v in report["verdict"].items():
+        mine = [r for r in rows if r["impl"] == impl]
+        worst = max(mine, key=lambda r: r["time_ratio"])
+        assert v["slow_rows"] == sum(r["time_ratio"] > 1.5 for r in mine) and v["rows"] == len(mine)
+        assert v["worst_time_ratio"] == worst["time_ratio"]
+        assert v["worst_row"] == {k: worst[k] for k in key}
     for a in report["aspp"]:
+        same = [b for b in report["aspp"] if b["name"] == a["name"]]
         assert a["time_ratio"] == pytest.approx(a["ms"] / a["ms_dense"], rel=1e-12)
+        assert a["speedup"] == pytest.approx(same[0]["ms"] / a["ms"], rel=1e-12) and same[0]["impl"] == "xla"
+        assert a["ms_dense"] == same[0]["ms_dense"]  # the dense ASPP is timed once
         assert a["ms"] > 0 and a["ms_dense"] > 0 and a["xla_gflops"] > 0
         assert a["xla_gflops"] < a["xla_gflops_dense"]  # at a 9x9 / 5x5 map most dilated taps read padding
 
     assert json.loads(out.read_text()) == report
     lines = stdout.rstrip("\n").split("\n")
-    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["C", "size", "d"])
-    assert lines[header - 2].startswith("device: cpu") and lines[header - 1].startswith("verdict:")
+    header = next(i for i, line in enumerate(lines) if line.split()[:4] == ["C", "size", "d", "impl"])
+    assert lines[header - 3].startswith("device: cpu")
+    assert [lines[header - 2].split(":")[0], lines[header - 1].split(":")[0]] == ["verdict xla", "verdict gemm_wgrad"]
     table = lines[header + 1:]
     assert len(table) == len(rows) + 1 + len(report["aspp"])
     for line, r in zip(table, rows):
-        assert [int(f) for f in line.split()[:3]] == [r["channels"], r["size"], r["dilation"]]
-    assert table[len(rows)].split()[:2] == ["ASPP", "rates"]
-    assert [line.split()[0] for line in table[len(rows) + 1:]] == ["OS8", "OS16"]
-    assert all(not line.startswith("{") for line in lines[header - 2:])  # no JSON progress after it
+        fields = line.split()
+        assert [int(f) for f in fields[:3]] + fields[3:4] == [r["channels"], r["size"], r["dilation"], r["impl"]]
+    assert table[len(rows)].split()[:3] == ["ASPP", "rates", "impl"]
+    assert [line.split()[0] + " " + line.split()[2] for line in table[len(rows) + 1:]] == [
+        "OS8 xla", "OS8 gemm_wgrad", "OS16 xla", "OS16 gemm_wgrad"]
+    assert all(not line.startswith("{") for line in lines[header - 3:])  # no JSON progress after it
+    text = dilated_conv.markdown(report)
+    assert text.count("| OS8 |") == 2 and "Sweep, gemm_wgrad:" in text and "Sweep, xla:" in text
+    assert sum(line.startswith("| 8 |") for line in text.split("\n")) == len(rows)
 
 
+@pytest.mark.parametrize("impl", ["xla", "gemm_wgrad"])
 @pytest.mark.parametrize("dilation", [1, 2, 3, 8])
-def test_timed_conv_matches_numpy(dilation):
+def test_timed_conv_matches_numpy(dilation, impl):
     channels = 3
-    module = dilated_conv.make_conv(channels, dilation, jnp.float32)
+    module = dilated_conv.make_conv(channels, dilation, jnp.float32, impl)
+    expected = dilated.DilatedConv if impl == "gemm_wgrad" and dilation > 1 else nn.Conv
+    assert type(module) is expected
     params = dilated_conv.conv_params(channels, seed=dilation)
     x = dilated_conv.random_input((2, 7, 7, channels), jnp.float32, seed=10 + dilation)
     y_ref, dk_ref, dx_ref = numpy_conv_and_grads(np.asarray(x, np.float64),

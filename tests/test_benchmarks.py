@@ -71,13 +71,17 @@ def test_cost_model_reproduces_performance_md_table_2():
 
 def test_tiny_report_fields_and_values(jax_report):
     assert jax_report["device"].startswith("cpu") and jax_report["tiny"] and jax_report["devices"] == 1
-    assert jax_report["peak_tflops"] > 0
+    assert jax_report["peak_tflops"] > 0 and jax_report["peak_tflops_end"] > 0
+    assert jax_report["peak_source"] == "measured-in-process" and jax_report["peak_method"].startswith("512^3 float32")
+    assert jax_report["xla_flags_added"] == [] and jax_report["hlo_dump"] is None
+    assert jax_report["command_buffers_during_profiling"] is None and jax_report["dispatch_samples"] == 5
     results = {r["method"]: r for r in jax_report["results"]}
     assert set(results) == {"supervised", "csl"}
     for method, r in results.items():
         images = 2 + (2 if method == "csl" else 0)
         assert r["crop"] == TINY_CROP and (r["labeled"], r["unlabeled"]) == (2, 2 if method == "csl" else 0)
         assert 0 < r["ms_per_step_min"] <= r["ms_per_step_synced"] and r["ms_per_step"] > 0
+        assert 0 < r["dispatch_ms_min"] <= r["dispatch_ms"]
         assert r["images_per_s"] == pytest.approx(images / (r["ms_per_step"] / 1e3))
         assert r["lower_s"] > 0 and r["compile_s"] > 0
         assert r["peak_memory_gib"] is None  # CPU has no memory_stats
@@ -125,11 +129,20 @@ def test_torch_reference_tiny_and_speedup_join(tmp_path, jax_report):
 
     results = [dict(r) for r in jax_report["results"]]
     train_step.attach_torch(results, report["results"])
+    assert {(m, d): r["variant"] for (m, d), r in rows.items()} == {
+        (m, d): "bf16" if d == "bfloat16" else "tf32" for m, d in rows}
+    assert all(r["tf32"] and not r["compiled"] for r in rows.values())
     for r in results:
         torch_ms = rows[(r["method"], "float32")]["ms_per_step"]
         assert r["torch_ms_per_step"] == torch_ms
         assert r["speedup_vs_torch"] == pytest.approx(torch_ms / r["ms_per_step"])
         assert r["speedup_vs_torch_float32"] == pytest.approx(torch_ms / r["ms_per_step"])
+        bf16 = rows[(r["method"], "bfloat16")]
+        assert r["speedup_vs_torch_by_variant"] == pytest.approx(
+            {"bf16": bf16["ms_per_step"] / r["ms_per_step"], "tf32": torch_ms / r["ms_per_step"]})
+        assert list(r["speedup_vs_torch_by_variant"]) == ["bf16", "tf32"]
+        assert r["speedup_synced_vs_torch_by_variant"]["bf16"] == pytest.approx(
+            bf16["ms_per_step_synced"] / r["ms_per_step_synced"])
 
 
 def test_torch_csl_weights_match_csl_jax():
@@ -290,9 +303,11 @@ def test_tiny_unimatch_v2_report_and_table(v2_report):
     (r,) = report["results"]
     assert set(r) == {"method", "encoder", "depth", "output_stride", "crop", "dtype", "remat", "labeled", "unlabeled",
                       "devices", "lower_s", "compile_s", "compile_only", "ms_per_step", "ms_per_step_synced",
-                      "ms_per_step_min", "images_per_s", "peak_memory_gib", "xla_memory_gib", "xla_tflops_per_step",
+                      "ms_per_step_min", "dispatch_ms", "dispatch_ms_min", "images_per_s", "peak_memory_gib",
+                      "xla_memory_gib", "xla_tflops_per_step",
                       "forward_gflops", "reference_tflops_per_step", "xla_vs_reference", "achieved_tflops", "mfu",
-                      "mfu_reference", "final_loss"}
+                      "mfu_reference", "final_loss", "kernels"}
+    assert r["kernels"] == "fast"  # the default (--kernels)
     assert (r["method"], r["encoder"], r["depth"], r["output_stride"]) == ("unimatch_v2", "small", None, None)
     assert (r["crop"], r["dtype"], r["labeled"], r["unlabeled"]) == (28, "float32", 2, 2)
     assert math.isfinite(r["final_loss"]) and 0 < r["xla_memory_gib"] < 1
