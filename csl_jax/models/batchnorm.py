@@ -1,19 +1,21 @@
 """Fused train-mode BatchNorm: one statistics pass, one backward reduction pass, a `jax.custom_vjp`.
 
-`batch_norm_train(x, scale, bias, shift, ...)` -> (y, mean, var) normalises x (..., C) over all axes
-but the last with its batch statistics (biased variance), as `layers.BatchNorm` in train mode:
+`batch_norm_train(x, scale, bias, ...)` -> (y, mean, var) normalises x (..., C) over all axes but
+the last with its batch statistics (biased variance), as `layers.BatchNorm` in train mode:
 
-- Forward: shifted one-pass statistics. With a per-channel shift K (no gradient), the two sums
-  S1 = sum(x - K) and S2 = sum((x - K)^2) are reductions of the same input, accumulated in float32
-  while x stays in its own dtype (bf16 in training): sibling reductions of one input, for XLA's
-  multi-output fusion (the GPU fusion itself is not checked on CPU). mean = K + S1 / n,
-  var = max(S2 / n - (S1 / n)^2, 0). Rounding of that difference grows with ((mean - K) / std)^2
-  (relative var error ~ 2e-7 * ((mean - K) / std)^2 measured: 1e-5 at 10, 2e-3 at 100), so K must
-  lie near the batch mean: `layers.BatchNorm` passes the running mean under `axis_name` (the same
-  on every device, no communication) and one value of the batch per channel otherwise (precise
-  at any |mean| / std). See docs/models.md, "BatchNorm".
-- SyncBN (`axis_name` inside shard_map): one psum of (S1, S2, count) forward, one psum of
-  (sum dy, sum dy * xhat) backward.
+- Forward: shifted one-pass moments. With K = the mean of the middle row of the local batch's first
+  image per channel (`data_shift`; no gradient), the sums S1 = sum(x - K) and S2 = sum((x - K)^2) are sibling reductions
+  of the same input, accumulated in float32 while x stays in its own dtype (bf16 in training), for
+  XLA's multi-output fusion (not checked on CPU). mean = K + S1 / n, M2 = S2 - S1^2 / n. The
+  rounding of that difference grows with ((mean - K) / std)^2 (relative var error measured
+  ~2e-7 * ((mean - K) / std)^2), and K, a mean of values of the batch, lies within a fraction of a
+  std of its mean whatever |mean| / std is.
+- SyncBN (`axis_name` inside shard_map): every device's (mean_i, M2_i) gathered by one psum (each
+  device fills its row of a (devices, 2C) table), combined on every device as Chan et al.'s
+  parallel variance: mean = the mean of the mean_i (equal counts),
+  M2 = sum M2_i + n_i sum (mean_i - mean)^2. Each device shifts by its own K, so no shift has to be
+  shared, and nothing cancels catastrophically (PyTorch's SyncBatchNorm gathers per-device moments
+  the same way). Backward: one psum of (sum dy, sum dy * xhat).
 - Residuals: x in its own dtype and the float32 (C,) mean, rstd and scale; no activation-sized
   float32 residual. xhat = (x - mean) * rstd is recomputed on the fly in the backward.
 - Backward: one fused reduction (sum dy, sum dy * xhat) and one elementwise pass
@@ -22,7 +24,6 @@ but the last with its batch statistics (biased variance), as `layers.BatchNorm` 
   replicated params: the psummed sums, again as autodiff gives them).
 - The mean and var outputs (for the running statistics) are NOT differentiable: they are returned
   through `stop_gradient`, so their cotangents are always zero and the backward ignores them.
-  The shift gets a zero cotangent (the statistics do not depend on it in exact arithmetic).
 """
 from __future__ import annotations
 
@@ -38,34 +39,44 @@ from csl_jax.parallel import varying_axes
 Dtype = Any
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _bn(x, scale, bias, shift, epsilon, axis_name, out_dtype):
-    y, mean, var, _ = _forward(x, scale, bias, shift, epsilon, axis_name, out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _bn(x, scale, bias, epsilon, axis_name, out_dtype):
+    y, mean, var, _ = _forward(x, scale, bias, epsilon, axis_name, out_dtype)
     return y, mean, var
 
 
-def _forward(x, scale, bias, shift, epsilon, axis_name, out_dtype):
+def moments(x: jax.Array, axis_name: Optional[str] = None) -> tuple[jax.Array, jax.Array]:
+    """(mean, biased var) float32 (C,) of x (..., C) over all axes but the last (and `axis_name`'s devices):
+    shifted one-pass sums per device, combined across devices from one gathering psum (module docstring)."""
     axes = tuple(range(x.ndim - 1))
-    xf = x.astype(jnp.float32)
-    d = xf - shift
-    s1 = jnp.sum(d, axis=axes)
-    s2 = jnp.sum(d * d, axis=axes)
-    count = jnp.float32(np.prod(x.shape[:-1]))
-    if axis_name is not None:  # one all-reduce of (S1, S2, count), packed in one array
-        c = s1.shape[0]
-        packed = jax.lax.psum(jnp.concatenate([s1, s2, count[None]]), axis_name)
-        s1, s2, count = packed[:c], packed[c:2 * c], packed[2 * c]
-    m1 = s1 / count
-    mean = shift + m1
-    var = jnp.maximum(s2 / count - m1 * m1, 0.0)
+    shift = data_shift(x)
+    d = x.astype(jnp.float32) - shift
+    s1, s2 = jnp.sum(d, axis=axes), jnp.sum(d * d, axis=axes)
+    n = float(np.prod(x.shape[:-1]))
+    mean, m2 = shift + s1 / n, jnp.maximum(s2 - s1 * s1 / n, 0.0)
+    if axis_name is None:
+        return mean, m2 / n
+    c, devices = mean.shape[0], jax.lax.axis_size(axis_name)
+    # every device's (mean_i, M2_i) in its row of a (devices, 2C) table: one psum (an all_gather whose
+    # result shard_map's replication check knows to be the same on every device)
+    row = jax.nn.one_hot(jax.lax.axis_index(axis_name), devices, dtype=jnp.float32)[:, None]
+    gathered = jax.lax.psum(row * jnp.concatenate([mean, m2])[None], axis_name)
+    means, m2s = gathered[:, :c], gathered[:, c:]
+    mean = jnp.mean(means, axis=0)  # every device holds n values (static shapes)
+    m2 = jnp.sum(m2s, axis=0) + n * jnp.sum(jnp.square(means - mean), axis=0)
+    return mean, m2 / (n * devices)
+
+
+def _forward(x, scale, bias, epsilon, axis_name, out_dtype):
+    mean, var = moments(x, axis_name)
     rstd = jax.lax.rsqrt(var + epsilon)
     scale_f = scale.astype(jnp.float32)
-    y = (xf - mean) * (scale_f * rstd) + bias
+    y = (x.astype(jnp.float32) - mean) * (scale_f * rstd) + bias
     return y.astype(out_dtype), mean, var, (x, mean, rstd, scale_f)
 
 
-def _bn_fwd(x, scale, bias, shift, epsilon, axis_name, out_dtype):
-    y, mean, var, res = _forward(x, scale, bias, shift, epsilon, axis_name, out_dtype)
+def _bn_fwd(x, scale, bias, epsilon, axis_name, out_dtype):
+    y, mean, var, res = _forward(x, scale, bias, epsilon, axis_name, out_dtype)
     return (y, mean, var), res
 
 
@@ -87,32 +98,35 @@ def _bn_bwd(epsilon, axis_name, out_dtype, res, cts):
         if axis_name in varying_axes(dy) and axis_name not in varying_axes(scale):
             sdy, sdyx = g_sdy, g_sdyx
     dx = (dyf - g_sdy / count - xhat * (g_sdyx / count)) * (scale * rstd)
-    return dx.astype(x.dtype), sdyx, sdy, jnp.zeros_like(mean)
+    return dx.astype(x.dtype), sdyx, sdy
 
 
 _bn.defvjp(_bn_fwd, _bn_bwd)
 
 
-def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, shift: jax.Array, *,
-                     epsilon: float = 1e-5, axis_name: Optional[str] = None,
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: float = 1e-5,
+                     axis_name: Optional[str] = None,
                      dtype: Optional[Dtype] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Train-mode BN of x (..., C) with batch statistics; returns (y, mean, var).
 
-    scale, bias: (C,) params (any float dtype, cotangents in theirs); shift: (C,) float32 shift K of
-    the one-pass sums (no gradient); y in `dtype` (default x's dtype); mean and the biased var are
-    float32 (C,), global over `axis_name` when given, and carry no gradient.
+    scale, bias: (C,) params (any float dtype, cotangents in theirs); y in `dtype` (default x's
+    dtype); mean and the biased var are float32 (C,), global over `axis_name` when given, and carry
+    no gradient.
     """
-    shift = jax.lax.stop_gradient(jnp.asarray(shift, jnp.float32))
     # float32 params inside: the casts' autodiff returns the cotangents in the params' dtypes
-    y, mean, var = _bn(x, scale.astype(jnp.float32), bias.astype(jnp.float32), shift, float(epsilon),
+    y, mean, var = _bn(x, scale.astype(jnp.float32), bias.astype(jnp.float32), float(epsilon),
                        axis_name, jnp.dtype(dtype or x.dtype))
     return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
 
 
 def data_shift(x: jax.Array) -> jax.Array:
-    """One value of the batch per channel (the first position), float32, no gradient.
-
-    A shift within a few standard deviations of the batch mean whatever |mean| / std is; use only
-    without `axis_name` (each device would pick a different value).
-    """
-    return jax.lax.stop_gradient(x[(0,) * (x.ndim - 1)].astype(jnp.float32))
+    """The mean of one row of the batch per channel, the middle row of the first image (x[0, H // 2] of NHWC;
+    x[0] of (N, L, C); x[:1] of (N, C)): float32 (C,), no gradient. Values of the batch away from the
+    zero-padded border (a border row's mean can lie several std off): within a fraction of a std of the
+    batch mean whatever |mean| / std is, for 1/(N H) of a pass over x (under SyncBN each device takes
+    its own: `moments` combines the shifted moments, not the sums)."""
+    if x.ndim >= 4:
+        row = x[(0, x.shape[1] // 2) + (0,) * (x.ndim - 4)]
+    else:
+        row = x[0] if x.ndim == 3 else x[:1]
+    return jax.lax.stop_gradient(jnp.mean(row.astype(jnp.float32).reshape(-1, x.shape[-1]), axis=0))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from csl_jax.models.batchnorm import batch_norm_train, data_shift
+from csl_jax.models.batchnorm import batch_norm_train
 from csl_jax.models.dilated import DilatedConv
 
 Dtype = Any
@@ -178,10 +178,11 @@ class BatchNorm(nn.Module):
       PyTorch's 0.1); the running variance takes the unbiased batch variance (n / (n - 1)), the
       output is normalised with the biased one;
     - train mode, fused (default, `fused=None` under `kernels('fast')`, or `fused=True`):
-      `batchnorm.batch_norm_train`, a custom_vjp with shifted one-pass float32 statistics (shift:
-      the running mean under `axis_name`, else one batch value per channel), x saved in its own
-      dtype, one fused backward reduction, one psum per direction; two-pass (`fused=False`, or
-      under `kernels('reference')`): the float32 two-pass formula differentiated by JAX;
+      `batchnorm.batch_norm_train`, a custom_vjp with shifted one-pass float32 statistics (each
+      device shifts by a value of its batch; SyncBN combines the per-device moments gathered by
+      one psum), x saved in its own dtype, one fused backward reduction, one psum per direction;
+      two-pass (`fused=False`, or under `kernels('reference')`): the float32 two-pass formula
+      differentiated by JAX;
     - `axis_name`: statistics are summed over that mapped axis (SyncBN inside shard_map), with n
       the total count over batch, spatial dims and devices.
 
@@ -214,10 +215,8 @@ class BatchNorm(nn.Module):
                 f"BatchNorm {self.name!r} in train mode needs more than one value per channel, "
                 f"got input shape {x.shape} (the ASPP image-pooling BN needs a batch of >= 2)")
         if self.fused if self.fused is not None else fast_kernels():
-            # the shift must be the same on every device under SyncBN: the running mean
-            shift = ra_mean.value if self.axis_name is not None else data_shift(x)
-            y, mean, var = batch_norm_train(x, scale, bias, shift, epsilon=self.epsilon,
-                                            axis_name=self.axis_name, dtype=self.dtype)
+            y, mean, var = batch_norm_train(x, scale, bias, epsilon=self.epsilon, axis_name=self.axis_name,
+                                            dtype=self.dtype)
             count = n_local * (jax.lax.axis_size(self.axis_name) if self.axis_name is not None else 1)
         else:
             mean, var, count = self._two_pass_stats(x)
