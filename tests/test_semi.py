@@ -16,7 +16,7 @@ from csl_jax import parallel
 from csl_jax.evaluation import loop
 from csl_jax.methods import StepContext, build_method, weak_to_strong
 from csl_jax.methods.parts import passes, pseudo_labels
-from csl_jax.models import build_model
+from csl_jax.models import build_model, layers
 from tests.helpers import harness
 
 NUM_CLASSES = 3
@@ -396,11 +396,20 @@ def run_steps(config, devices, batch, steps=2, students=None):
 @pytest.mark.parametrize("group_size", [1, 8])
 def test_train_step_is_device_count_independent(group_size):
     """CSL preset: EMA teacher, CSL selector, TMP, FP, SyncBN, per-sample dropout ids, metrics; loss
-    groups within a device (1) and spanning all 8 devices (8, CSL's Pascal group)."""
+    groups within a device (1) and spanning all 8 devices (8, CSL's Pascal group).
+
+    CSL's selection (and every ReLU) is discontinuous: where a pixel lies within float32 rounding of
+    a cluster boundary, 1 and 8 devices' different summation orders put it on different sides, and
+    the step differs far beyond rounding (batch seed 8: 2 reliable pixels and the gradient norm, with
+    the plain formulations; seed 5: with the train-time kernels, whose BatchNorm rounds differently).
+    The batch (seed 6) has no such near-tie under either `layers.kernels`, and the test checks both."""
     config = make_config("csl", group_size=group_size, batch=8)
-    batch = make_batch(5, 8)
+    batch = make_batch(6, 8)
+    with layers.kernels("reference"):
+        for a, b in zip(jax.tree.leaves(run_steps(config, 1, batch)), jax.tree.leaves(run_steps(config, 8, batch))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     students = []
-    one = run_steps(config, 1, batch, students=students)
+    one = run_steps(config, 1, batch, students=students)  # the default kernels from here on
     eight = run_steps(config, 8, batch)
     assert set(one[3]) >= {"loss", "loss_x", "loss_s", "mask_ratio", "pl_acc"}
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
