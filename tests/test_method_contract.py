@@ -18,6 +18,8 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from csl_jax.models import layers
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -107,7 +109,8 @@ data_root = harness.data_root
 
 
 @pytest.mark.parametrize("name", DEVICE_COUNT_NAMES)
-def test_one_device_equals_eight(data_root, name):
+@layers.kernels("reference")  # rtol 1e-5 holds for the two-pass BN's rounding (cpcl's losses move by more with the
+def test_one_device_equals_eight(data_root, name):  # fused BN's; its device-count test: tests/test_semi.py)
     config = contract_config(data_root, name)
     method = build_method(config, NUM_CLASSES)
     batches = harness.first_batches(config, method)

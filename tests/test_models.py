@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from csl_jax.models import layers
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
@@ -176,6 +178,7 @@ def test_batchnorm_single_value_per_channel_is_an_error():
         BatchNorm().init(KEY, jnp.ones((1, 1, 1, 3)), use_running_average=False)
 
 
+@layers.kernels("reference")  # the two-pass BN's rounding; the fused BN's: tests/test_batchnorm.py, tests/test_semi.py
 def test_sync_batchnorm_over_8_devices_equals_full_batch():
     assert jax.device_count() >= 8
     mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
